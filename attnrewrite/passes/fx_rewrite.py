@@ -1,0 +1,269 @@
+"""Replace each site's subgraph by one call of its variant's custom op.
+
+For a site, `emit_site` inserts, just before the P·v product, the nodes that build the
+normal form and call the op::
+
+    q4 = to4d(permute?(q'))          k4/v4 likewise (GQA kept un-repeated)
+    bias = replay of the score chain's mask steps (where/add/mul, no scores)
+    o4 = attnrewrite::<variant>_attention(q4, k4, v4, bias, scale, softcap, causal, p, ...)
+    o  = from4d(o4)                  # the product's own shape, order and dtype
+
+`rewrite_program` then points every user of the product at `o` and removes what died.
+`probe_graph` inserts the same nodes without rewiring, so one run of the original graph
+also yields each site's normal-form inputs and the variant's output on them.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import ExportGraphSignature, TensorArgument
+from torch.fx import Graph, GraphModule, Node
+
+from . import fx_detect as D
+
+aten = torch.ops.aten
+
+
+class Emitter:
+    """Inserts call_function nodes before `before`, with `meta["val"]` from fake tensors."""
+
+    def __init__(self, graph: Graph, before: Node, provenance: Node):
+        self.graph, self.before, self.prov = graph, before, provenance
+        vals = [n.meta.get("val") for n in graph.nodes]
+        self.fake_mode = torch._guards.detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+    def __call__(self, target, *args, **kwargs) -> Node:
+        with self.graph.inserting_before(self.before):
+            n = self.graph.call_function(target, args, kwargs)
+        fa, fk = torch.fx.node.map_arg((args, kwargs), lambda x: x.meta["val"])
+        if self.fake_mode is not None:
+            with self.fake_mode:
+                n.meta["val"] = target(*fa, **fk)
+        else:
+            n.meta["val"] = target(*fa, **fk)
+        for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "from_node"):
+            if key in self.prov.meta:
+                n.meta[key] = self.prov.meta[key]
+        return n
+
+    def size(self, dim, refs) -> int | Node:
+        """A shape argument: the int, or a sym_size node reading the same symbol from `refs`."""
+        if isinstance(dim, int):
+            return dim
+        try:
+            return int(dim)
+        except (TypeError, ValueError):
+            pass
+        for ref in refs:
+            for i, d in enumerate(D._shape(ref) or []):
+                if isinstance(d, torch.SymInt) and str(d.node.expr) == str(dim.node.expr):
+                    return self(aten.sym_size.int, ref, i)
+        raise D.NoMatch(f"cannot rebuild symbolic size {dim}")
+
+    def reshape(self, x: Node, shape, refs) -> Node:
+        if D._same_shape(D._shape(x), list(shape)):
+            return x
+        if not x.meta["val"].is_contiguous():
+            x = self(aten.clone.default, x, memory_format=torch.contiguous_format)
+        return self(aten.view.default, x, [self.size(d, refs) for d in shape])
+
+
+def _to4d(e: Emitter, x: Node, lead, refs) -> Node:
+    n = len(lead)
+    if n == 2:
+        return x
+    if n < 2:
+        for _ in range(2 - n):
+            x = e(aten.unsqueeze.default, x, 0)
+        return x
+    s = D._shape(x)
+    return e.reshape(x, [D._numel(lead[:-1]), lead[-1], *s[-2:]], refs)
+
+
+def _conform(e: Emitter, op: D.Operand, lead, refs, kv: bool) -> Node:
+    """Operand → (B, H|Hkv, L, D) laid out on the canonical `lead`."""
+    if kv and op.kv_root is not None and len(lead) == 2:
+        return op.kv_root
+    x = op.node if op.perm is None else e(aten.permute.default, op.node, op.perm)
+    s = D._shape(x)
+    xl, last2 = s[:-2], s[-2:]
+    if not D._same_shape(xl, list(lead)):
+        if D._same(D._numel(xl), D._numel(lead)):          # leading axes regrouped
+            x = e.reshape(x, [*lead, *last2], refs)
+        else:                                               # broadcast (MQA key, batch 1, ...)
+            while len(D._shape(x)) < len(lead) + 2:
+                x = e(aten.unsqueeze.default, x, 0)
+            xl = D._shape(x)[:-2]
+            keep = kv and len(lead) == 2 and D._same(xl[0], lead[0]) and D._same(xl[1], 1)
+            if not keep and not D._same_shape(xl, list(lead)):
+                x = e(aten.expand.default, x, [e.size(d, refs) for d in [*lead, *last2]])
+    return _to4d(e, x, lead, refs)
+
+
+def _bias(e: Emitter, fx: D.FxSite, dtype) -> Node | None:
+    """Replay the score chain's mask steps on no scores: the additive bias (or bool mask)."""
+    if fx.mask is not None:
+        return fx.mask
+    b = None
+
+    def const(v):
+        return v if isinstance(v, Node) else e(aten.full.default, [], float(v), dtype=dtype)
+
+    for st in fx.bias_steps:
+        if st[0] == "scale":
+            b = e(aten.mul.Tensor if st[1] == "mul" else aten.div.Tensor, b, st[2])
+        elif st[0] == "add":
+            t, alpha = st[1], st[2]
+            term = const(t * alpha if not isinstance(t, Node) else t)
+            if isinstance(t, Node) and alpha != 1:
+                term = e(aten.mul.Tensor, term, alpha)
+            b = term if b is None else e(aten.add.Tensor, b, term)
+        elif st[0] == "fill":
+            cond, val, where_true = st[1], const(st[2]), st[3]
+            base = b if b is not None else const(0.0)
+            b = e(aten.where.self, cond, val, base) if where_true else e(aten.where.self, cond, base, val)
+        elif st[0] == "view":
+            shape_in, _, node = st[1], st[2], st[3]
+            if node.target == aten.expand.default:
+                continue
+            if not D._same_shape(D._shape(b), shape_in):
+                b = e(aten.expand.default, b, [e.size(d, [node.args[0]]) for d in shape_in])
+            if not b.meta["val"].is_contiguous():
+                b = e(aten.clone.default, b, memory_format=torch.contiguous_format)
+            b = e(node.target, b, *node.args[1:], **node.kwargs)
+    return b
+
+
+def _conform_mask(e: Emitter, m: Node, lead, refs) -> Node:
+    while len(D._shape(m)) < len(lead) + 2:
+        m = e(aten.unsqueeze.default, m, 0)
+    if len(lead) > 2:
+        s = D._shape(m)
+        full = [*lead, *s[-2:]]
+        if not D._same_shape(s, full):
+            m = e(aten.expand.default, m, [e.size(d, refs) for d in full])
+    return _to4d(e, m, lead, refs)
+
+
+def emit_site(graph: Graph, fx: D.FxSite, variant, options: dict, site) -> dict:
+    """Insert the normal form and the variant op for one site; returns the new nodes."""
+    e = Emitter(graph, fx.out, fx.anchor)
+    lead = list(fx.lead)
+    refs = [fx.anchor, fx.anchor.args[0], fx.q.node, fx.k.node, fx.v.node, fx.out]
+    q = _conform(e, fx.q, lead, refs, kv=False)
+    k = _conform(e, fx.k, lead, refs, kv=True)
+    if D._same_shape(list(fx.pv_lead), lead):
+        v = _conform(e, fx.v, lead, refs, kv=True)
+    else:
+        v = _conform(e, fx.v, fx.pv_lead, refs, kv=False)
+        v = e.reshape(v, [*fx.pv_lead, *D._shape(v)[-2:]], refs) if len(fx.pv_lead) != 2 else v
+        v = _conform(e, D.Operand(v), lead, refs, kv=False)
+    for node, how in fx.scale_nodes:
+        q = e(aten.mul.Tensor if how == "mul" else aten.div.Tensor, q, node)
+    dt = q.meta["val"].dtype
+    for t in (k, v):
+        dt = torch.promote_types(dt, t.meta["val"].dtype)
+    q, k, v = [t if t.meta["val"].dtype == dt else e(aten._to_copy.default, t, dtype=dt) for t in (q, k, v)]
+    sdt = D._val(fx.anchor.args[0]).dtype if fx.anchor.target in D.SOFTMAX else dt
+    mask = _bias(e, fx, sdt)
+    if mask is not None:
+        mask = _conform_mask(e, mask, lead, refs)
+    args = (q, k, v, mask, float(fx.scale), float(fx.softcap), bool(fx.causal),
+            float(fx.dropout_p if fx.dropout_active else 0.0), *variant.op_args(site, options))
+    o4 = e(variant.op, *args)
+    # back to the product's own layout
+    ov = D._val(fx.out)
+    plead = list(fx.pv_lead)
+    o = o4
+    if len(lead) != 2 or not D._same_shape(plead, lead):
+        o = e.reshape(o, [*lead, *D._shape(o)[-2:]], refs) if len(lead) != 2 else o
+        o = e.reshape(o, [*plead, *D._shape(o)[-2:]], refs + [fx.out])
+    if fx.out_perm is not None:
+        o = e(aten.permute.default, o, fx.out_perm)
+    if not D._same_shape(D._shape(o), list(ov.shape)):
+        o = e.reshape(o, list(ov.shape), refs + [fx.out])
+    if o.meta["val"].dtype != ov.dtype:
+        o = e(aten._to_copy.default, o, dtype=ov.dtype)
+    return {"q": q, "k": k, "v": v, "mask": mask, "op": o4, "out": o}
+
+
+def copy_graph_module(gm: GraphModule) -> GraphModule:
+    g = Graph()
+    out = g.graph_copy(gm.graph, {})
+    g.output(out)
+    return GraphModule(gm, g)
+
+
+def _erase_dead(graph: Graph, node: Node) -> None:
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.graph is not graph or n.users or n.op != "call_function" or n.is_impure():
+            continue
+        ins = n.all_input_nodes
+        graph.erase_node(n)
+        stack.extend(ins)
+
+
+def rewrite_program(ep: ExportedProgram, variant, choose) -> tuple[ExportedProgram, list]:
+    """A new ExportedProgram with the chosen sites rewritten into `variant`'s op.
+
+    `choose(site) -> options dict | None` (None keeps the site as it is).
+    """
+    gm = copy_graph_module(ep.graph_module)
+    sites, _ = D.find_sites(gm.graph, params_of(ep), constants_of(ep))
+    for site in sites:
+        options = choose(site)
+        if options is None:
+            continue
+        fx = site.graph
+        new = emit_site(gm.graph, fx, variant, options, site)
+        fx.out.replace_all_uses_with(new["out"])
+        _erase_dead(gm.graph, fx.out)
+        site.status, site.options = "rewritten", dict(options)
+    gm.graph.lint()
+    gm.recompile()
+    out_names = [a.name if isinstance(a, Node) else None for a in gm.graph.output_node().args[0]]
+    sig = copy.deepcopy(ep.graph_signature)
+    for spec, name in zip(sig.output_specs, out_names):
+        if isinstance(spec.arg, TensorArgument) and name is not None:
+            spec.arg = TensorArgument(name=name)
+    new_ep = ExportedProgram(root=gm, graph=gm.graph, graph_signature=ExportGraphSignature(
+        input_specs=sig.input_specs, output_specs=sig.output_specs), state_dict=ep.state_dict,
+        range_constraints=ep.range_constraints, module_call_graph=copy.deepcopy(ep.module_call_graph),
+        example_inputs=ep.example_inputs, constants=ep.constants, verifiers=[ep.verifier])
+    return new_ep, sites
+
+
+def params_of(ep: ExportedProgram) -> set:
+    s = ep.graph_signature
+    return set(s.inputs_to_parameters) | set(s.inputs_to_buffers) | set(s.inputs_to_lifted_tensor_constants)
+
+
+def constants_of(ep: ExportedProgram) -> dict:
+    s = ep.graph_signature
+    out = {}
+    for name, target in s.inputs_to_lifted_tensor_constants.items():
+        out[name] = ep.constants.get(target)
+    for name, target in s.inputs_to_buffers.items():
+        t = ep.state_dict.get(target, ep.constants.get(target))
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            out[name] = t
+    return out
+
+
+def probe_graph(ep: ExportedProgram, variant, choose):
+    """(GraphModule, sites, {site id: emitted nodes}) — the original graph plus unused probes."""
+    gm = copy_graph_module(ep.graph_module)
+    sites, unmatched = D.find_sites(gm.graph, params_of(ep), constants_of(ep))
+    probes = {}
+    for site in sites:
+        options = choose(site)
+        if options is None:
+            continue
+        probes[site.id] = emit_site(gm.graph, site.graph, variant, options, site)
+        probes[site.id]["orig"] = site.graph.out
+    gm.recompile()
+    return gm, sites, unmatched, probes

@@ -1,0 +1,58 @@
+"""AttentionSite: the one record every attention in every graph becomes.
+
+A site says what an attention *is*, independent of how the model spelled it:
+softmax(scale · q·kᵀ [soft-capped] + bias) · v, with q (B, H, Lq, D) and k/v (B, Hkv, Lk, D).
+Detection fills it from a graph; rewriting, kernels and checks only ever read it.
+The fields named in `REPORT_FIELDS` are the report schema (DESIGN.md); everything
+else is private graph bookkeeping used by the pass that found the site.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+REPORT_FIELDS = ("id", "name", "source", "batch", "heads", "kv_heads", "q_len", "kv_len",
+                 "head_dim", "dtype", "scale", "softcap", "causal", "mask", "dropout",
+                 "status", "reason", "options")
+
+
+def dim_value(d) -> int | str:
+    """An int for a static dim, the symbol's name ("s0") for a symbolic one."""
+    try:
+        return int(d)
+    except (TypeError, ValueError):
+        return str(d)
+
+
+@dataclass
+class AttentionSite:
+    id: int
+    name: str
+    source: str                      # sdpa | decomposed | onnx-attention | onnx-decomposed | onnx-contrib
+    batch: int | str | None = None
+    heads: int | str | None = None
+    kv_heads: int | str | None = None
+    q_len: int | str | None = None
+    kv_len: int | str | None = None
+    head_dim: int | str | None = None
+    dtype: str = "float32"
+    scale: float | str | None = None
+    softcap: float | None = None
+    causal: bool = False
+    mask: str = "none"               # none | additive | boolean
+    dropout: float = 0.0
+    status: str = "detected"         # detected | rewritten | kept | unselected
+    reason: str = ""
+    options: dict = field(default_factory=dict)
+    check: dict | None = None
+    # Pass-private: how to rebuild the normal form from the graph (not reported).
+    graph: Any = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        out = {k: getattr(self, k) for k in REPORT_FIELDS}
+        if self.check is not None:
+            out["check"] = self.check
+        return out
+
+    def add_reason(self, text: str) -> None:
+        self.reason = f"{self.reason}; {text}" if self.reason else text
