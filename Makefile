@@ -1,0 +1,26 @@
+# Two entry points for a fresh machine (see README.md):
+#   make demo   install into .venv and rewrite the built-in pretrained MiniLM (exact)
+#   make test   install into .venv and run the test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/attnrewrite: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,demo]'
+	touch $@
+
+install: $(BIN)/attnrewrite
+
+demo: install
+	$(BIN)/attnrewrite --variant exact
+
+test: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(BIN)/python benchmarks/bench_detect_rewrite.py
+
+.PHONY: install demo test bench

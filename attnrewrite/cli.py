@@ -1,0 +1,226 @@
+"""The `attnrewrite` command: list attention sites, rewrite them, check, write.
+
+    attnrewrite MODEL --list [--verbose] [--json]
+    attnrewrite MODEL --variant exact [-o OUT] [--inputs FILE] [--sites SEL] [--json] ...
+    attnrewrite                       # the built-in demo: pretrained all-MiniLM-L6-v2
+
+stdout carries only the table (or only JSON with --json); progress and warnings go to
+stderr. Exit codes: 0 done, 1 the check failed the tolerance, 2 bad input or usage,
+3 an internal error (a bug: rerun with --verbose for the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):              # one line, exit 2
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .variants import VARIANTS
+    p = _Parser(prog="attnrewrite", description="Find every attention in a model and rewrite it.")
+    p.add_argument("model", nargs="?", help=".pt2, .pt/.pth, or pkg.module:factory; none = built-in demo")
+    p.add_argument("--list", action="store_true", help="list detected sites, rewrite nothing")
+    p.add_argument("--variant", choices=sorted(v.replace("_", "-") for v in VARIANTS))
+    p.add_argument("-o", "--output", help="output file (default <stem>.<variant>.pt2 beside the input)")
+    p.add_argument("--inputs", help="inputs file (torch.save of {'args','kwargs'}, a tuple, or a list of dicts)")
+    p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                   help="variant parameter, for every selected site")
+    p.add_argument("--sites", help="site ids, names, globs or ranges (0-3), comma-separated")
+    p.add_argument("--tolerance", type=float, help="end-to-end rel_err gate")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    p.add_argument("--no-check", action="store_true", help="skip the numeric check")
+    p.add_argument("--force", action="store_true", help="write the output even if the check fails")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--trust", action="store_true", help="allow loading a pickled module (runs its code)")
+    p.add_argument("--verbose", action="store_true", help="library logs, unmatched softmaxes, tracebacks")
+    return p
+
+
+def parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--set expects KEY=VALUE, got '{pair}'")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def _quiet(verbose: bool) -> None:
+    if verbose:
+        return
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torch", "torch._dynamo", "torch.export", "torch._export", "transformers", "onnx",
+                 "onnxscript", "onnxruntime", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then rename over `path`: never a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def default_output(model: str | None, variant: str) -> Path | None:
+    if model is None:
+        return None
+    if ":" in model and not os.path.exists(model):
+        return Path(f"{model.partition(':')[2]}.{variant}.pt2")
+    p = Path(model)
+    return p.with_name(f"{p.stem}.{variant}.pt2")
+
+
+def run(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet(args.verbose)
+    from rich.console import Console
+    err = Console(stderr=True)
+    out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+    import torch  # noqa: F401 - after the loggers are quiet
+    from . import api
+    from .loading import load, read_inputs
+    from .passes import fx_detect
+    from .passes.fx_rewrite import constants_of, params_of
+    from .report import build_report, render_table
+
+    variant = args.variant.replace("-", "_") if args.variant else None
+    listing = args.list or variant is None
+    options = parse_options(args.options)
+    if listing and (options or args.output):
+        raise UsageError("--set and -o need --variant")
+    output = Path(args.output) if args.output else (None if listing else default_output(args.model, variant))
+    if output is not None and output.exists() and not args.overwrite:
+        raise api.InputError(f"{output} exists (pass --overwrite to replace it)")
+    if variant:
+        api.validate_options(variant, options)
+
+    t0 = time.perf_counter()
+    inputs = read_inputs(args.inputs) if args.inputs else None
+    with err.status("loading and exporting the model…"):
+        ep, inputs, inputs_kind, fmt = load(args.model, inputs, args.trust)
+    timings = {"load_s": time.perf_counter() - t0}
+    model_name = args.model or "demo: all-MiniLM-L6-v2 (pretrained)"
+
+    if listing:
+        t = time.perf_counter()
+        sites, unmatched = fx_detect.find_sites(ep.graph, params_of(ep), constants_of(ep))
+        timings["detect_s"] = time.perf_counter() - t
+        if sites:
+            from .check import check_sites
+            from .variants import VARIANTS
+            sites = check_sites(ep, VARIANTS["exact"], lambda s: {}, inputs)   # fills causal
+            for s in sites:
+                s.check, s.status = None, "detected"
+        report = build_report(model=model_name, fmt=fmt, variant=None, options={}, inputs_kind=inputs_kind,
+                              sites=sites, timings=timings)
+        if args.verbose:
+            report["unmatched"] = [{"node": n, "reason": r} for n, r in unmatched]
+        _emit(report, args, out, render_table)
+        if args.verbose and not args.json:
+            for n, r in unmatched:
+                out.print(f"  not attention: {n}: {r}")
+        if not args.list:
+            err.print("hint: pass --variant {exact,…} to rewrite these sites")
+        if args.report:
+            _write_report(Path(args.report), report)
+        return 0
+
+    with err.status(f"rewriting into {variant} and checking…"):
+        result = api.rewrite_loaded(ep, inputs, inputs_kind, variant, options, sites=args.sites,
+                                    check=not args.no_check, tolerance=args.tolerance, timings=timings,
+                                    model=model_name, fmt=fmt)
+    report = result.report
+    passed = report.get("check", {}).get("passed")
+    write = output is not None and (passed is not False or args.force)
+    if write:
+        atomic_write(output, lambda tmp: torch.export.save(result.program, tmp))
+        report["output"] = str(output)
+    _emit(report, args, out, render_table)
+    if args.report:
+        _write_report(Path(args.report), report)
+    if passed is False:
+        err.print("check failed: " + ("written anyway (--force)" if write else "nothing written (--force writes it)"))
+        return 1
+    if write:
+        err.print(f"wrote {output}")
+    return 0
+
+
+def _emit(report, args, out, render_table):
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        render_table(report, out)
+
+
+def _write_report(path: Path, report: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = "--verbose" in argv
+    try:
+        return run(argv)
+    except UsageError as e:
+        print(f"attnrewrite: usage error: {e} (see attnrewrite --help)", file=sys.stderr)
+        return 2
+    except BrokenPipeError:                # stdout closed early (| head): not an error
+        return 0
+    except KeyboardInterrupt:
+        print("attnrewrite: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        from .loading import InputError
+        if isinstance(e, InputError):
+            print(f"attnrewrite: error: {e}", file=sys.stderr)
+            return 2
+        if verbose:
+            import traceback
+            traceback.print_exc()
+        first = (str(e).splitlines() or [""])[0]
+        print(f"attnrewrite: internal error: {type(e).__name__}: {first} (rerun with --verbose for details)",
+              file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

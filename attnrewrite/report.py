@@ -1,0 +1,93 @@
+"""The report (JSON schema 1 in DESIGN.md) and its terminal table."""
+from __future__ import annotations
+
+import math
+
+SCHEMA = 1
+
+
+def tool_versions() -> dict:
+    import torch
+    out = {"attnrewrite": _version(), "torch": torch.__version__}
+    for mod in ("onnx", "onnxruntime"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("attnrewrite")
+    except Exception:  # noqa: BLE001 - running from a checkout
+        return "0+local"
+
+
+def _clean(x):
+    """JSON-safe: NaN/inf as strings, symbolic values as their names."""
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
+def build_report(*, model, fmt, variant, options, inputs_kind, sites, check=None, timings=None,
+                 output=None) -> dict:
+    rep = {"schema": SCHEMA, "tool": tool_versions(), "model": model, "format": fmt,
+           "variant": variant, "options": options, "output": output, "inputs": inputs_kind,
+           "sites": [s.to_dict() for s in sites]}
+    if check is not None:
+        rep["check"] = check
+    rep["timings"] = {k: round(v, 4) for k, v in (timings or {}).items()}
+    return _clean(rep)
+
+
+def _fmt(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    return str(x)
+
+
+def render_table(report: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    checked = "check" in report
+    t = Table(title=f"attention sites: {report.get('model') or 'model'}"
+              + (f" → {report['variant']}" if report.get("variant") else ""))
+    for col in ("id", "name", "source", "B", "H", "Hkv", "Lq", "Lk", "D", "dtype", "scale",
+                "mask", "causal", "status"):
+        t.add_column(col, overflow="fold")
+    if checked:
+        t.add_column("site rel_err")
+        t.add_column("cosine")
+    for s in report["sites"]:
+        row = [str(s["id"]), s["name"], s["source"], _fmt(s["batch"]), _fmt(s["heads"]), _fmt(s["kv_heads"]),
+               _fmt(s["q_len"]), _fmt(s["kv_len"]), _fmt(s["head_dim"]), s["dtype"], _fmt(s["scale"]),
+               s["mask"], "yes" if s["causal"] else "no", s["status"]]
+        if checked:
+            c = s.get("check") or {}
+            row += [_fmt(c.get("rel_err")), _fmt(c.get("cosine"))]
+        t.add_row(*row)
+    console.print(t)
+    for s in report["sites"]:
+        if s.get("reason"):
+            console.print(f"  site {s['id']}: {s['reason']}")
+    if checked:
+        c = report["check"]
+        for o in c["outputs"]:
+            console.print(f"  {o['name']}: rel_err {o['rel_err']:.3g}, max_abs_err {o['max_abs_err']:.3g}, "
+                          f"cosine {o['cosine']:.6f}")
+        verdict = {True: "PASSED", False: "FAILED", None: "not gated"}[c["passed"]]
+        tol = f" (tolerance {c['tolerance']:g})" if c["tolerance"] is not None else ""
+        console.print(f"  end-to-end rel_err {c['rel_err']:.3g}{tol}: {verdict}")
