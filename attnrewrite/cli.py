@@ -126,11 +126,11 @@ def run(argv: list[str]) -> int:
     options = parse_options(args.options)
     if listing and (options or args.output):
         raise UsageError("--set and -o need --variant")
+    if variant:
+        api.validate_options(variant, options)
     output = Path(args.output) if args.output else (None if listing else default_output(args.model, variant))
     if output is not None and output.exists() and not args.overwrite:
         raise api.InputError(f"{output} exists (pass --overwrite to replace it)")
-    if variant:
-        api.validate_options(variant, options)
 
     t0 = time.perf_counter()
     inputs = read_inputs(args.inputs) if args.inputs else None

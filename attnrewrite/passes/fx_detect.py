@@ -379,7 +379,7 @@ def walk_scores(x: Node, constants) -> tuple[Node, list]:
         elif t == aten.tanh.default:
             raise NoMatch(f"{cur.name}: tanh on the scores without a soft-cap scale")
         else:
-            raise NoMatch(f"scores pass through {t}, which is not a scale, mask, cast or soft-cap")
+            raise NoMatch(f"scores come from {t}: not a q·kᵀ product, scale, mask, cast or soft-cap")
     raise NoMatch("scores chain too long")
 
 
