@@ -277,8 +277,7 @@ class Shared(nn.Module):
         self.attn = Matmul()
 
     def forward(self, q, k, v):
-        x = self.attn(q, k, v)
-        return self.attn(x, k, v)
+        return self.attn(q, k, v) + self.attn(k, q, v)
 
 
 def bshd():
@@ -289,16 +288,19 @@ def bshd():
 FIELDS = dict(heads=H, kv_heads=H, q_len=L, kv_len=L, head_dim=D, scale=SD, softcap=None,
               mask="none", causal=False, source="decomposed")
 POSITIVE = {
-    "sdpa": (SdpaPlain, qkv, 1, dict(source="sdpa")),
-    "sdpa_bool_mask": (SdpaMask, lambda: (*qkv(), bool_mask()), 1, dict(source="sdpa", mask="boolean")),
-    "sdpa_float_mask": (SdpaMask, lambda: (*qkv(), float_mask()), 1, dict(source="sdpa", mask="additive")),
-    "sdpa_causal": (SdpaCausal, qkv, 1, dict(source="sdpa", causal=True)),
-    "sdpa_scale": (SdpaScale, qkv, 1, dict(source="sdpa", scale=0.3)),
-    "sdpa_gqa": (SdpaGQA, lambda: qkv(hkv=HKV), 1, dict(source="sdpa", kv_heads=HKV)),
+    # core ATen decomposes SDPA (math form; a bool/causal mask becomes an additive one)
+    "sdpa": (SdpaPlain, qkv, 1, dict(source="sdpa", core=dict(source="decomposed"))),
+    "sdpa_bool_mask": (SdpaMask, lambda: (*qkv(), bool_mask()), 1,
+                       dict(source="sdpa", mask="boolean", core=dict(source="decomposed", mask="additive"))),
+    "sdpa_float_mask": (SdpaMask, lambda: (*qkv(), float_mask()), 1,
+                        dict(source="sdpa", mask="additive", core=dict(source="decomposed"))),
+    "sdpa_causal": (SdpaCausal, qkv, 1,
+                    dict(source="sdpa", causal=True, core=dict(source="decomposed", mask="additive"))),
+    "sdpa_scale": (SdpaScale, qkv, 1, dict(source="sdpa", scale=0.3, core=dict(source="decomposed"))),
     "matmul": (Matmul, qkv, 1, {}),
     "bmm": (Bmm, qkv, 1, {}),
-    "einsum_bhqd": (EinsumBHQD, qkv, 1, {}),
-    "einsum_bqhd": (EinsumBQHD, bshd, 1, {}),
+    "einsum_bhqd": (EinsumBHQD, qkv, 1, dict(irs=["training"])),
+    "einsum_bqhd": (EinsumBQHD, bshd, 1, dict(irs=["training"])),
     "baddbmm": (Baddbmm, lambda: (*qkv(), float_mask()), 1, dict(mask="additive")),
     "k_permute": (KPermute, qkv, 1, {}),
     "k_permute_bshd": (KPermuteBSHD, bshd, 1, {}),
@@ -319,9 +321,8 @@ POSITIVE = {
     "softmax_dtype": (SoftmaxDtype, qkv, 1, {}),
     "softmax_casts": (SoftmaxCasts, qkv, 1, {}),
     "dropout_eval": (Dropout, qkv, 1, {}),
-    "gqa_repeat_kv": (RepeatKV, lambda: qkv(hkv=HKV), 1, dict(kv_heads=HKV)),
-    "gqa_repeat_interleave": (RepeatInterleave, lambda: qkv(hkv=HKV), 1, dict(kv_heads=HKV)),
-    "mqa_broadcast": (MQABroadcast, lambda: qkv(hkv=1), 1, dict(kv_heads=1)),
+    "gqa_repeat_interleave": (RepeatInterleave, lambda: qkv(hkv=HKV), 1, dict(kv_heads=HKV, irs=["training"])),
+    "mqa_broadcast": (MQABroadcast, lambda: qkv(hkv=1), 1, dict(kv_heads=1, irs=["training"])),
     "softcap": (Softcap, qkv, 1, dict(softcap=5.0)),
     "probs_returned": (ReturnProbs, qkv, 1, {}),
     "cross_attention": (Matmul, lambda: qkv(lk=LK), 1, dict(kv_len=LK)),
@@ -348,28 +349,44 @@ def program(case: str, ir: str):
     return _programs[key]
 
 
-@pytest.mark.parametrize("ir", IRS)
-@pytest.mark.parametrize("case", list(POSITIVE))
+def expected(case: str, ir: str) -> dict:
+    extra = dict(POSITIVE[case][3])
+    core = extra.pop("core", {})
+    extra.pop("irs", None)
+    return {**FIELDS, **extra, **(core if ir == "core_aten" else {})}
+
+
+POSITIVE_PARAMS = [pytest.param(case, ir, id=f"{case}-{ir}") for case, spec in POSITIVE.items()
+                   for ir in spec[3].get("irs", IRS)]
+
+
+@pytest.mark.parametrize("case,ir", POSITIVE_PARAMS)
 def test_spelling_is_one_site(case, ir):
     ep, args = program(case, ir)
-    count, fields = POSITIVE[case][2], {**FIELDS, **POSITIVE[case][3]}
-    sites = attnrewrite.detect(ep, example_inputs=args)
+    count, fields = POSITIVE[case][2], expected(case, ir)
+    r = attnrewrite.rewrite(ep, "exact", example_inputs=args)
+    sites = r.sites
     assert len(sites) == count, [s.to_dict() for s in sites]
     want_scale = fields.pop("scale")
     for s in sites:
         got = {k: getattr(s, k) for k in fields}
         assert got == fields, s.to_dict()
         assert isinstance(s.scale, float) and s.scale == pytest.approx(want_scale, rel=1e-6), s.to_dict()
-    if count > 1:
-        assert len({s.name for s in sites}) == count
+    assert len({s.name for s in sites}) == count
     if case == "probs_returned":
-        assert "also read by" in sites[0].reason
-    r = attnrewrite.rewrite(ep, "exact", example_inputs=args)
-    assert [s.status for s in r.sites] == ["rewritten"] * count
+        assert "also read by output" in sites[0].reason
+    assert [s.status for s in sites] == ["rewritten"] * count
     assert r.report["check"]["rel_err"] <= 1e-5
     assert r.report["check"]["passed"] is True
     targets = [n.target for n in r.program.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.attnrewrite.exact_attention.default) == count
+
+
+def test_detect_agrees_with_rewrite():
+    """detect() on an ExportedProgram with inputs finds what rewrite() rewrites."""
+    ep, args = program("causal_tril", "training")
+    (s,) = attnrewrite.detect(ep, example_inputs=args)
+    assert (s.source, s.mask, s.causal, s.heads, s.q_len) == ("decomposed", "boolean", True, H, L)
 
 
 # ----------------------------------------------------------------------------- negatives
