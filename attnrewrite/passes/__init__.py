@@ -1,0 +1,1 @@
+"""Graph passes: detection and rewriting, one plain function per step."""
