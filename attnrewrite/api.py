@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from . import check as checks
-from .loading import InputError, Inputs, example_inputs, export, normalise_inputs, synthesise_inputs
+from .loading import InputError, Inputs, export, normalise_inputs, synthesise_inputs
+from .loading import example_inputs as program_example_inputs
 from .passes import fx_detect
 from .passes.fx_rewrite import params_of, constants_of, rewrite_program
 from .report import build_report
@@ -45,7 +46,7 @@ def as_program(obj, example_inputs_=None):
 def inputs_for(ep, inputs):
     if inputs:
         return inputs, "given"
-    ex = example_inputs(ep)
+    ex = program_example_inputs(ep)
     if ex:
         return ex, "example"
     return synthesise_inputs(ep), "synthesised"
@@ -92,7 +93,7 @@ def detect(obj, example_inputs=None) -> list[AttentionSite]:
     if isinstance(prog, torch.fx.GraphModule):
         return fx_detect.find_sites(prog.graph)[0]
     sites, _ = fx_detect.find_sites(prog.graph, params_of(prog), constants_of(prog))
-    if inputs or example_inputs(prog):
+    if inputs or program_example_inputs(prog):
         sites = checks.check_sites(prog, VARIANTS["exact"], lambda s: {}, inputs_for(prog, inputs)[0])
         for s in sites:
             s.check = None

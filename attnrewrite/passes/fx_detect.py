@@ -61,6 +61,10 @@ VIEWS = _ops("view.default", "reshape.default", "_unsafe_view.default", "unsquee
              "unflatten.int", "expand.default")
 MULS = _ops("mul.Tensor", "mul.Scalar")
 DIVS = _ops("div.Tensor", "div.Scalar")
+# In-place scalings of the scores (Falcon: `scores.div_(sqrt(d))`); walk_scores accepts
+# them only on a score tensor nothing else reads, so the mutation is invisible.
+INPLACE_MULS = _ops("mul_.Tensor", "mul_.Scalar")
+INPLACE_SCALES = INPLACE_MULS | _ops("div_.Tensor", "div_.Scalar")
 ADDS = _ops("add.Tensor", "add.Scalar")
 SUBS = _ops("sub.Tensor", "sub.Scalar")
 FILLS = _ops("masked_fill.Scalar", "masked_fill.Tensor")
@@ -71,6 +75,8 @@ FUSED = _ops("scaled_dot_product_attention.default",
              "_scaled_dot_product_flash_attention.default",
              "_scaled_dot_product_efficient_attention.default",
              "_scaled_dot_product_cudnn_attention.default")
+SHAPE_ONLY = _ops("full_like.default", "empty_like.default", "zeros_like.default", "ones_like.default",
+                  "_assert_tensor_metadata.default", "sym_size.int", "sym_numel.default")
 MASK_FLOOR = -1e4          # a fill value at or below this removes the key from the softmax
 
 
@@ -226,6 +232,8 @@ def peel(node: Node, factors: list, constants) -> tuple[Node, bool]:
         if node.op != "call_function":
             break
         t = node.target
+        if peel_kv_repeat(node) is not None:
+            break      # stop at repeat_kv's (B, H, L, D) view so the GQA root is found
         if t in VIEWS | NOOPS and _view_keeps_last2(node):
             node = node.args[0]
         elif t in _ops("transpose.int", "permute.default", "t.default") and _swaps_last2(node) is not None:
@@ -294,7 +302,7 @@ def _param_like(node: Node, params: set) -> bool:
 
 
 # ----------------------------------------------------------------------------- scores
-CHAIN = CASTS | NOOPS | VIEWS | MULS | DIVS | ADDS | SUBS | FILLS | WHERES | _ops("tanh.default")
+CHAIN = CASTS | NOOPS | VIEWS | MULS | DIVS | INPLACE_SCALES | ADDS | SUBS | FILLS | WHERES | _ops("tanh.default")
 PRODUCERS = PRODUCTS | _ops("einsum.default", "baddbmm.default")
 
 
@@ -336,9 +344,11 @@ def walk_scores(x: Node, constants) -> tuple[Node, list]:
         elif t in VIEWS:
             steps.append(("view", _shape(cur.args[0]), _shape(cur), cur))
             cur = cur.args[0]
-        elif t in MULS | DIVS:
+        elif t in MULS | DIVS | INPLACE_SCALES:
             i = _score_arg(cur)
             other = cur.args[1 - i]
+            if t in INPLACE_SCALES and (i != 0 or len(cur.args[0].users) != 1):
+                raise NoMatch(f"{cur.name} scales in place a tensor that is read elsewhere")
             if i == 1 and t in DIVS:
                 raise NoMatch(f"{cur.name} divides by the scores")
             if not _is_scalar(other):
@@ -357,7 +367,7 @@ def walk_scores(x: Node, constants) -> tuple[Node, list]:
                 steps.append(("softcap", cap))
                 cur = inner.args[0]
                 continue
-            steps.append(("scale", "mul" if t in MULS else "div", other))
+            steps.append(("scale", "mul" if t in MULS | INPLACE_MULS else "div", other))
             cur = src
         elif t in ADDS | SUBS:
             i = _score_arg(cur)
@@ -456,8 +466,8 @@ def follow_probs(sm: Node):
                     frontier.extend(g for g in u.users if g.target is operator.getitem and g.args[1] == 0)
                 else:
                     frontier.append(u)
-            elif t == operator.getitem:
-                others.append(u)
+            elif t in SHAPE_ONLY:
+                continue                      # reads only shape/metadata, not the values
             elif t in WHERES and u.args[2] is n and const_value(u.args[1]) == 0.0:
                 frontier.append(u)            # the safe-softmax guard: fully masked rows -> 0
             else:
@@ -528,6 +538,8 @@ def peel_no_scale(node: Node):
     """peel() that stops at scalar scales (used where a scale must stay on its tensor)."""
     swapped = False
     for _ in range(32):
+        if node.op == "call_function" and peel_kv_repeat(node) is not None:
+            break      # as in peel(): keep repeat_kv's 4-D view as the root
         if node.op == "call_function" and node.target in VIEWS | NOOPS and _view_keeps_last2(node):
             node = node.args[0]
         elif node.op == "call_function" and node.target in _ops("transpose.int", "permute.default", "t.default") \
@@ -606,8 +618,9 @@ def match_fused(node: Node) -> FxSite:
         site.scale_nodes.append((scale, "mul"))
     if mask is not None:
         site.mask_kinds.add("boolean" if _val(mask).dtype == torch.bool else "additive")
-    for op in (site.k, site.v):
-        op.kv_root = peel_kv_repeat(op.node)
+    gqa = bool(nk.get("enable_gqa", False)) and len(qs) == 4 and len(ks) == 4 and not _same(qs[1], ks[1])
+    for op in (site.k, site.v):         # enable_gqa: k/v already hold Hkv heads
+        op.kv_root = op.node if gqa else peel_kv_repeat(op.node)
     return site
 
 

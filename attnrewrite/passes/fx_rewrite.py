@@ -196,12 +196,37 @@ def copy_graph_module(gm: GraphModule) -> GraphModule:
     return GraphModule(gm, g)
 
 
+_ASSERTS = {aten._assert_tensor_metadata.default}
+_FRESH = D.PRODUCERS | D.MULS | D.DIVS | D.ADDS | D.SUBS     # always return a new tensor
+
+
+def _removable(n: Node) -> bool:
+    """A dead node whose removal changes nothing but the work done.
+
+    Beyond pure ops: random ops (dropout, sdpa's dropout_p: their outputs are unread),
+    and an in-place op (Falcon's `scores.div_(c)`) whose mutated input is a fresh tensor
+    that only it reads, so no one can observe the mutation.
+    """
+    if not n.is_impure(impure_random=False):
+        return True
+    schema = getattr(n.target, "_schema", None)
+    if schema is None or not schema.is_mutable or n.target in _ASSERTS:
+        return False
+    written = [a for a, arg in zip(n.args, schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
+    return bool(written) and all(isinstance(m, Node) and m.op == "call_function" and m.target in _FRESH
+                                 and set(m.users) == {n} for m in written)
+
+
 def _erase_dead(graph: Graph, node: Node) -> None:
     stack = [node]
     while stack:
         n = stack.pop()
-        if n.graph is not graph or n.users or n.op != "call_function" or n.is_impure():
+        if n.graph is not graph or n.op != "call_function":
             continue
+        if any(u.target not in _ASSERTS for u in n.users) or not _removable(n):
+            continue
+        for u in list(n.users):            # metadata asserts on a tensor no longer computed
+            graph.erase_node(u)
         ins = n.all_input_nodes
         graph.erase_node(n)
         stack.extend(ins)
@@ -214,7 +239,7 @@ def rewrite_program(ep: ExportedProgram, variant, choose) -> tuple[ExportedProgr
     """
     gm = copy_graph_module(ep.graph_module)
     sites, _ = D.find_sites(gm.graph, params_of(ep), constants_of(ep))
-    for site in sites:
+    for site in reversed(sites):       # last first: a later site may read an earlier one's output
         options = choose(site)
         if options is None:
             continue
