@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from . import check as checks
-from .loading import InputError, Inputs, export, normalise_inputs, synthesise_inputs
+from .loading import InputError, Inputs, export, inputs_for, normalise_inputs
 from .loading import example_inputs as program_example_inputs
 from .passes import fx_detect
 from .passes.fx_rewrite import params_of, constants_of, rewrite_program
@@ -43,13 +43,6 @@ def as_program(obj, example_inputs_=None):
     raise InputError(f"cannot detect attention in a {type(obj).__name__}")
 
 
-def inputs_for(ep, inputs):
-    if inputs:
-        return inputs, "given"
-    ex = program_example_inputs(ep)
-    if ex:
-        return ex, "example"
-    return synthesise_inputs(ep), "synthesised"
 
 
 def parse_selection(sel) -> list[str] | None:

@@ -129,13 +129,14 @@ def load(model: str | None, inputs: Inputs | None, trust: bool):
             ep = torch.export.load(str(p))
         except Exception as e:  # noqa: BLE001
             raise InputError(f"cannot load {model} as a torch.export program: {str(e).splitlines()[0]}") from e
-        return ep, *_inputs_for(ep, inputs), "pt2"
+        return ep, *inputs_for(ep, inputs), "pt2"
     if suffix in (".pt", ".pth"):
         return _from_torch_file(p, inputs, trust)
     raise InputError(f"unsupported model file '{p.name}': expected .pt2, .pt/.pth, .onnx or pkg.module:factory")
 
 
-def _inputs_for(ep, inputs):
+def inputs_for(ep, inputs):
+    """(inputs, kind): the given ones, else the program's example inputs, else synthesised."""
     if inputs:
         return inputs, "given"
     ex = example_inputs(ep)
