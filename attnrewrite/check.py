@@ -61,40 +61,47 @@ def is_causal_mask(mask: torch.Tensor | None) -> bool:
     return bool(removed[..., upper].all()) and not bool(removed[..., ~upper].all())
 
 
-def check_sites(ep, variant, choose, inputs: list, sites_out: list | None = None):
-    """Run the probe graph on every input set; fill each chosen site's `check` field.
+def capture(ep, variant, choose, inputs: list):
+    """Run the probe graph on every input set: (sites, {site id: [{name: tensor} per input set]}).
 
-    Returns the sites (detected again on the probe's copy, same ids as in the rewrite).
+    Per site the names are q, k, v, mask (the normal form the op sees), out (the variant's
+    output on them) and orig (the original site's output).
     """
     gm, sites, _, probes = probe_graph(ep, variant, choose)
     wanted = [n for p in probes.values() for n in p.values() if n is not None]
-    per_site: dict[int, list] = {i: [] for i in probes}
-    first: dict[int, dict] = {}
+    got: dict[int, list] = {i: [] for i in probes}
     for args, kwargs in inputs:
         cap = _Capture(gm, wanted)
         flat = ep._graph_module_flat_inputs(args, kwargs)
         with torch.no_grad():
             cap.run(*flat, enable_io_processing=False)
         for sid, nodes in probes.items():
-            got = {k: cap.got.get(n) for k, n in nodes.items() if n is not None}
-            per_site[sid].append(compare(got["orig"], got["out"]))
-            first.setdefault(sid, got)
+            got[sid].append({k: cap.got.get(n) for k, n in nodes.items() if n is not None})
+    return sites, got
+
+
+def check_sites(ep, variant, choose, inputs: list):
+    """Fill each chosen site's `check` field (errors over all input sets, diagnostics on the first).
+
+    Returns the sites (detected again on the probe's copy, same ids as in the rewrite).
+    """
+    sites, got = capture(ep, variant, choose, inputs)
     for site in sites:
-        if site.id not in probes:
+        runs = got.get(site.id)
+        if not runs:
             continue
-        got = first.get(site.id)
-        if got is None:
-            continue
-        site.causal = site.causal or is_causal_mask(got.get("mask"))
+        first = runs[0]
+        site.causal = site.causal or is_causal_mask(first.get("mask"))
         if site.scale == "dynamic":
             site.add_reason("scale computed in the graph")
         fx = site.graph
         if fx.dropout_active:
             site.check = {"unchecked": "dropout active"}
             continue
-        diag = variant.diagnostics(got["q"], got["k"], got["v"], got.get("mask"), float(fx.scale),
-                                   float(fx.softcap), bool(fx.causal), site.options or {})
-        site.check = {**worst(per_site[site.id]), "diagnostics": diag}
+        options = choose(site) or {}
+        diag = variant.diagnostics(first["q"], first["k"], first["v"], first.get("mask"), float(fx.scale),
+                                   float(fx.softcap), bool(fx.causal), options)
+        site.check = {**worst([compare(r["orig"], r["out"]) for r in runs]), "diagnostics": diag}
     return sites
 
 

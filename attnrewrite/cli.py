@@ -33,11 +33,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from .variants import VARIANTS
     p = _Parser(prog="attnrewrite", description="Find every attention in a model and rewrite it.")
-    p.add_argument("model", nargs="?", help=".pt2, .pt/.pth, or pkg.module:factory; none = built-in demo")
+    p.add_argument("model", nargs="?", help=".pt2, .onnx, .pt/.pth, or pkg.module:factory; none = built-in demo")
     p.add_argument("--list", action="store_true", help="list detected sites, rewrite nothing")
     p.add_argument("--variant", choices=sorted(v.replace("_", "-") for v in VARIANTS))
     p.add_argument("-o", "--output", help="output file (default <stem>.<variant>.pt2 beside the input)")
-    p.add_argument("--inputs", help="inputs file (torch.save of {'args','kwargs'}, a tuple, or a list of dicts)")
+    p.add_argument("--inputs", help="inputs file (torch.save of {'args','kwargs'}, a tuple, or a list of dicts; .npz for ONNX)")
     p.add_argument("--set", dest="options", action="append", default=[], metavar="KEY=VALUE",
                    help="variant parameter, for every selected site")
     p.add_argument("--sites", help="site ids, names, globs or ranges (0-3), comma-separated")
@@ -114,6 +114,10 @@ def run(argv: list[str]) -> int:
     err = Console(stderr=True)
     out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
+    if args.model and args.model.lower().endswith(".onnx"):     # ONNX in, ONNX out
+        from . import onnx_flow
+        return onnx_flow.run_cli(args, out, err, parse_options(args.options))
+
     import torch  # noqa: F401 - after the loggers are quiet
     from . import api
     from .loading import load, read_inputs
@@ -127,7 +131,7 @@ def run(argv: list[str]) -> int:
     if listing and (options or args.output):
         raise UsageError("--set and -o need --variant")
     if variant:
-        api.validate_options(variant, options)
+        api.validate_options(variant, options, args.tolerance)
     output = Path(args.output) if args.output else (None if listing else default_output(args.model, variant))
     if output is not None and output.exists() and not args.overwrite:
         raise api.InputError(f"{output} exists (pass --overwrite to replace it)")

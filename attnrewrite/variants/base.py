@@ -22,6 +22,8 @@ import torch
 NAMESPACE = "attnrewrite"
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
 
+MASK_REMOVED = -1e4        # an additive bias at or below this removes the key (HF uses finfo.min)
+
 NORMAL_FORM = ("Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, float softcap, "
                "bool causal, float dropout_p")
 
@@ -116,3 +118,71 @@ def define_attention_op(name: str, reference, extra_schema: str = ""):
 
     torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_lib)
     return getattr(getattr(torch.ops, NAMESPACE), name).default
+
+
+# ---------------------------------------------------------------- variant parameters
+
+class Param:
+    """One `--set KEY=VALUE` parameter: default, type, and what values are allowed.
+
+    kind is int | float | bool | str | "ints" (a list of ints: "0,5,9" on the command line).
+    """
+
+    def __init__(self, default, kind, help: str, choices=(), minimum=None, maximum=None,
+                 allow_none: bool = False):
+        self.default, self.kind, self.help = default, kind, help
+        self.choices, self.minimum, self.maximum, self.allow_none = tuple(choices), minimum, maximum, allow_none
+
+    def parse(self, key: str, value):
+        """The validated value, or ValueError with a one-line reason."""
+        if value is None or (self.allow_none and isinstance(value, str) and value.lower() in ("none", "")):
+            if self.allow_none:
+                return None
+            raise ValueError(f"{key} needs a value")
+        kind = self.kind
+        try:
+            if kind == "ints":
+                items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+                value = [int(str(v).strip()) for v in items if str(v).strip()]
+                if not value or any(v < 0 for v in value):
+                    raise ValueError
+            elif kind is bool:
+                if isinstance(value, str):
+                    if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                        raise ValueError
+                    value = value.lower() in ("true", "1", "yes")
+                value = bool(value)
+            elif kind is int:
+                if isinstance(value, bool) or float(value) != int(float(value)):
+                    raise ValueError
+                value = int(float(value))
+            elif kind is float:
+                if isinstance(value, bool):
+                    raise ValueError
+                value = float(value)
+                if not math.isfinite(value):
+                    raise ValueError
+            else:
+                value = str(value)
+        except (TypeError, ValueError):
+            what = {"ints": "a comma-separated list of non-negative integers", bool: "true or false",
+                    int: "an integer", float: "a number"}.get(kind, "a string")
+            raise ValueError(f"{key}={value!r} is not {what}") from None
+        if self.choices and value not in self.choices:
+            raise ValueError(f"{key}={value} is not one of {', '.join(map(str, self.choices))}")
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"{key}={value} is below the minimum {self.minimum}")
+        if self.maximum is not None and value > self.maximum:
+            raise ValueError(f"{key}={value} is above the maximum {self.maximum}")
+        return value
+
+
+def parse_params(variant_name: str, params: dict, options: dict) -> dict:
+    """Defaults overlaid with validated `options`; ValueError names the bad key."""
+    out = {k: p.default for k, p in params.items()}
+    for key, value in options.items():
+        if key not in params:
+            names = ", ".join(sorted(params)) or "none"
+            raise ValueError(f"unknown option '{key}' for variant {variant_name} (known: {names})")
+        out[key] = params[key].parse(key, value)
+    return out

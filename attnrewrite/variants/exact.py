@@ -33,3 +33,31 @@ def op_args(site, options: dict) -> tuple:
 
 def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:
     return {}
+
+
+def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
+    """ONNX lowering: the standard `Attention` op from opset 23, else the decomposed form.
+
+    `b` is an `onnx_rewrite.Builder`; q (B, H, Lq, D), k/v (B, Hkv, Lk, D) and the mask
+    (boolean: True = attend, or additive, or None) are value names in the normal form.
+    Returns the (B, H, Lq, Dv) output. Other variants follow the same shape, reusing
+    the helpers in `attnrewrite.passes.onnx_rewrite`.
+    """
+    from ..passes import onnx_rewrite as R
+    causal = bool(site.causal)
+    if b.opset >= 23:
+        attrs = {"scale": R.resolve_scale(b, site)}
+        if site.softcap:
+            attrs["softcap"] = float(site.softcap)
+        if causal and mask is None and site.q_len is not None and site.q_len == site.kv_len:
+            attrs["is_causal"] = 1               # same diagonal in every opset when Lq == Lk
+        elif causal:
+            mask = R.with_causal(b, q, k, mask)  # bottom-right, stated explicitly
+        if mask is not None and b.dtype(mask) != R.TensorProto.BOOL:
+            mask = b.cast(mask, b.dtype(q))
+        return b.op("Attention", q, k, v, *([mask] if mask is not None else []), **attrs)
+    heads, kv_heads = site.heads, site.kv_heads
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads != kv_heads:
+        k, v = R.repeat_kv(b, k, heads, kv_heads), R.repeat_kv(b, v, heads, kv_heads)
+    p = R.safe_softmax(b, R.decomposed_scores(b, site, q, k, mask, causal))
+    return b.op("MatMul", p, b.cast(v, b.dtype(p)))

@@ -1,0 +1,749 @@
+"""Find every scaled-dot-product attention in an ONNX graph, as `AttentionSite` records.
+
+Rules, each a plain function that returns an `OnnxSite` or raises `NoMatch` with the
+reason (`--list --verbose` prints it for every candidate left unmatched):
+
+* `match_decomposed` — anchored on a Softmax over the last axis (source "onnx-decomposed";
+  the dynamo exporter, the TorchScript exporter and hand-written graphs)::
+
+      s = MatMul(q' [* c | / c], kᵀ' [* c | / c])      # dynamo: c = sqrt(scale) on both
+      s = Einsum("bhqd,bhkd->bhqk", q, k)              # any letters/orders, rank 4
+      s = s * c | s / c | Cast(s)                       # scalar scales anywhere
+      s = cap * Tanh(s / cap)                           # soft-cap
+      s = s + bias | Where(keep, s, -inf) | Where(drop, -inf, s)    # masks, any mix
+      p = Softmax(s, axis=-1) [Cast, Dropout, Where(IsNaN(p), 0, p)]
+      o = MatMul(p, v') | Einsum("bhqk,bhkd->bhqd", p, v)
+
+  kᵀ' is turned back into k by composing its Transpose perm with a swap of the last two
+  axes (so k is exactly the operand the product saw, whatever the perm was); dynamo's
+  Reshape→Transpose([0,2,1])→Reshape is undone only when shape inference proves it keeps
+  the leading axes. A repeat_kv (Unsqueeze(2)→Expand→Reshape) on k/v is peeled, once
+  shapes prove it, so the site sees K/V before GQA expansion.
+* `match_attention` — the opset-23/24 `Attention` op (source "onnx-attention").
+* `match_contrib` — `com.microsoft` `Attention`, `MultiHeadAttention`,
+  `GroupQueryAttention` (source "onnx-contrib"). Forms the rewrite cannot reproduce
+  exactly (KV cache, rotary inside the op, packed QKV, index masks) are reported with
+  `keep` set to the reason and are left as they are.
+
+Shapes come from onnxruntime's symbolic shape inference (symbolic dims keep their
+names), falling back to onnx's own. Weights are never needed: large initializers are
+replaced by typed graph inputs on a light copy before inference.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..site import AttentionSite
+
+MASK_FLOOR = -1e4          # a Where fill at or below this removes the key from the softmax
+MS = "com.microsoft"
+
+
+class NoMatch(Exception):
+    """A candidate that is not attention (or not one we can describe); says why."""
+
+
+@dataclass
+class OnnxSite:
+    """Pass-private description of one site: how to rebuild its normal form."""
+    kind: str                       # decomposed | attention | mha | msattention | gqa
+    node: str                       # anchor node name (Softmax or the fused op)
+    out: str                        # value the site produces (replaced by the rewrite)
+    out_node: str                   # node producing `out`
+    q: str = ""
+    k: str = ""
+    v: str = ""
+    q_perm: list | None = None      # Transpose perm that brings q to (B, H, Lq, D); None = as is
+    k_perm: list | None = None
+    v_perm: list | None = None
+    out_perm: list | None = None    # perm from (B, H, Lq, Dv) to the site output's layout
+    rank: int = 4
+    scale: float | None = None      # None: 1/sqrt(head_dim), resolved at lowering
+    softcap: float = 0.0
+    causal: bool = False
+    biases: list = field(default_factory=list)    # (value, coefficient): added to the scores
+    keeps: list = field(default_factory=list)     # (value, keep_when_true): boolean masks
+    # fused ops: the op's own inputs/attributes
+    inputs: list = field(default_factory=list)
+    attrs: dict = field(default_factory=dict)
+    heads: int | None = None
+    kv_heads: int | None = None
+    keep: str = ""                  # non-empty: reported, never rewritten (the reason)
+
+
+class Graph:
+    """Read-only indexes over a (shape-inferred) GraphProto."""
+
+    def __init__(self, model: onnx.ModelProto, inferred: onnx.ModelProto | None = None):
+        self.model = model
+        g = model.graph
+        self.graph = g
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.producer = {o: n for n in g.node for o in n.output if o}
+        self.users: dict[str, list] = {}
+        for n in g.node:
+            for i in n.input:
+                if i:
+                    self.users.setdefault(i, []).append(n)
+        self.outputs = {o.name for o in g.output}
+        self.inits = {t.name: t for t in g.initializer}
+        self.types = {}
+        src = inferred.graph if inferred is not None else g
+        for v in list(src.value_info) + list(src.input) + list(src.output) + list(g.input) + list(g.output):
+            if v.type.HasField("tensor_type") and v.name not in self.types:
+                self.types[v.name] = v.type.tensor_type
+        for t in g.initializer:
+            self.types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)).tensor_type)
+
+    def shape(self, name: str) -> list | None:
+        """Dims as ints (static) or strings (symbolic); None entries for unknown ones."""
+        t = self.types.get(name)
+        if t is None or not t.HasField("shape"):
+            return None
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+    def rank(self, name: str) -> int | None:
+        s = self.shape(name)
+        return None if s is None else len(s)
+
+    def elem_type(self, name: str) -> int:
+        t = self.types.get(name)
+        return t.elem_type if t is not None else 0
+
+    def const(self, name: str):
+        """The numpy value of an initializer or Constant node output, else None."""
+        if name in self.inits:
+            t = self.inits[name]
+            if t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data:
+                return None
+            return numpy_helper.to_array(t)
+        n = self.producer.get(name)
+        if n is not None and n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t)
+                if a.name in ("value_float", "value_int"):
+                    return np.array(onnx.helper.get_attribute_value(a))
+                if a.name in ("value_floats", "value_ints"):
+                    return np.array(onnx.helper.get_attribute_value(a))
+        return None
+
+    def fold(self, name: str, depth: int = 8):
+        """A small constant expression's value (scale from Sqrt(Cast(Shape(q)[-1])) etc.)."""
+        c = self.const(name)
+        n = self.producer.get(name)
+        if c is not None or n is None or depth == 0:
+            return c
+        op = n.op_type
+        if op == "Shape":
+            s = self.shape(n.input[0])
+            if s is None:
+                return None
+            s = s[attr(n, "start", 0):attr(n, "end", len(s))]     # unknown dims stay None
+            return np.array([d if isinstance(d, int) else None for d in s], dtype=object)
+        args = [self.fold(i, depth - 1) if i else None for i in n.input]
+        if any(a is None for a in args[:1 if op in self.UNARY else 2]):
+            return None
+        a = args[0]
+        if a.dtype == object and op not in ("Gather", "Slice"):
+            return None
+        if op in self.UNARY:
+            fn = self.UNARY[op]
+            return fn(a) if op != "Cast" else a.astype(onnx.helper.tensor_dtype_to_np_dtype(attr(n, "to")))
+        if op == "Gather" and a.ndim == 1 and args[1] is not None:
+            return _known(np.asarray(np.take(a, args[1], axis=0), dtype=a.dtype))
+        if op == "Slice" and a.ndim == 1 and len(args) >= 3 and all(x is not None for x in args[1:]):
+            start, end = int(args[1].ravel()[0]), int(args[2].ravel()[0])
+            step = int(args[4].ravel()[0]) if len(args) > 4 else 1
+            return _known(a[start:end:step]) if (len(args) < 4 or int(args[3].ravel()[0]) == 0) else None
+        if op in ("Div", "Mul", "Pow", "Add", "Sub"):
+            return {"Div": np.divide, "Mul": np.multiply, "Pow": np.power, "Add": np.add,
+                    "Sub": np.subtract}[op](a.astype(np.float64), args[1].astype(np.float64)).astype(a.dtype)
+        if op in ("Squeeze", "Unsqueeze", "Reshape") and a.size == 1:
+            return a.reshape(())
+        return None
+
+    UNARY = {"Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Cast": None, "Identity": lambda a: a,
+             "CastLike": lambda a: a}
+
+    def scalar(self, name: str) -> float | None:
+        c = self.fold(name)
+        if c is None or c.size != 1 or c.dtype in (np.bool_, object):
+            return None
+        return float(c.reshape(()))
+
+    def op(self, name: str, *types: str):
+        n = self.producer.get(name)
+        return n if n is not None and n.op_type in types else None
+
+    def consumers(self, name: str) -> list:
+        return self.users.get(name, [])
+
+    def used(self, name: str) -> bool:
+        return bool(name) and (name in self.outputs or bool(self.users.get(name)))
+
+
+def _known(a):
+    """An object array of dims as int64 once every entry is known, else keep it partial."""
+    if a.dtype != object:
+        return a
+    return a.astype(np.int64) if all(x is not None for x in a.ravel()) else a
+
+
+def attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def same_dim(a, b) -> bool:
+    return a is not None and b is not None and a == b
+
+
+# ---------------------------------------------------------------- shape inference
+
+def light_copy(model: onnx.ModelProto, limit: int = 64) -> onnx.ModelProto:
+    """The model without its weights: large initializers become typed graph inputs."""
+    src = model.graph
+    g = onnx.helper.make_graph(list(src.node), src.name, list(src.input), list(src.output),
+                               value_info=list(src.value_info))
+    names = {i.name for i in src.input}
+    for t in src.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        if n > limit or (t.data_location == onnx.TensorProto.EXTERNAL and not t.raw_data):
+            if t.name not in names:
+                g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            g.initializer.append(t)
+    m = onnx.helper.make_model(g, opset_imports=list(model.opset_import))
+    m.ir_version = model.ir_version
+    return m
+
+
+def infer(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Shape-inferred light copy: onnxruntime's symbolic inference, else onnx's."""
+    light = light_copy(model)
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        import logging
+        logging.getLogger("onnxruntime.tools.symbolic_shape_infer").setLevel(logging.ERROR)
+        out = SymbolicShapeInference.infer_shapes(light, auto_merge=True, guess_output_rank=True)
+        if out is not None:
+            return out
+    except Exception:  # noqa: BLE001 - fall back to onnx's inference
+        pass
+    try:
+        return onnx.shape_inference.infer_shapes(light, data_prop=True)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+# ---------------------------------------------------------------- decomposed rule
+
+PASS_CASTS = ("Cast", "Identity")
+
+
+def _reaches_product(g: Graph, name: str, depth: int = 12) -> bool:
+    """True when `name` is computed from a MatMul/Einsum through score-like ops."""
+    frontier, seen = [name], set()
+    while frontier and depth:
+        nxt = []
+        for v in frontier:
+            n = g.producer.get(v)
+            if n is None or v in seen:
+                continue
+            seen.add(v)
+            if n.op_type in ("MatMul", "Einsum"):
+                return True
+            if n.op_type in ("Cast", "Add", "Sub", "Mul", "Div", "Where", "Tanh", "Identity"):
+                nxt.extend(n.input[:3])
+        frontier, depth = nxt, depth - 1
+    return False
+
+
+def _is_fill(g: Graph, name: str) -> bool:
+    c = g.scalar(name)
+    return c is not None and c <= MASK_FLOOR
+
+
+def walk_scores(g: Graph, x: str, site: OnnxSite):
+    """From the softmax input back to the product; collects scale, soft-cap and masks.
+
+    Walking backwards, a scale met so far multiplies everything added further up, so
+    each bias is recorded with the product of the factors seen before it.
+    """
+    factor, capped = 1.0, False
+    while True:
+        n = g.producer.get(x)
+        if n is None:
+            raise NoMatch(f"scores come from graph input {x!r}, not a product")
+        op = n.op_type
+        if op in ("MatMul", "Einsum"):
+            return n, factor
+        if op in PASS_CASTS:
+            x = n.input[0]
+        elif op == "Add":
+            a, b = (_reaches_product(g, i) for i in n.input)
+            if a == b:
+                raise NoMatch(f"{n.name}: cannot tell scores from bias in Add")
+            x, bias = (n.input[0], n.input[1]) if a else (n.input[1], n.input[0])
+            if capped:
+                raise NoMatch(f"{n.name}: bias added inside the soft-cap")
+            w = g.op(bias, "Where")
+            if w is not None and g.scalar(w.input[1]) == 0.0 and _is_fill(g, w.input[2]):
+                site.keeps.append((w.input[0], True))            # Where(keep, 0, -inf)
+            elif w is not None and g.scalar(w.input[2]) == 0.0 and _is_fill(g, w.input[1]):
+                site.keeps.append((w.input[0], False))           # Where(drop, -inf, 0)
+            else:
+                site.biases.append((bias, factor))
+        elif op == "Sub" and _reaches_product(g, n.input[0]) and not _reaches_product(g, n.input[1]):
+            if capped:
+                raise NoMatch(f"{n.name}: bias added inside the soft-cap")
+            site.biases.append((n.input[1], -factor))
+            x = n.input[0]
+        elif op in ("Mul", "Div"):
+            c = g.scalar(n.input[1])
+            if c is not None:
+                t = n.input[0]
+            elif op == "Mul" and g.scalar(n.input[0]) is not None:
+                c, t = g.scalar(n.input[0]), n.input[1]
+            else:
+                raise NoMatch(f"{n.name}: scores {op} by a non-scalar")
+            if op == "Div":
+                c = 1.0 / c
+            tanh = g.op(t, "Tanh")
+            if op == "Mul" and tanh is not None:          # cap * tanh(s / cap)
+                inner = g.op(tanh.input[0], "Div", "Mul")
+                ic = g.scalar(inner.input[1]) if inner is not None else None
+                if ic is None or capped or factor != 1.0:
+                    raise NoMatch(f"{n.name}: unsupported soft-cap form")
+                ic = 1.0 / ic if inner.op_type == "Div" else ic
+                if not math.isclose(ic * c, 1.0, rel_tol=1e-5):
+                    raise NoMatch(f"{n.name}: tanh soft-cap with mismatched constants")
+                site.softcap, capped, x = c, True, inner.input[0]
+                continue
+            factor *= c
+            x = t
+        elif op == "Where":
+            cond, a, b = n.input
+            if _is_fill(g, b) and not _is_fill(g, a):
+                site.keeps.append((cond, True))
+                x = a
+            elif _is_fill(g, a):
+                site.keeps.append((cond, False))
+                x = b
+            else:
+                raise NoMatch(f"{n.name}: Where fill is not a mask value (≤ {MASK_FLOOR:g})")
+            if capped:
+                raise NoMatch(f"{n.name}: mask applied inside the soft-cap")
+        else:
+            raise NoMatch(f"scores pass through {op} ({n.name}) before reaching a product")
+
+
+def peel_scale(g: Graph, x: str) -> tuple[str, float]:
+    """Strip scalar Mul/Div (and casts) off a product operand: (value, factor)."""
+    f = 1.0
+    while True:
+        n = g.producer.get(x)
+        if n is None:
+            return x, f
+        if n.op_type in ("Mul", "Div") and g.scalar(n.input[1]) is not None:
+            c = g.scalar(n.input[1])
+            f *= (1.0 / c) if n.op_type == "Div" else c
+            x = n.input[0]
+        elif n.op_type == "Mul" and g.scalar(n.input[0]) is not None:
+            f *= g.scalar(n.input[0])
+            x = n.input[1]
+        else:
+            return x, f
+
+
+def _swap_last2(perm: list) -> list:
+    return [*perm[:-2], perm[-1], perm[-2]]
+
+
+def untranspose_key(g: Graph, kt: str, rank: int) -> tuple[str, list | None]:
+    """(value, perm) with k = Transpose(value, perm) exactly; perm None means k = value.
+
+    Composes any producing Transpose with the last-two swap, so the result is exact
+    whatever the perm was (a permuted K is never mistaken for a transposed one).
+    """
+    n = g.producer.get(kt)
+    if n is not None and n.op_type == "Transpose":
+        perm = list(attr(n, "perm", list(range(rank - 1, -1, -1))))
+        p = _swap_last2(perm)
+        return n.input[0], (None if p == list(range(rank)) else p)
+    if n is not None and n.op_type == "Reshape":                 # dynamo: Reshape→T([0,2,1])→Reshape
+        t = g.op(n.input[0], "Transpose")
+        r = g.op(t.input[0], "Reshape") if t is not None else None
+        if r is not None and list(attr(t, "perm", [])) == [0, 2, 1]:
+            src, outer, inner = g.shape(r.input[0]), g.shape(kt), g.shape(t.input[0])
+            if (src and outer and inner and len(outer) == rank and len(inner) == 3
+                    and same_dim(src[-1], outer[-2]) and same_dim(src[-2], outer[-1])
+                    and same_dim(inner[1], src[-2]) and same_dim(inner[2], src[-1])):
+                if len(src) == rank and all(same_dim(a, b) for a, b in zip(src[:-2], outer[:-2])):
+                    return r.input[0], None
+                k0 = repeat_kv_source(g, r.input[0], [*outer[:-2], outer[-1], outer[-2]])
+                if k0 is not None:                               # repeat_kv reshaped straight to 3-D
+                    return k0, None
+    return kt, _swap_last2(list(range(rank)))
+
+
+def repeat_kv_source(g: Graph, x: str, target: list | None) -> str | None:
+    """k0 when `x` = Expand(Unsqueeze(k0, 2)) is k0's heads repeated into `target` dims.
+
+    `target` is the 4-D (B, H, L, D) shape the expanded value is reshaped to; shapes
+    must prove (B, Hkv, n, L, D) → (B, Hkv·n, L, D), i.e. repeat_interleave of heads.
+    """
+    e = g.op(x, "Expand")
+    u = g.op(e.input[0], "Unsqueeze") if e is not None else None
+    if u is None or not target or len(target) != 4:
+        return None
+    axes = g.const(u.input[1]) if len(u.input) > 1 else np.array(attr(u, "axes", []))
+    src, mid = g.shape(u.input[0]), g.shape(e.output[0])
+    if axes is None or list(np.ravel(axes)) != [2] or not src or not mid or len(src) != 4 or len(mid) != 5:
+        return None
+    rep = mid[2]
+    ok = (all(same_dim(src[i], mid[j]) for i, j in ((0, 0), (1, 1), (2, 3), (3, 4)))
+          and same_dim(target[0], src[0]) and same_dim(target[2], src[2]) and same_dim(target[3], src[3])
+          and isinstance(rep, int) and isinstance(src[1], int) and target[1] == src[1] * rep)
+    return u.input[0] if ok else None
+
+
+def peel_repeat_kv(g: Graph, x: str) -> str:
+    """k before `repeat_kv` (Unsqueeze(2) → Expand → Reshape), when shapes prove it."""
+    r = g.op(x, "Reshape")
+    return (repeat_kv_source(g, r.input[0], g.shape(x)) if r is not None else None) or x
+
+
+def _parse_einsum(eq: str):
+    eq = eq.replace(" ", "")
+    if "..." in eq or "->" not in eq:
+        return None
+    lhs, out = eq.split("->")
+    ins = lhs.split(",")
+    if len(ins) != 2 or any(len(set(s)) != len(s) for s in [*ins, out]):
+        return None
+    return ins[0], ins[1], out
+
+
+def _einsum_scores(g: Graph, n, site: OnnxSite) -> tuple[str, str, int]:
+    """q, k from Einsum("bhqd,bhkd->bhqk")-like scores: perms to (B, H, L, D)."""
+    p = _parse_einsum(attr(n, "equation", b"").decode() if isinstance(attr(n, "equation"), bytes)
+                      else attr(n, "equation", ""))
+    if p is None or len(p[2]) != 4:
+        raise NoMatch(f"{n.name}: einsum equation is not a rank-4 q·kᵀ")
+    a, b, o = p
+    d = [c for c in a if c in b and c not in o]
+    if len(d) != 1 or len(a) != 4 or len(b) != 4:
+        raise NoMatch(f"{n.name}: einsum does not contract exactly one axis")
+    bb, hh, qq, kk = o
+    if qq not in a or qq in b or kk not in b or kk in a or bb not in a + b or hh not in a + b:
+        raise NoMatch(f"{n.name}: einsum axes do not line up as q·kᵀ")
+    try:
+        qp = [a.index(c) for c in (bb, hh, qq, d[0])]
+        kp = [b.index(c) for c in (bb, hh, kk, d[0])]
+    except ValueError:
+        raise NoMatch(f"{n.name}: einsum batch/head axes missing on one side") from None
+    site.q_perm = None if qp == [0, 1, 2, 3] else qp
+    site.k_perm = None if kp == [0, 1, 2, 3] else kp
+    return n.input[0], n.input[1], 4
+
+
+def follow_probs(g: Graph, p: str):
+    """From the softmax output forward to the P·V product (casts, dropout, NaN guard)."""
+    other = []
+    for _ in range(8):
+        users = g.consumers(p)
+        nxt = None
+        for u in users:
+            if u.op_type in ("MatMul", "Einsum") and u.input[0] == p:
+                return u, other
+        for u in users:
+            if u.op_type == "Where" and u.input[2] == p and g.op(u.input[0], "IsNaN") is not None \
+                    and g.op(u.input[0], "IsNaN").input[0] == p:
+                nxt = u
+            elif u.op_type in ("Cast", "Identity") or (u.op_type == "Dropout" and len(u.input) < 3):
+                nxt = nxt or u
+        if nxt is None:
+            break
+        other += [u for u in users if u is not nxt and u.op_type != "IsNaN"]
+        p = nxt.output[0]
+    raise NoMatch("softmax output does not reach a MatMul with values")
+
+
+def is_weight(g: Graph, name: str) -> bool:
+    """True for a constant (initializer/Constant), possibly reshaped, transposed or cast."""
+    for _ in range(6):
+        if name in g.inits or g.op(name, "Constant") is not None:
+            return True
+        n = g.op(name, "Transpose", "Reshape", "Cast", "Unsqueeze", "Squeeze", "Expand", "Identity")
+        if n is None:
+            return False
+        name = n.input[0]
+    return False
+
+
+def match_decomposed(g: Graph, sm) -> OnnxSite:
+    x = sm.input[0]
+    r = g.rank(x)
+    axis = attr(sm, "axis", -1 if g.opset >= 13 else 1)
+    if not (axis == -1 or (r is not None and axis == r - 1)):
+        raise NoMatch(f"softmax over axis {axis}, not the last (key) axis")
+    site = OnnxSite("decomposed", sm.name, "", "")
+    prod, factor = walk_scores(g, x, site)
+    pv, others = follow_probs(g, sm.output[0])
+    if prod.op_type == "Einsum":
+        q, kt, rank = _einsum_scores(g, prod, site)
+        q, fq = peel_scale(g, q)
+        k, fk = peel_scale(g, kt)
+        site.q, site.k = q, k
+    else:
+        q, fq = peel_scale(g, prod.input[0])
+        kt, fk = peel_scale(g, prod.input[1])
+        rank = g.rank(q) or g.rank(prod.output[0])
+        if rank not in (3, 4) or (g.rank(kt) not in (None, rank)):
+            raise NoMatch(f"{prod.name}: q·kᵀ of rank {rank}, expected 3 or 4")
+        k, kperm = untranspose_key(g, kt, rank)
+        site.q, site.k, site.k_perm = q, k, kperm
+    for role, val in (("query", site.q), ("key", site.k)):
+        if is_weight(g, val):
+            raise NoMatch(f"{prod.name}: the {role} is a constant weight (a pooling/classifier softmax)")
+    site.rank = rank
+    site.scale = factor * fq * fk
+    if pv.op_type == "Einsum":
+        pe = _parse_einsum(_eq(pv))
+        so = _parse_einsum(_eq(prod))[2] if prod.op_type == "Einsum" else "bhqk"
+        if pe is None or len(pe[0]) != 4 or len(pe[1]) != 4 or len(pe[2]) != 4:
+            raise NoMatch(f"{pv.name}: einsum equation is not a rank-4 p·v")
+        pa, vb, o = pe
+        ren = dict(zip(so, pa))             # scores letters -> this einsum's letters
+        bb, hh, qq, kk = (ren[c] for c in so)
+        dd = [c for c in vb if c not in pa]
+        if kk in o or len(dd) != 1 or set(o) != {bb, hh, qq, dd[0]} or kk not in vb:
+            raise NoMatch(f"{pv.name}: einsum axes do not line up as p·v")
+        vp = [vb.index(c) for c in (bb, hh, kk, dd[0])]
+        site.v_perm = None if vp == [0, 1, 2, 3] else vp
+        op_ = [[bb, hh, qq, dd[0]].index(c) for c in o]
+        site.out_perm = None if op_ == [0, 1, 2, 3] else op_
+        site.v = pv.input[1]
+    else:
+        site.v = pv.input[1]
+        if g.rank(site.v) not in (None, rank):
+            raise NoMatch(f"{pv.name}: values of rank {g.rank(site.v)}, scores of rank {rank}")
+    if site.k_perm is None:
+        site.k = peel_repeat_kv(g, site.k)
+    if site.v_perm is None:
+        site.v = peel_repeat_kv(g, site.v)
+    site.out, site.out_node = pv.output[0], pv.name
+    if others:
+        site.keep = ""
+        site.attrs["probs_used"] = sorted({o.name for o in others})
+    return site
+
+
+def _eq(n) -> str:
+    e = attr(n, "equation", "")
+    return e.decode() if isinstance(e, bytes) else e
+
+
+# ---------------------------------------------------------------- fused ops
+
+def _present(node, i: int) -> str:
+    return node.input[i] if len(node.input) > i and node.input[i] else ""
+
+
+def _outputs_used(g: Graph, node, first: int = 1) -> bool:
+    return any(g.used(o) for o in node.output[first:])
+
+
+def match_attention(g: Graph, n) -> OnnxSite:
+    """ONNX `Attention` (opset 23/24): Y = Attention(Q, K, V, attn_mask?, ...)."""
+    site = OnnxSite("attention", n.name, n.output[0], n.name, q=n.input[0], k=n.input[1], v=n.input[2])
+    site.inputs = list(n.input)
+    site.attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+    site.scale = site.attrs.get("scale")
+    site.softcap = float(site.attrs.get("softcap", 0.0))
+    site.causal = bool(site.attrs.get("is_causal", 0))
+    mask = _present(n, 3)
+    if mask:
+        if g.elem_type(mask) == onnx.TensorProto.BOOL:
+            site.keeps.append((mask, True))
+        else:
+            site.biases.append((mask, 1.0))
+    site.rank = g.rank(n.input[0]) or 4
+    if site.rank == 3:
+        site.heads, site.kv_heads = site.attrs.get("q_num_heads"), site.attrs.get("kv_num_heads")
+    if _present(n, 4) or _present(n, 5):
+        site.keep = "KV cache inputs (past_key/past_value): kept as is"
+    elif _present(n, 6):
+        site.keep = "nonpad_kv_seqlen input: kept as is"
+    elif _outputs_used(g, n):
+        site.keep = "present_key/value or qk_matmul_output are used: kept as is"
+    elif site.causal and g.opset < 24:
+        sq, sk = g.shape(n.input[0]), g.shape(n.input[1])
+        lq = sq[-2] if sq and site.rank == 4 else (sq[1] if sq else None)
+        lk = sk[-2] if sk and site.rank == 4 else (sk[1] if sk else None)
+        if not same_dim(lq, lk):
+            site.keep = "is_causal with q_len possibly ≠ kv_len (opset-23 upper-left alignment): kept as is"
+    return site
+
+
+def match_contrib(g: Graph, n) -> OnnxSite:
+    """com.microsoft Attention / MultiHeadAttention / GroupQueryAttention."""
+    a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+    kind = {"Attention": "msattention", "MultiHeadAttention": "mha", "GroupQueryAttention": "gqa"}[n.op_type]
+    site = OnnxSite(kind, n.name, n.output[0], n.name, inputs=list(n.input), attrs=a)
+    site.heads = a.get("num_heads")
+    site.kv_heads = a.get("kv_num_heads", site.heads)
+    site.scale = a.get("scale") or None
+    site.softcap = float(a.get("softcap", 0.0))
+    keep = []
+    if _outputs_used(g, n):
+        keep.append("present/qk outputs are used")
+    if kind == "msattention":
+        site.causal = bool(a.get("unidirectional", 0))
+        if _present(n, 4) or _present(n, 6):
+            keep.append("KV cache input (past)")
+        if a.get("do_rotary", 0):
+            keep.append("rotary inside the op")
+        m = _present(n, 3)
+        if m and g.rank(m) != 2:
+            keep.append("mask_index is not a (batch, kv_len) 0/1 mask")
+        if g.rank(n.input[0]) != 3:
+            keep.append("input is not (batch, seq, hidden)")
+        site.q = n.input[0]
+    elif kind == "mha":
+        site.causal = bool(a.get("unidirectional", 0))
+        if any(_present(n, i) for i in (6, 7, 8, 9)):
+            keep.append("KV cache inputs (past_key/past_value)")
+        if not _present(n, 1) or not _present(n, 2) or g.rank(n.input[0]) != 3:
+            keep.append("packed QKV/KV input")
+        elif g.rank(n.input[1]) not in (3, 4) or g.rank(n.input[1]) != g.rank(n.input[2]):
+            keep.append("key/value layout not (B, L, hidden) or (B, H, L, D)")
+        m = _present(n, 4)
+        if m and g.rank(m) != 2:
+            keep.append("key_padding_mask is not (batch, kv_len)")
+        site.q, site.k, site.v = n.input[0], n.input[1] if len(n.input) > 1 else "", \
+            n.input[2] if len(n.input) > 2 else ""
+    else:
+        site.causal = bool(a.get("causal", 1))
+        if _present(n, 3) or _present(n, 4):
+            keep.append("KV cache inputs (past_key/past_value)")
+        if a.get("do_rotary", 0):
+            keep.append("rotary inside the op")
+        if not _present(n, 1) or not _present(n, 2):
+            keep.append("packed QKV input")
+        if a.get("local_window_size", -1) != -1:
+            keep.append("local window")
+        if a.get("smooth_softmax", 0) or _present(n, 11) or any(_present(n, i) for i in range(9, 17) if i != 10):
+            keep.append("smooth softmax / head sink / quantised cache / position or norm inputs")
+        site.q, site.k, site.v = n.input[0], _present(n, 1), _present(n, 2)
+    if keep:
+        site.keep = "; ".join(keep) + ": kept as is"
+    return site
+
+
+# ---------------------------------------------------------------- describe
+
+def site_name(node) -> str:
+    """The module path when the exporter recorded one, else the node name."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = eval(p.value, {"__builtins__": {}})  # noqa: S307 - a list literal of str
+                if len(scopes) >= 2 and scopes[-2]:
+                    return scopes[-2]
+            except Exception:  # noqa: BLE001
+                pass
+    name = node.name
+    if name.startswith("/") and name.count("/") > 1:
+        return ".".join(p for p in name.split("/")[1:-1] if p)
+    return name or node.op_type
+
+
+_DT = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+       onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.DOUBLE: "float64"}
+
+
+def _dims_bhsd(g: Graph, name: str, perm, rank: int):
+    s = g.shape(name)
+    if not s or len(s) != rank:
+        return [None] * 4
+    if perm is not None:
+        s = [s[i] for i in perm]
+    return [None, *s] if rank == 3 else s
+
+
+def describe(g: Graph, os_: OnnxSite, idx: int, node) -> AttentionSite:
+    source = {"decomposed": "onnx-decomposed", "attention": "onnx-attention"}.get(os_.kind, "onnx-contrib")
+    b = h = hkv = lq = lk = d = None
+    dtype = _DT.get(g.elem_type(os_.q or node.input[0]), "float32")
+    if os_.kind == "decomposed" or (os_.kind == "attention" and os_.rank == 4):
+        b, h, lq, d = _dims_bhsd(g, os_.q, os_.q_perm, os_.rank)
+        _, hkv, lk, _ = _dims_bhsd(g, os_.k, os_.k_perm, os_.rank)
+        if os_.rank == 3:
+            b, h, hkv = None, None, None
+    else:
+        sq = g.shape(os_.q) or [None] * 3
+        b, lq = (sq[0], sq[1]) if len(sq) >= 2 else (None, None)
+        h, hkv = os_.heads, os_.kv_heads
+        hidden = sq[-1] if len(sq) == 3 else None
+        if os_.kind == "msattention":
+            sizes = os_.attrs.get("qkv_hidden_sizes")
+            w = g.shape(os_.inputs[1])
+            hidden = sizes[0] if sizes else (w[1] // 3 if w and isinstance(w[1], int) else None)
+            lk = lq
+        elif os_.k:
+            sk = g.shape(os_.k) or []
+            lk = sk[1] if len(sk) == 3 else (sk[2] if len(sk) == 4 else None)
+        d = hidden // h if isinstance(hidden, int) and isinstance(h, int) and h else None
+    scale = os_.scale
+    if scale is None and isinstance(d, int):
+        scale = 1.0 / math.sqrt(d)
+    mask = "additive" if os_.biases else ("boolean" if os_.keeps else "none")
+    if os_.kind in ("mha", "msattention") and _present(node, 4 if os_.kind == "mha" else 3):
+        mask = "boolean" if not os_.biases else "additive"
+    if os_.kind in ("mha", "msattention", "gqa") and _present(node, {"mha": 5, "msattention": 5, "gqa": 10}[os_.kind]):
+        mask = "additive"
+    site = AttentionSite(id=idx, name=site_name(node), source=source, batch=b, heads=h, kv_heads=hkv,
+                         q_len=lq, kv_len=lk, head_dim=d, dtype=dtype,
+                         scale=None if scale is None else float(scale),
+                         softcap=os_.softcap or None, causal=os_.causal, mask=mask, dropout=0.0,
+                         graph=os_)
+    if os_.rank == 3 and os_.kind == "decomposed":
+        site.add_reason("3-D product: batch and heads are merged in the first axis")
+    if os_.attrs.get("probs_used") and os_.kind == "decomposed":
+        site.add_reason("the probabilities have another consumer: kept for it")
+    if os_.keep:
+        site.add_reason(os_.keep)
+    return site
+
+
+def find_sites(model: onnx.ModelProto, inferred: onnx.ModelProto | None = None, *, shapes: bool = True):
+    """([AttentionSite], [(node name, reason)]) for every candidate in the main graph."""
+    if inferred is None and shapes:
+        inferred = infer(model)
+    g = Graph(model, inferred)
+    sites, unmatched = [], []
+    for n in model.graph.node:
+        try:
+            if n.op_type == "Softmax" and n.domain in ("", "ai.onnx"):
+                s = match_decomposed(g, n)
+            elif n.op_type == "Attention" and n.domain in ("", "ai.onnx"):
+                s = match_attention(g, n)
+            elif n.domain == MS and n.op_type in ("Attention", "MultiHeadAttention", "GroupQueryAttention"):
+                s = match_contrib(g, n)
+            else:
+                continue
+        except NoMatch as e:
+            unmatched.append((n.name, str(e)))
+            continue
+        sites.append(describe(g, s, len(sites), n))
+    return sites, unmatched, g

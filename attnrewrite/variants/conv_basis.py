@@ -1,0 +1,315 @@
+"""conv-basis — attention as a sum of k sub-convolutions, applied by FFT in O(k·n·d·log n).
+
+Math (DESIGN.md; after Conv-Basis, arXiv 2405.05219 — the construction is ours, the paper's
+algorithm text was not available). Let H = exp(s − c) on and below the diagonal, s the
+site's scores (scale·q·kᵀ, soft-capped), c one shift shared by every row. Column j's
+basis vector is bⱼ = H[j:, j] − H[j−1:n−1, j−1]; H = Σⱼ S(bⱼ, n−j) exactly, where S(b, m)
+is zero but for a bottom-right m×m lower-triangular Toeplitz block with first column b.
+Keeping k start columns s₀ = 0 < s₁ < … gives H̃ = Σᵢ S(b̃ᵢ, n−sᵢ), which is H with every
+column j ∈ [sᵢ, sᵢ₊₁) replaced by start column sᵢ shifted down by j − sᵢ:
+
+    H̃[r, j] = H[sᵢ + r − j, sᵢ]        (r ≥ j, sᵢ ≤ j < sᵢ₊₁)
+
+so H̃·X = Σᵢ cᵢ ∗ X[sᵢ:sᵢ₊₁] — one causal convolution per start column cᵢ = H[sᵢ:, sᵢ]
+(the telescoped form of Σ S(b̃ᵢ), without the differences' cancellation). Only the k
+columns of q·kᵀ are computed (O(k·n·d)); H̃V and H̃·1 come from FFTs of size ≥ 2n.
+Output O = (H̃V) / (H̃·1) row by row. Bidirectional sites add a second basis for the
+strictly upper triangle: the same construction on the reversed sequence.
+
+Start columns: the k − 1 columns with the largest difference norm ‖bⱼ‖ (estimated on ~40
+sampled diagonals, O(n·d) each), column 0 always; `starts` fixes them instead, `eps`
+drops candidates whose norm is below eps·max (fewer than k starts when H is nearly
+conv). k ≥ n keeps every column: H̃ = H, exact to round-off.
+
+Numerics: c is shared by all rows (a per-row max breaks the Toeplitz structure), so a row
+whose scores sit far below the global maximum has a normaliser H̃·1 of the size of the
+FFT's round-off. Everything runs in float64, and rows whose normaliser is below
+`RELIABLE` times the FFT error estimate are recomputed exactly (O(n·d) each) and counted.
+Masks: a key-only bias (padding) and the causal pattern are supported — the key bias
+becomes a weight on V and on the ones vector; any other bias keeps the site exact.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax
+
+NAME = "conv_basis"
+OP_NAME = "conv_basis_attention"
+PARAMS = {
+    "k": Param(16, int, "number of basis (start) columns per head and triangle", minimum=1),
+    "starts": Param(None, "ints", "fixed start columns (0 is always added); default: searched per input",
+                    allow_none=True),
+    "eps": Param(0.0, float, "skip start candidates with difference norm below eps × the largest", minimum=0.0),
+}
+RELIABLE = 1e6            # a row's normaliser must exceed 1e6 × the FFT error estimate (≈ 6 digits)
+SAMPLED_DIAGONALS = 40    # diagonals read to estimate ‖bⱼ‖ for the start search
+FFT_CHUNK = 1 << 26       # elements per batched FFT (heads × starts × columns × size)
+DIAG_ROWS = 64            # rows sampled per head for the basis-error diagnostic
+
+
+# ----------------------------------------------------------------------------- masks
+
+def split_mask(mask, causal: bool, n: int):
+    """(causal, key_bias (B', H', n) or None) when mask = causal pattern + a per-key bias; else None.
+
+    Bias entries at or below MASK_REMOVED count as removed (-inf).
+    """
+    if mask is None:
+        return causal, None
+    m = mask
+    if m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=torch.float64, device=m.device).masked_fill(~m, -math.inf)
+    m = m.double()
+    m = m.masked_fill(m <= MASK_REMOVED, -math.inf)
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.shape[-2] == 1:
+        return causal, m[..., 0, :]
+    upper = torch.ones(n, n, dtype=torch.bool, device=m.device).triu(1)
+    if not causal and bool((m[..., upper] == -math.inf).all()):
+        causal = True
+    key = m[..., -1, :] if causal else m[..., 0, :]
+    expect = key.unsqueeze(-2).expand(m.shape)
+    seen = ~upper if causal else torch.ones_like(upper)
+    if not torch.equal(m[..., seen], expect[..., seen]):
+        return None
+    return causal, key
+
+
+# ----------------------------------------------------------------------------- G heads at once
+
+def _scores(q, kt, softcap):
+    s = q @ kt
+    return softcap * torch.tanh(s / softcap) if softcap else s
+
+
+def find_starts(q, k, count: int, eps: float, strict: bool, weight, softcap=0.0) -> torch.Tensor:
+    """(G, count) sorted start columns per head: 0 and the columns with the largest estimated ‖bⱼ‖.
+
+    ‖bⱼ‖² is estimated on sampled diagonals t (all of t < 8, then log-spaced), each weighted by
+    the gap to the next sampled one; keys the mask removes (weight 0) never need a column.
+    Candidates below eps·max repeat column 0 instead (an empty block: fewer real starts).
+    """
+    g, n, _ = q.shape
+    count = min(count, n)
+    if count == n:
+        return torch.arange(n, device=q.device).expand(g, n)
+    grid = torch.logspace(0, math.log10(max(n - 1, 1)), SAMPLED_DIAGONALS).long().tolist()
+    offsets = sorted(t for t in {*range(min(8, n)), *grid} if t < n and not (strict and t == 0))
+    gaps = [b - a for a, b in zip(offsets, offsets[1:] + [n])]
+    diag = [_scores_diag(q, k, t, softcap) for t in offsets]       # diag[t][:, j] = s[j + t, j]
+    c = torch.stack([d.amax(-1) for d in diag], -1).amax(-1, keepdim=True)
+    norm2 = torch.zeros(g, n, dtype=q.dtype, device=q.device)
+    for t, d, gap in zip(offsets, diag, gaps):
+        h = torch.exp(d - c)                                       # H[j + t, j], j < n − t
+        norm2[:, 1: n - t] += gap * (h[:, 1:] - h[:, :-1]) ** 2    # bⱼ[t] = H[j+t, j] − H[j+t−1, j−1]
+    norm2 = norm2 * weight
+    norm2[:, 0] = math.inf
+    top, idx = norm2.topk(count, dim=-1)
+    floor = (eps * eps) * top[:, 1:2] if count > 1 else top[:, :1]
+    idx = torch.where((top > floor) | (idx == 0), idx, torch.zeros_like(idx))
+    return idx.sort(-1).values
+
+
+def _scores_diag(q, k, t, softcap):
+    d = torch.linalg.vecdot(q[:, t:], k[:, : q.shape[1] - t])
+    return softcap * torch.tanh(d / softcap) if softcap else d
+
+
+def _start_columns(q, k, starts, softcap, strict):
+    """(G, k, n) raw scores col[i, t] = s[sᵢ + t, sᵢ] (−inf past the end, and on the diagonal if strict)."""
+    g, n, _ = q.shape
+    ks = k.gather(1, starts[..., None].expand(-1, -1, k.shape[-1]))        # (G, k, d)
+    s = _scores(q, ks.transpose(1, 2), softcap).transpose(1, 2)           # (G, k, n): s[r, sᵢ]
+    t = torch.arange(n, device=q.device)
+    rows = starts[..., None] + t                                           # sᵢ + t
+    cols = s.gather(2, rows.clamp(max=n - 1))
+    dead = rows >= n
+    if strict:
+        dead = dead | (t == 0)
+    return cols.masked_fill(dead, -math.inf)
+
+
+def _conv_apply(cols, starts, c, x):
+    """Σᵢ exp(colᵢ − c) ∗ x[sᵢ:sᵢ₊₁] by FFT over G heads: (G, n, m) and an error estimate (G, m).
+
+    All k blocks of a head are transformed in one batched rfft (each block zero everywhere
+    but its own rows) and combined in the frequency domain: k·m forward FFTs and m inverse
+    ones of size ≥ 2n per head, heads chunked to bound memory.
+    """
+    g, n, m = x.shape
+    k = starts.shape[1]
+    size = 1 << (2 * n - 1).bit_length()
+    owner = torch.searchsorted(starts, torch.arange(n, device=x.device).expand(g, n).contiguous(),
+                               right=True) - 1                     # start index owning column j
+    kern = torch.exp(cols - c[:, None, None])                      # (G, k, n): H[sᵢ + t, sᵢ]
+    xt = x.transpose(1, 2)                                         # (G, m, n): FFTs along the last axis
+    sq = torch.zeros(g, k, m, dtype=x.dtype, device=x.device).scatter_add_(
+        1, owner[:, :, None].expand(g, n, m), x * x)              # ‖block‖² per start and column
+    noise = (torch.linalg.vector_norm(kern, dim=-1)[..., None] * sq.sqrt()).sum(1)
+    per = max(1, FFT_CHUNK // (k * (m + 1) * size))
+    ys = []
+    for a in range(0, g, per):
+        b = min(g, a + per)
+        blocks = torch.zeros(b - a, k, m, n, dtype=x.dtype, device=x.device)
+        blocks.scatter_(1, owner[a:b, None, None, :].expand(-1, 1, m, n), xt[a:b, None])
+        spec = torch.einsum("gkmf,gkf->gmf", torch.fft.rfft(blocks, n=size), torch.fft.rfft(kern[a:b], n=size))
+        ys.append(torch.fft.irfft(spec, n=size)[..., :n].transpose(1, 2))
+    return torch.cat(ys), noise * 2.2e-16 * math.log2(size)
+
+
+def _exact_rows(q, k, v, rows, key_bias, causal, softcap):
+    """softmax rows of one head recomputed directly, O(len(rows)·n·d)."""
+    n, out = k.shape[0], []
+    for part in rows.split(1024):                                  # O(1024·n) memory at a time
+        s = _scores(q[part], k.T, softcap)
+        if key_bias is not None:
+            s = s + key_bias
+        if causal:
+            s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > part[:, None], -math.inf)
+        out.append(safe_softmax(s) @ v)
+    return torch.cat(out)
+
+
+def attend_heads(q, k, v, key_bias, causal, softcap, count, starts, eps, stats=None):
+    """G heads, float64: q (G, n, d) already scaled, k (G, n, d), v (G, n, dv), key_bias (G, n) or None."""
+    g, n, _ = q.shape
+    if key_bias is None:
+        w = torch.ones(g, n, dtype=q.dtype, device=q.device)
+    else:
+        top = key_bias.amax(-1, keepdim=True)
+        w = torch.exp(key_bias - torch.where(torch.isfinite(top), top, torch.zeros_like(top)))
+    x = torch.cat([v * w[..., None], w[..., None]], dim=-1)       # [V·w | w]: numerator and normaliser
+    parts = [(q, k, x, w, False)]
+    if not causal:                                                 # strictly upper triangle, reversed
+        parts.append((q.flip(1), k.flip(1), x.flip(1), w.flip(1), True))
+    plans = []
+    for qq, kk, _, ww, strict in parts:
+        if starts is not None:
+            st = torch.tensor(sorted({0, *[min(s, n - 1) for s in starts]}), device=q.device).expand(g, -1)
+        else:
+            st = find_starts(qq, kk, count, eps, strict, ww, softcap)
+        plans.append((st.contiguous(), _start_columns(qq, kk, st, softcap, strict)))
+    c = torch.stack([cols.flatten(1).amax(-1) for _, cols in plans], -1).amax(-1)
+    c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
+    y = torch.zeros_like(x)
+    noise = torch.zeros(g, x.shape[-1], dtype=x.dtype, device=x.device)
+    for (_, _, xx, _, strict), (st, cols) in zip(parts, plans):
+        part, err = _conv_apply(cols, st, c, xx)
+        y += part.flip(1) if strict else part
+        noise += err
+    norm = y[..., -1]
+    out = y[..., :-1] / norm.clamp_min(1e-300)[..., None]
+    bad = norm <= RELIABLE * noise[:, -1:]
+    for h in bad.any(-1).nonzero()[:, 0].tolist():
+        rows = bad[h].nonzero()[:, 0]
+        out[h, rows] = _exact_rows(q[h], k[h], v[h], rows, None if key_bias is None else key_bias[h],
+                                   causal, softcap)
+    if stats is not None:
+        stats["fallback_rows"] = stats.get("fallback_rows", 0) + int(bad.sum())
+        stats["rows"] = stats.get("rows", 0) + g * n
+        stats.setdefault("starts", []).extend(
+            sum(len(set(p[0][h].tolist())) for p in plans) / len(plans) for h in range(g))
+        for h in torch.linspace(0, g - 1, min(g, 8)).round().long().unique().tolist():
+            stats.setdefault("basis_err", []).append(_basis_error(
+                q[h], k[h], None if key_bias is None else key_bias[h], causal, softcap,
+                [(p[0][h].tolist(), p[1][h]) for p in plans], float(c[h])))
+    return out
+
+
+def _basis_error(q, k, key_bias, causal, softcap, plans, c):
+    """‖Ã − A‖_F / ‖A‖_F on sampled rows of one head, Ã the normalised rows of H̃ (before the fallback)."""
+    n = q.shape[0]
+    rows = torch.linspace(0, n - 1, min(DIAG_ROWS, n), device=q.device).round().long().unique()
+    j = torch.arange(n, device=q.device)
+    s = _scores(q[rows], k.T, softcap)
+    if key_bias is not None:
+        s = s + key_bias
+    if causal:
+        s = s.masked_fill(j[None, :] > rows[:, None], -math.inf)
+    exact = safe_softmax(s)
+    logits = torch.full((len(rows), n), -math.inf, dtype=q.dtype, device=q.device)
+    for p, (st, table) in enumerate(plans):                        # table (k, n): colᵢ[t] = s[sᵢ + t, sᵢ]
+        r = (rows if p == 0 else n - 1 - rows)[:, None]            # the row in this part's coordinates
+        st_t = torch.tensor(st, device=q.device)
+        block = torch.bucketize(j, st_t, right=True) - 1           # start index owning column j
+        off = (r - j[None, :]) + (j - st_t[block])[None, :]        # H̃[r, j] = colᵦ[r − j + j − sᵦ]
+        val = torch.where(j[None, :] <= r, table[block[None, :].expand_as(off), off.clamp(0, n - 1)],
+                          torch.tensor(-math.inf, dtype=q.dtype, device=q.device))
+        logits = torch.logaddexp(logits, val.flip(-1) if p == 1 else val)
+    if key_bias is not None:
+        logits = logits + key_bias
+    approx = safe_softmax(logits)
+    na = torch.linalg.vector_norm(exact)
+    return float(torch.linalg.vector_norm(approx - exact) / na) if na > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- the op
+
+def _attend(q, k, v, mask, scale, softcap, causal, dropout_p, count, starts, eps, stats=None):
+    lq, n = q.shape[-2], k.shape[-2]
+    split = split_mask(mask, causal, n) if lq == n else None
+    if split is None or dropout_p:                                 # not representable: exact
+        from .exact import reference as exact
+        if stats is not None:
+            stats["exact_fallback"] = "mask is not causal + per-key" if split is None else "dropout"
+        return exact(q, k, v, mask, scale, softcap, causal, dropout_p)
+    causal, key_bias = split
+    q64 = q.double() * scale
+    k64, v64 = expand_kv(q, k).double(), expand_kv(q, v).double()
+    b, h, n, d = q64.shape
+    kb = None
+    if key_bias is not None:
+        kb = key_bias.expand(b, h, n).reshape(b * h, n)
+    out = attend_heads(q64.reshape(b * h, n, d), k64.reshape(b * h, n, d), v64.reshape(b * h, n, -1), kb,
+                       causal, softcap, count, starts, eps, stats)
+    return out.reshape(b, h, n, -1).to(q.dtype)
+
+
+def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float,
+              k_basis: int, starts: list[int] | None, eps: float):
+    return _attend(q, k, v, mask, scale, softcap, causal, dropout_p, k_basis, starts, eps)
+
+
+op = define_attention_op(OP_NAME, reference, "int k_basis, int[]? starts, float eps")
+
+
+def op_args(site, options: dict) -> tuple:
+    return int(options["k"]), options.get("starts"), float(options["eps"])
+
+
+def prepare(site, samples: list, options: dict):
+    """Keep sites the basis cannot represent: cross-attention lengths, a general bias, dropout."""
+    for smp in samples:
+        q, k = smp["q"], smp["k"]
+        if q.shape[-2] != k.shape[-2]:
+            return f"conv-basis needs q_len == kv_len (got {q.shape[-2]} and {k.shape[-2]})"
+        if split_mask(smp["mask"], smp["causal"], k.shape[-2]) is None:
+            return "conv-basis supports causal + per-key (padding) masks only; this bias depends on the query"
+        if smp["dropout_p"]:
+            return "conv-basis does not apply attention dropout"
+    return options
+
+
+def auto_ladder(site, options: dict) -> list[dict]:
+    n = site.kv_len if isinstance(site.kv_len, int) else 1 << 15
+    ladder, k = [], 1
+    while k < n:
+        ladder.append({"k": k})
+        k *= 2
+    return ladder + [{"k": n}]
+
+
+def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:
+    stats: dict = {}
+    _attend(q, k, v, mask, scale, softcap, causal, 0.0, int(options["k"]), options.get("starts"),
+            float(options["eps"]), stats)
+    if "exact_fallback" in stats:
+        return {"exact_fallback": stats["exact_fallback"]}
+    errs = stats["basis_err"]
+    return {"basis_err_max": max(errs), "basis_err_mean": sum(errs) / len(errs),
+            "fallback_rows": stats["fallback_rows"], "rows": stats["rows"],
+            "starts_mean": sum(stats["starts"]) / len(stats["starts"])}

@@ -1,0 +1,332 @@
+"""sparse — each query keeps a set Ωᵢ of keys and renormalises its softmax over it.
+
+Math. With sᵢⱼ = scale·qᵢ·kⱼ (soft-capped) + biasᵢⱼ and the dense row pᵢ = softmax(sᵢ),
+
+    qᵢⱼ = pᵢⱼ / mᵢ  for j ∈ Ωᵢ (else 0),   mᵢ = Σ_{j∈Ωᵢ} pᵢⱼ   (the dense mass kept),
+    oᵢ = Σⱼ qᵢⱼ vⱼ  — the same as softmax over the kept scores only.
+
+Error identity (every mode): ‖pᵢ − qᵢ‖₁ = (1 − mᵢ) + mᵢ(1/mᵢ − 1) = 2(1 − mᵢ), hence
+‖oᵢ − ôᵢ‖₂ ≤ 2(1 − mᵢ)·maxⱼ‖vⱼ‖₂. The rewrite is exact iff mᵢ = 1, i.e. when Ωᵢ covers
+every unmasked key. `diagnostics` reports mᵢ (min, mean, per head) and the measured
+identity gap. A row with no visible key (or whose Ωᵢ holds none) returns zeros, never NaN.
+
+Modes (Lq, Lk the query/key lengths; i' = i + Lk − Lq is query i's key position, the
+bottom-right alignment `causal` uses in base.py):
+  topk    Ωᵢ = the k highest scores of row i, *after* the mask and causal bias (masked keys
+          are never chosen over visible ones). k is clamped to Lk; ties at the k-th score are
+          all kept. k ≥ Lk is exact.
+  window  Ωᵢ = band ∪ sinks, intersected with the causal visibility when `causal`:
+            band "backward" (default for causal sites):  i' − window < j ≤ i'   (`window` keys
+                                                          ending at the diagonal)
+            band "two-sided" (default otherwise):       |j − i'| ≤ window // 2
+            sinks:                                      j < sinks   (StreamingLLM's first tokens)
+          `band=auto` means backward when the site is causal — its causal flag or, at rewrite
+          time, a mask that removes exactly the keys after the diagonal — else two-sided.
+          Only the window + sink keys are gathered and scored: O(Lq·(window+sinks)·D) work.
+          window ≥ Lk (backward) or window ≥ 2·max(Lq, Lk) (two-sided) is exact.
+  block   queries and keys cut in blocks of `block` (block I holds rows I·b … I·b+b−1).
+          For each query block, key blocks are ranked by their dense softmax mass summed
+          over the block's rows and kept best-first; selection stops at whichever target is
+          met first: `density` (kept ≤ ⌈density · #visible key blocks⌉) or `mass` (stop once the
+          mean row mass kept in the query block reaches `mass`; mass = 1 switches this stop
+          off, so the default selects by density alone). density = 1 is exact.
+
+Memory: queries are processed in chunks of ≤ CHUNK_ELEMENTS scores (chunk·Lk for topk/block,
+chunk·(window+sinks)·D for window), so no (Lq, Lk) tensor ever exists; under autograd each
+chunk is checkpointed (recomputed in backward, as Gupta et al. 2021 do), keeping backward
+memory linear as well. Selections (top-k, block ranking) are data-dependent and happen per
+input at run time; gradients flow through the kept scores, not through the selection.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .base import Param, compute_dtype, define_attention_op, expand_kv
+
+NAME = "sparse"
+OP_NAME = "sparse_attention"
+CHUNK_ELEMENTS = 1 << 22     # scores (or gathered key elements) per query chunk: 16 MB in fp32
+_GENEROUS = 1 << 20          # ladder ceiling when kv_len is symbolic (runtime clamps it to Lk)
+NEG_INF = -math.inf
+
+
+class _Fraction(Param):
+    """A float in (0, 1]."""
+
+    def parse(self, key, value):
+        value = super().parse(key, value)
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"{key}={value} is not in (0, 1]")
+        return value
+
+
+PARAMS = {
+    "mode": Param("topk", str, "which keys each query keeps: topk | window | block",
+                  choices=("topk", "window", "block")),
+    "k": Param(64, int, "topk: keys kept per query (clamped to kv_len)", minimum=1),
+    "window": Param(256, int, "window: band width (backward: keys ending at the diagonal; "
+                    "two-sided: |j - i| <= window // 2)", minimum=1),
+    "sinks": Param(4, int, "window: the first `sinks` keys are always kept", minimum=0),
+    "band": Param("auto", str, "window: backward | two-sided | auto (backward on causal sites)",
+                  choices=("auto", "backward", "two-sided")),
+    "block": Param(64, int, "block: query/key block size", minimum=1),
+    "density": _Fraction(0.25, float, "block: at most this fraction of the visible key blocks per query block"),
+    "mass": _Fraction(1.0, float, "block: stop once the kept dense softmax mass reaches this (1 = off)"),
+}
+MODE_KEYS = {"topk": ("k",), "window": ("window", "sinks", "band"), "block": ("block", "density", "mass")}
+_ORDER = ("mode", "k", "window", "sinks", "band", "block", "density", "mass")   # op argument order
+
+
+def _options(options: dict) -> dict:
+    return {**{k: p.default for k, p in PARAMS.items()}, **{k: v for k, v in options.items() if k in PARAMS}}
+
+
+# ---------------------------------------------------------------- pieces shared by op and diagnostics
+
+def _chunks(lq: int, per_row: int, align: int = 1, most: int | None = None):
+    """Row ranges [i0, i1) of ≤ CHUNK_ELEMENTS // per_row rows (≤ most), a multiple of `align`."""
+    rows = max(1, CHUNK_ELEMENTS // max(per_row, 1))
+    rows = max(align, min(rows, most or rows) // align * align)
+    return [(i, min(i + rows, lq)) for i in range(0, lq, rows)]
+
+
+def _mask_rows(mask, i0: int, i1: int, lq: int):
+    """The mask's rows for queries i0..i1 (a broadcast row axis stays as it is)."""
+    if mask is None or mask.dim() < 2 or mask.shape[-2] != lq or lq == 1:
+        return mask
+    return mask[..., i0:i1, :]
+
+
+def _apply_mask(s, m):
+    """s + the bias m stands for: bool True = attend, float added."""
+    if m is None:
+        return s
+    return s.masked_fill(~m, NEG_INF) if m.dtype == torch.bool else s + m.to(s.dtype)
+
+
+def _scores(q, keys, scale: float, softcap: float):
+    """scale·q·kᵀ, soft-capped; the scale goes on q (c×D, not c×Lk)."""
+    s = (q * scale) @ keys.transpose(-1, -2)
+    return softcap * torch.tanh(s / softcap) if softcap else s
+
+
+def _dense_scores(q, kx, mask, scale, softcap, causal, i0, i1):
+    """Masked scores of queries i0..i1 against every key: (B, H, i1 − i0, Lk)."""
+    lq, lk = q.shape[-2], kx.shape[-2]
+    s = _apply_mask(_scores(q[:, :, i0:i1], kx, scale, softcap), _mask_rows(mask, i0, i1, lq))
+    if causal:                                                  # key j visible iff j <= i + Lk − Lq
+        i = torch.arange(i0, i1, device=q.device)[:, None] + (lk - lq)
+        s = s.masked_fill(torch.arange(lk, device=q.device) > i, NEG_INF)
+    return s
+
+
+def _softmax(s):
+    """Softmax over keys; a row with no finite score gives zeros (and zero, not NaN, gradients)."""
+    top = s.detach().amax(-1, keepdim=True)
+    e = torch.exp(s - top.masked_fill(top == NEG_INF, 0.0))   # max-shifted; a dead row is all exp(−inf) = 0
+    return e / e.sum(-1, keepdim=True).clamp(min=torch.finfo(e.dtype).tiny)
+
+
+def _band(o: dict, lq: int, lk: int, causal: bool):
+    """(before, after): row i's band is i' − before ≤ j ≤ i' + after, i' = i + Lk − Lq."""
+    if o["band"] == "backward" or (o["band"] == "auto" and causal):
+        return min(o["window"], lk) - 1, 0                     # `window` keys ending at the diagonal
+    half = min(o["window"] // 2, max(lq, lk))                   # |j − i'| ≤ window // 2
+    return half, half
+
+
+def _in_window(i, j, o, lq, lk, causal):
+    """Ωᵢ membership for window mode: broadcast rows i (c, 1) against keys j (m,)."""
+    before, after = _band(o, lq, lk, causal)
+    ip = i + (lk - lq)
+    keep = ((j >= ip - before) & (j <= ip + after)) | (j < o["sinks"])
+    return keep & (j <= ip) if causal else keep
+
+
+def _window_keys(i0, i1, o, lq, lk, causal, device):
+    """The keys any row in i0..i1 may keep: the sinks and the band's contiguous span, sorted, distinct."""
+    before, after = _band(o, lq, lk, causal)
+    j0 = min(max(i0 + lk - lq - before, 0), lk)
+    j1 = min(max(i1 - 1 + lk - lq + after + 1, 0), lk)
+    j = torch.cat([torch.arange(min(o["sinks"], lk), device=device), torch.arange(j0, j1, device=device)]).unique()
+    return j if j.numel() else torch.zeros(1, dtype=torch.long, device=device)   # (a row set with no key)
+
+
+def _block_keep(s, block: int, density: float, mass: float):
+    """Ω for block mode on a chunk of dense scores s (B, H, c, Lk) whose first row starts a block."""
+    b = block
+    bsz, h, c, lk = s.shape
+    nq, nk = -(-c // b), -(-lk // b)
+    live = s > NEG_INF
+    p = _softmax(s)
+    pad = (0, nk * b - lk, 0, nq * b - c)
+    blocks = lambda t: F.pad(t, pad).view(bsz, h, nq, b, nk, b).sum((3, 5))  # noqa: E731
+    blk_mass = blocks(p)                                               # Σ over the block's rows and keys
+    n_vis = (blocks(live.to(p.dtype)) > 0).sum(-1, keepdim=True)       # visible key blocks per query block
+    rows = F.pad(live.any(-1).to(p.dtype), pad[2:]).view(bsz, h, nq, b).sum(-1, keepdim=True)
+    mass_sorted, order = blk_mass.sort(-1, descending=True)
+    rank = torch.arange(nk, device=s.device)
+    keep = rank < torch.ceil(density * n_vis).clamp(min=1)              # the density budget
+    if mass < 1.0:                                                      # keep until the mass target is met:
+        before = mass_sorted.cumsum(-1) - mass_sorted                   # mass of the better-ranked blocks
+        keep &= before < mass * rows                                    # (the block crossing it is kept)
+    keep = torch.zeros_like(keep).scatter(-1, order, keep)
+    return keep.repeat_interleave(b, -2)[..., :c, :].repeat_interleave(b, -1)[..., :lk]
+
+
+def _keep_dense(s, o: dict, i0, i1, lq, causal):
+    """Ω as a (B, H, c, Lk) indicator for one chunk of dense scores (selection is not differentiated)."""
+    s = s.detach()
+    lk = s.shape[-1]
+    if o["mode"] == "topk":
+        kth = s.topk(min(o["k"], lk), dim=-1).values[..., -1:]
+        return s >= kth
+    if o["mode"] == "block":
+        return _block_keep(s, o["block"], o["density"], o["mass"])
+    i = torch.arange(i0, i1, device=s.device)[:, None]
+    return _in_window(i, torch.arange(lk, device=s.device), o, lq, lk, causal)
+
+
+# ---------------------------------------------------------------- the reference
+
+def _chunk_out(q, kx, vx, mask, scale, softcap, causal, dropout_p, o, i0, i1):
+    lq, lk = q.shape[-2], kx.shape[-2]
+    if o["mode"] == "window":                  # score only the sinks + the chunk's band span
+        j = _window_keys(i0, i1, o, lq, lk, causal, q.device)
+        s = _scores(q[:, :, i0:i1], kx.index_select(2, j), scale, softcap)
+        s = s.masked_fill(~_in_window(torch.arange(i0, i1, device=q.device)[:, None], j, o, lq, lk, causal), NEG_INF)
+        m = _mask_rows(mask, i0, i1, lq)
+        p = _softmax(_apply_mask(s, m if m is None or m.shape[-1] == 1 else m[..., j]))
+        values = vx.index_select(2, j)
+    else:                                      # (B, H, c, Lk): one chunk of rows against every key
+        s = _dense_scores(q, kx, mask, scale, softcap, causal, i0, i1)
+        p = _softmax(s.masked_fill(~_keep_dense(s, o, i0, i1, lq, causal), NEG_INF))   # renormalised over Ω
+        values = vx
+    if dropout_p:
+        p = F.dropout(p, dropout_p, training=True)
+    return p @ values
+
+
+def _row_chunks(q, kx, o, causal):
+    b, h, lq, _ = q.shape
+    lk = kx.shape[-2]
+    if o["mode"] == "window":                  # a chunk of c rows scores c + band + sinks keys
+        width = sum(_band(o, lq, lk, causal)) + 1
+        return _chunks(lq, b * h * (2 * width + min(o["sinks"], lk)), most=max(width, 64))
+    return _chunks(lq, b * h * lk, o["block"] if o["mode"] == "block" else 1)
+
+
+def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float,
+              mode: str, top_k: int, window: int, sinks: int, band: str, block: int,
+              density: float, mass: float):
+    o = dict(zip(_ORDER, (mode, top_k, window, sinks, band, block, density, mass)))
+    if mode not in MODE_KEYS:
+        raise ValueError(f"sparse: unknown mode {mode!r}")
+    cdt = compute_dtype(q.dtype)               # half inputs computed in fp32
+    qc, kx, vx = q.to(cdt), expand_kv(q, k).to(cdt), expand_kv(q, v).to(cdt)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    outs = []
+    for i0, i1 in _row_chunks(qc, kx, o, causal):
+        fn = functools.partial(_chunk_out, mask=mask, scale=scale, softcap=softcap, causal=causal,
+                               dropout_p=dropout_p, o=o, i0=i0, i1=i1)
+        # under autograd, recompute each chunk in backward instead of keeping its scores
+        outs.append(checkpoint(fn, qc, kx, vx, use_reentrant=False) if grad else fn(qc, kx, vx))
+    if not outs:
+        return q.new_zeros((*q.shape[:-1], v.shape[-1]))
+    return torch.cat(outs, 2).to(q.dtype)
+
+
+op = define_attention_op(OP_NAME, reference, "str mode, int top_k, int window, int sinks, str band, "
+                                             "int block, float density, float mass")
+
+
+def op_args(site, options: dict) -> tuple:
+    o = _options(options)
+    return (str(o["mode"]), int(o["k"]), int(o["window"]), int(o["sinks"]), str(o["band"]),
+            int(o["block"]), float(o["density"]), float(o["mass"]))
+
+
+# ---------------------------------------------------------------- rewrite time
+
+def prepare(site, samples, options: dict) -> dict:
+    """The active mode's options; `band=auto` resolved from the site, k clamped to a static kv_len.
+
+    Sparse represents any mask, bias and softcap, so no site is kept exact.
+    """
+    o = _options(options)
+    if o["mode"] == "window" and o["band"] == "auto":
+        from ..check import is_causal_mask
+        causal = bool(site.causal) or bool(samples) and all(
+            s["causal"] or is_causal_mask(s["mask"]) for s in samples)
+        o["band"] = "backward" if causal else "two-sided"
+    if o["mode"] == "topk" and isinstance(site.kv_len, int):
+        o["k"] = min(o["k"], site.kv_len)
+    return {"mode": o["mode"], **{key: o[key] for key in MODE_KEYS[o["mode"]]}}
+
+
+def auto_ladder(site, options: dict) -> list[dict]:
+    """Overrides from cheapest to exact for the active mode (the last rung is always exact)."""
+    o = _options(options)
+    lk = site.kv_len if isinstance(site.kv_len, int) else None
+    lq = site.q_len if isinstance(site.q_len, int) else None
+    if o["mode"] == "block":
+        return [{"density": d} for d in (1 / 16, 1 / 8, 1 / 4, 1 / 2)] + [{"density": 1.0, "mass": 1.0}]
+    if o["mode"] == "topk":
+        key, need = "k", lk or _GENEROUS
+    else:
+        backward = o["band"] == "backward" or (o["band"] == "auto" and bool(site.causal))
+        key = "window"
+        need = (lk if backward else (lk and lq and 2 * max(lq, lk))) or _GENEROUS
+    ladder, x = [], 4
+    while x < need:
+        ladder.append({key: x})
+        x *= 2
+    return ladder + [{key: need}]
+
+
+def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:
+    """Retained dense mass mᵢ (min/mean overall and per head), the measured gap
+    max |‖pᵢ − qᵢ‖₁ − 2(1 − mᵢ)| and the mean |Ωᵢ ∩ visible|; chunked like the op, p in float64.
+
+    Rows with no visible key are exact (zeros both ways) and left out; a row whose Ωᵢ holds
+    no visible key has mᵢ = 0 and qᵢ = 0, where the identity does not apply (also left out of the gap).
+    """
+    o = _options(options)
+    cdt = compute_dtype(q.dtype)
+    qc, kx = q.detach().to(cdt), expand_kv(q, k).detach().to(cdt)
+    b, h, lq, _ = qc.shape
+    lo = torch.full((h,), math.inf, dtype=torch.float64)
+    total = torch.zeros(h, dtype=torch.float64)
+    rows = torch.zeros(h, dtype=torch.float64)
+    gap, kept = 0.0, 0.0
+    align = o["block"] if o["mode"] == "block" else 1
+    with torch.no_grad():
+        for i0, i1 in _chunks(lq, b * h * kx.shape[-2], align):
+            s = _dense_scores(qc, kx, mask, scale, softcap, causal, i0, i1)
+            keep = _keep_dense(s, o, i0, i1, lq, causal).expand(s.shape)
+            p = _softmax(s.double())
+            live = s.amax(-1) > NEG_INF                                  # rows with a visible key
+            m = (p * keep).sum(-1)
+            qrow = torch.where(keep, p, 0.0) / m.clamp(min=1e-300)[..., None]
+            ok = live & (m > 0)
+            if ok.any():
+                gap = max(gap, ((p - qrow).abs().sum(-1) - 2 * (1 - m))[ok].abs().max().item())
+            lo = torch.minimum(lo, torch.where(live, m, math.inf).amin((0, 2)))
+            total += torch.where(live, m, 0.0).sum((0, 2))
+            rows += live.sum((0, 2))
+            kept += (keep & (s > NEG_INF)).sum().item()
+    per_min = [1.0 if math.isinf(x) else x for x in lo.tolist()]
+    per_mean = [t / r if r else 1.0 for t, r in zip(total.tolist(), rows.tolist())]
+    n = rows.sum().item()
+    return {"mode": o["mode"],
+            "retained_mass_min": min(per_min, default=1.0),
+            "retained_mass_mean": total.sum().item() / n if n else 1.0,
+            "retained_mass_min_per_head": per_min,
+            "retained_mass_mean_per_head": per_mean,
+            "l1_identity_gap": gap,
+            "kept_keys_mean": kept / n if n else 0.0}
