@@ -85,7 +85,8 @@ def save_model(model: onnx.ModelProto, out: Path, *, external: bool | None = Non
                       "string_data"):
                 t.ClearField(f)
             del t.external_data[:]
-            onnx.external_data_helper.set_external_data(t, data_path.name, offset, len(raw))
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                t.external_data.add(key=key, value=value)
             t.data_location = TensorProto.EXTERNAL
         atomic_write(data_path, lambda tmp: Path(tmp).write_bytes(bytes(blob)))
         written.append(data_path)

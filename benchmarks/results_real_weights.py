@@ -15,7 +15,7 @@
 
 A variant not registered yet (attnrewrite.variants.VARIANTS), or a setting whose option keys
 the variant does not have, is skipped with a note. Times: median of several interleaved
-runs of `ep.module()(...)`, torch.set_num_threads(2); the machine is shared, so ratios are
+runs of `ep.module()(...)`, torch.set_num_threads(--threads, default 2); the machine is shared, so ratios are
 rough (the CPU path runs each variant's PyTorch reference, not a kernel).
 """
 from __future__ import annotations
@@ -311,11 +311,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="lengths 32 and 128 only, 3 repeats")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-gpt", action="store_true")
     a = ap.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     lengths = (32, 128) if a.quick else LENGTHS
     repeats = 3 if a.quick else a.repeats
@@ -324,7 +325,7 @@ def main(argv=None):
     parts = [
         "# Results on real weights\n",
         f"Produced by `{cmd}` on {datetime.date.today().isoformat()}: {platform.machine()} CPU, "
-        f"{torch.get_num_threads()} threads (a 2-core machine shared with other jobs), torch "
+        f"{torch.get_num_threads()} thread(s) (a 2-core machine shared with other jobs), torch "
         f"{torch.__version__}, Python {platform.python_version()}. Variants registered: "
         f"{', '.join(sorted(VARIANTS))}. On CPU each variant op runs its PyTorch reference, so the "
         "time ratio (rewritten / original, median of interleaved runs, > 1 = slower) measures that "

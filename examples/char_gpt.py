@@ -127,8 +127,8 @@ def evaluate(model: CharGPT, data: torch.Tensor, n: int = 64, seed: int = 1) -> 
     return float(torch.stack(losses).mean())
 
 
-def train(out: Path, steps: int, batch: int, lr: float, seed: int = 0, every: int = 50) -> None:
-    torch.set_num_threads(2)
+def train(out: Path, steps: int, batch: int, lr: float, seed: int = 0, every: int = 50, threads: int = 2) -> None:
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     train_ids, val_ids = splits()
     print(f"data: {len(train_ids):,} train chars, {len(val_ids):,} validation chars, vocab {len(VOCAB)}")
@@ -193,8 +193,9 @@ def main(argv=None):
     t.add_argument("--batch", type=int, default=16)
     t.add_argument("--lr", type=float, default=3e-3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2, help="torch threads (1 is faster on a busy machine)")
     args = ap.parse_args(argv)
-    train(args.out, args.steps, args.batch, args.lr, args.seed)
+    train(args.out, args.steps, args.batch, args.lr, args.seed, threads=args.threads)
 
 
 if __name__ == "__main__":

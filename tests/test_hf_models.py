@@ -186,3 +186,39 @@ def test_exact_rewrite(family, impl):
     assert sum(n.target == torch.ops.attnrewrite.exact_attention.default for n in ops) == len(roles)
     assert not any(n.target in (torch.ops.aten.softmax.int, torch.ops.aten._softmax.default,
                                 torch.ops.aten.scaled_dot_product_attention.default) for n in ops)
+
+
+# Every family through every approximate variant at its exact limit (k ≥ kv_len): each site is
+# either rewritten and exact, or kept with the reason; preconditioned rewrites every site.
+EXACT_LIMIT = {"sparse": {"mode": "topk", "k": 64}, "conv_basis": {"k": 64}}
+
+
+ONE_PER_FAMILY = [c for c in CASES if c.values[1] == "sdpa" or c.id == "gemma2-eager"]
+
+
+@pytest.mark.parametrize("variant", ["sparse", "conv_basis"])
+@pytest.mark.parametrize("family,impl", ONE_PER_FAMILY)
+def test_variant_exact_limit(family, impl, variant):
+    roles = FAMILIES[family][5]
+    ep, inputs = exported(family, impl)
+    rep = attnrewrite.rewrite(ep, variant, example_inputs=inputs, **EXACT_LIMIT[variant]).report
+    assert len(rep["sites"]) == len(roles)
+    for site in rep["sites"]:
+        if site["status"] == "kept":
+            assert variant == "conv_basis" and site["reason"], site
+            continue
+        assert site["status"] == "rewritten", site
+        assert site["check"]["rel_err"] <= BOUND, site
+    rewritten = sum(s["status"] == "rewritten" for s in rep["sites"])
+    kept_ok = family in ("t5", "bart", "whisper", "gemma2") and variant == "conv_basis"
+    assert rewritten == len(roles) or kept_ok, [(s["status"], s["reason"]) for s in rep["sites"]]
+    assert rep["check"]["rel_err"] <= BOUND, rep["check"]
+
+
+@pytest.mark.parametrize("family,impl", ONE_PER_FAMILY)
+def test_preconditioned_rewrites_every_site(family, impl):
+    roles = FAMILIES[family][5]
+    ep, inputs = exported(family, impl)
+    rep = attnrewrite.rewrite(ep, "preconditioned", example_inputs=inputs).report
+    assert [s["status"] for s in rep["sites"]] == ["rewritten"] * len(roles)
+    assert math.isfinite(rep["check"]["rel_err"])

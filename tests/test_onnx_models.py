@@ -13,9 +13,11 @@ passes onnx.checker(full_check=True). Known export failures (not ours): T5 under
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import math
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -38,6 +40,7 @@ from attnrewrite.cli import main  # noqa: E402
 
 BOUND = 1e-5
 DIR = Path(tempfile.mkdtemp(prefix="attnrewrite-onnx-"))
+atexit.register(shutil.rmtree, DIR, ignore_errors=True)
 EXPORTERS = ("dynamo", "legacy")
 NOT_EXPORTABLE = {("t5", "dynamo"), ("whisper", "legacy")}
 ONNX_FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "gpt_neox", "opt", "falcon", "llama", "mistral",
@@ -211,9 +214,10 @@ def module_export(case: str, exporter: str):
     return path, {n: a.numpy() for n, a in zip(names, args)}
 
 
+THREE_D = {"heads": None, "kv_heads": None}      # (B·H, L, D) products: heads merged into batch
 SPELLINGS = {  # case: (count, fields)
-    "matmul": (1, {}), "bmm": (1, {}), "einsum_bhqd": (1, {}), "einsum_bqhd": (1, {}),
-    "baddbmm": (1, {"mask": "additive"}), "k_permute": (1, {}), "k_permute_bshd": (1, {}),
+    "matmul": (1, {}), "bmm": (1, THREE_D), "einsum_bhqd": (1, {}), "einsum_bqhd": (1, {}),
+    "baddbmm": (1, {"mask": "additive", **THREE_D}), "k_permute": (1, {}), "k_permute_bshd": (1, {}),
     "scale_mul": (1, {"scale": 0.25}), "scale_on_q": (1, {}), "scale_split_sqrt": (1, {}),
     "scale_absent": (1, {"scale": 1.0}), "mask_add": (1, {"mask": "additive"}),
     "mask_fill_neginf": (1, {"mask": "boolean"}), "mask_where": (1, {"mask": "boolean"}),
@@ -290,8 +294,9 @@ def test_torch_nn(case, count, causal, exporter):
     path, feeds = nn_export(case, exporter)
     r = attnrewrite.rewrite(str(path), "exact", example_inputs=feeds)
     assert len(r.sites) == count, [s.to_dict() for s in r.sites]
+    heads = None if case == "mha_weights" else 4          # need_weights: a 3-D bmm spelling
     for s in r.sites:
-        assert (s.heads, s.head_dim, s.causal, s.status) == (4, 4, causal, "rewritten"), s.to_dict()
+        assert (s.heads, s.head_dim, s.causal, s.status) == (heads, 4, causal, "rewritten"), s.to_dict()
         assert s.check["rel_err"] <= BOUND
     if case == "mha_weights":
         assert "another consumer" in r.sites[0].reason
@@ -339,7 +344,7 @@ def attention23(rank3: bool, causal: bool, mask: str | None):
         feeds["m"] = keep if mask == "boolean" else np.where(keep, 0.0, -1e9).astype(np.float32)
         names.append("m")
     node = helper.make_node("Attention", names, ["y"], **attrs)
-    out = _vi("y", TensorProto.FLOAT, None)
+    out = _vi("y", TensorProto.FLOAT, ["b", "s", H * D] if rank3 else ["b", H, "s", D])
     return _model([node], ins, [out]), feeds
 
 
@@ -361,6 +366,8 @@ def test_attention_op_kv_cache_kept():
     m, feeds = attention23(False, False, None)
     m.graph.input.extend([_vi("pk", TensorProto.FLOAT, ["b", HKV, "p", D]), _vi("pv", TensorProto.FLOAT, ["b", HKV, "p", D])])
     m.graph.node[0].input.extend(["", "pk", "pv"])
+    m.graph.node[0].output.extend(["pko", "pvo"])
+    m.graph.output.extend([_vi("pko", TensorProto.FLOAT, ["b", HKV, "t", D]), _vi("pvo", TensorProto.FLOAT, ["b", HKV, "t", D])])
     feeds.update(pk=_x(B, HKV, 3, D), pv=_x(B, HKV, 3, D))
     r = attnrewrite.rewrite(m, "exact", example_inputs=feeds)
     assert r.sites[0].status == "kept" and "KV cache" in r.sites[0].reason
@@ -396,7 +403,7 @@ def contrib(op: str, opset: int):
         feeds = {"q": _x(B, S, hidden), "k": _x(B, S, kvh), "v": _x(B, S, kvh), "pk": _x(B, HKV, 0, D),
                  "pv": _x(B, HKV, 0, D), "sl": np.full(B, S - 1, np.int32), "tot": np.array(S, np.int32)}
         inits = []
-    return _model([node], ins, [_vi("y", TensorProto.FLOAT, None)], inits, opset=opset, ms=True), feeds
+    return _model([node], ins, [_vi("y", TensorProto.FLOAT, ["b", "s", hidden])], inits, opset=opset, ms=True), feeds
 
 
 @pytest.mark.parametrize("opset", [17, 23])

@@ -7,6 +7,7 @@ back by feeding one-hot values (v = I: output row i *is* the op's qᵢ).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -157,7 +158,9 @@ def test_half_inputs_computed_in_fp32():
 
 @pytest.mark.parametrize("mode", ["topk", "window", "block"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_weights_identity_and_diagnostics_against_dense(mode, causal):
+@pytest.mark.parametrize("chunk", [1 << 20, 1])           # one chunk, or the smallest chunks allowed
+def test_weights_identity_and_diagnostics_against_dense(monkeypatch, mode, causal, chunk):
+    monkeypatch.setattr(sparse, "CHUNK_ELEMENTS", chunk)
     b, h, hkv, lq, lk = 2, 4, 2, 9, 11
     q, k, _ = rand_qkv(b, h, hkv, lq, lk, 8, seed=1)
     mask = make_mask("padding", b, h, lq, lk)
@@ -264,7 +267,17 @@ def cases(draw):
                 mode=draw(st.sampled_from(["topk", "window", "block"])), seed=draw(st.integers(0, 1000)),
                 k=draw(st.integers(1, 6)), window=draw(st.integers(1, 6)), sinks=draw(st.integers(0, 3)),
                 band=draw(st.sampled_from(["auto", "backward", "two-sided"])), block=draw(st.integers(1, 5)),
-                density=draw(st.sampled_from([0.2, 0.5, 1.0])), mass=draw(st.sampled_from([0.5, 0.9, 1.0])))
+                density=draw(st.sampled_from([0.2, 0.5, 1.0])), mass=draw(st.sampled_from([0.5, 0.9, 1.0])),
+                chunk=draw(st.sampled_from([1, 40, 1 << 20])))
+
+
+@contextlib.contextmanager
+def chunk_elements(n):
+    old, sparse.CHUNK_ELEMENTS = sparse.CHUNK_ELEMENTS, n
+    try:
+        yield
+    finally:
+        sparse.CHUNK_ELEMENTS = old
 
 
 @settings(max_examples=25, deadline=None)
@@ -274,7 +287,8 @@ def test_property_exact_limit(c):
     mask = make_mask(c["mask"], c["b"], c["h"], c["lq"], c["lk"], c["seed"])
     want = exact.reference(q, k, v, mask, 0.5, 0.0, c["causal"], 0.0)
     opts = dict(EXACT[c["mode"]], block=c["block"]) if c["mode"] == "block" else EXACT[c["mode"]]
-    got = run_op(q, k, v, mask, 0.5, causal=c["causal"], mode=c["mode"], **opts)
+    with chunk_elements(c["chunk"]):
+        got = run_op(q, k, v, mask, 0.5, causal=c["causal"], mode=c["mode"], **opts)
     assert (got - want).abs().max().item() <= 1e-12
 
 
@@ -287,12 +301,18 @@ def test_property_identity_and_weights(c):
     opts = {"mode": c["mode"], **{key: c[key] for key in keys[c["mode"]]}}
     s, p = dense(q, k, mask, 0.5, c["causal"])
     want_q, m = renormalised(p, omega(s, p, c["causal"], **opts))
-    got_q = run_op(q, k, one_hot_v(c["b"], c["hkv"], c["lk"]), mask, 0.5, causal=c["causal"], **opts)
+    with chunk_elements(c["chunk"]):
+        got_q = run_op(q, k, one_hot_v(c["b"], c["hkv"], c["lk"]), mask, 0.5, causal=c["causal"], **opts)
+        diag = sparse.diagnostics(q, k, None, mask, 0.5, 0.0, c["causal"], opts)
     assert (got_q - want_q).abs().max().item() <= 1e-12
-    ok = (s > -math.inf).any(-1) & (m > 0)
+    live = (s > -math.inf).any(-1)
+    ok = live & (m > 0)
     if ok.any():
         assert ((p - got_q).abs().sum(-1) - 2 * (1 - m))[ok].abs().max().item() <= 1e-12
-        assert sparse.diagnostics(q, k, None, mask, 0.5, 0.0, c["causal"], opts)["l1_identity_gap"] <= 1e-12
+        assert diag["l1_identity_gap"] <= 1e-12
+    if live.any():
+        assert diag["retained_mass_min"] == pytest.approx(m[live].min().item(), abs=1e-12)
+        assert diag["retained_mass_mean"] == pytest.approx(m[live].mean().item(), abs=1e-12)
 
 
 # ---------------------------------------------------------------- memory

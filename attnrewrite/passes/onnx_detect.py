@@ -396,12 +396,12 @@ def untranspose_key(g: Graph, kt: str, rank: int) -> tuple[str, list | None]:
 
 
 def repeat_kv_source(g: Graph, x: str, target: list | None) -> str | None:
-    """k0 when `x` = Expand(Unsqueeze(k0, 2)) is k0's heads repeated into `target` dims.
+    """k0 when `x` = Expand|Tile(Unsqueeze(k0, 2)) is k0's heads repeated into `target` dims.
 
     `target` is the 4-D (B, H, L, D) shape the expanded value is reshaped to; shapes
     must prove (B, Hkv, n, L, D) → (B, Hkv·n, L, D), i.e. repeat_interleave of heads.
     """
-    e = g.op(x, "Expand")
+    e = g.op(x, "Expand", "Tile")      # Tile only on the new axis: the shape check below
     u = g.op(e.input[0], "Unsqueeze") if e is not None else None
     if u is None or not target or len(target) != 4:
         return None
@@ -511,6 +511,8 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
         if rank not in (3, 4) or (g.rank(kt) not in (None, rank)):
             raise NoMatch(f"{prod.name}: q·kᵀ of rank {rank}, expected 3 or 4")
         k, kperm = untranspose_key(g, kt, rank)
+        k, fk2 = peel_scale(g, k)                      # a scalar on k before its transpose
+        fk *= fk2
         site.q, site.k, site.k_perm = q, k, kperm
     for role, val in (("query", site.q), ("key", site.k)):
         if is_weight(g, val):

@@ -73,10 +73,9 @@ def masked_scores(q, k, scale: float, softcap: float, mask, causal: bool) -> tor
 
 
 def safe_softmax(s: torch.Tensor) -> torch.Tensor:
-    """softmax over the key axis; rows with no finite score give zeros instead of NaN."""
-    p = torch.softmax(s, dim=-1)
+    """softmax over the key axis; rows with no finite score give zeros (and zero gradients), never NaN."""
     dead = s.amax(dim=-1, keepdim=True) == -math.inf
-    return torch.where(dead, torch.zeros((), dtype=p.dtype, device=p.device), p)
+    return torch.softmax(s.masked_fill(dead, 0), dim=-1).masked_fill(dead, 0)
 
 
 def _fake(q, k, v, *args, **kwargs):

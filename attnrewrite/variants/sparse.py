@@ -50,7 +50,7 @@ from .base import Param, compute_dtype, define_attention_op, expand_kv
 
 NAME = "sparse"
 OP_NAME = "sparse_attention"
-CHUNK_ELEMENTS = 1 << 22     # scores (or gathered key elements) per query chunk: 16 MB in fp32
+CHUNK_ELEMENTS = 1 << 20     # scores per query chunk (4 MB in fp32): peak memory is a few such tensors
 _GENEROUS = 1 << 20          # ladder ceiling when kv_len is symbolic (runtime clamps it to Lk)
 NEG_INF = -math.inf
 
@@ -116,20 +116,32 @@ def _scores(q, keys, scale: float, softcap: float):
 
 
 def _dense_scores(q, kx, mask, scale, softcap, causal, i0, i1):
-    """Masked scores of queries i0..i1 against every key: (B, H, i1 − i0, Lk)."""
+    """Masked scores of queries i0..i1 against every key they may see: (B, H, i1 − i0, n).
+
+    n = Lk, or with `causal` only the keys up to the chunk's last diagonal (those after it are
+    invisible to every row of the chunk: half the work on average).
+    """
     lq, lk = q.shape[-2], kx.shape[-2]
-    s = _apply_mask(_scores(q[:, :, i0:i1], kx, scale, softcap), _mask_rows(mask, i0, i1, lq))
+    n = min(lk, max(i1 + lk - lq, 1)) if causal else lk
+    m = _mask_rows(mask, i0, i1, lq)
+    s = _apply_mask(_scores(q[:, :, i0:i1], kx[:, :, :n], scale, softcap),
+                    m[..., :n] if m is not None and m.shape[-1] == lk else m)
     if causal:                                                  # key j visible iff j <= i + Lk − Lq
         i = torch.arange(i0, i1, device=q.device)[:, None] + (lk - lq)
-        s = s.masked_fill(torch.arange(lk, device=q.device) > i, NEG_INF)
+        s = s.masked_fill(torch.arange(n, device=q.device) > i, NEG_INF)
     return s
 
 
 def _softmax(s):
     """Softmax over keys; a row with no finite score gives zeros (and zero, not NaN, gradients)."""
     top = s.detach().amax(-1, keepdim=True)
-    e = torch.exp(s - top.masked_fill(top == NEG_INF, 0.0))   # max-shifted; a dead row is all exp(−inf) = 0
-    return e / e.sum(-1, keepdim=True).clamp(min=torch.finfo(e.dtype).tiny)
+    return _normalise(torch.exp(s - top.masked_fill(top == NEG_INF, 0.0)))  # a dead row: all exp(−inf) = 0
+
+
+def _normalise(w):
+    """w / Σw over keys; an all-zero row stays zero (divided by 1, so its gradient stays finite)."""
+    z = w.sum(-1, keepdim=True)
+    return w / torch.where(z > 0, z, 1.0)
 
 
 def _band(o: dict, lq: int, lk: int, causal: bool):
@@ -157,13 +169,13 @@ def _window_keys(i0, i1, o, lq, lk, causal, device):
     return j if j.numel() else torch.zeros(1, dtype=torch.long, device=device)   # (a row set with no key)
 
 
-def _block_keep(s, block: int, density: float, mass: float):
-    """Ω for block mode on a chunk of dense scores s (B, H, c, Lk) whose first row starts a block."""
+def _block_keep(s, p, block: int, density: float, mass: float):
+    """Ω for block mode from a chunk of dense scores s and their softmax p (B, H, c, Lk), the
+    chunk's first row starting a block."""
     b = block
     bsz, h, c, lk = s.shape
     nq, nk = -(-c // b), -(-lk // b)
     live = s > NEG_INF
-    p = _softmax(s)
     pad = (0, nk * b - lk, 0, nq * b - c)
     blocks = lambda t: F.pad(t, pad).view(bsz, h, nq, b, nk, b).sum((3, 5))  # noqa: E731
     blk_mass = blocks(p)                                               # Σ over the block's rows and keys
@@ -179,19 +191,6 @@ def _block_keep(s, block: int, density: float, mass: float):
     return keep.repeat_interleave(b, -2)[..., :c, :].repeat_interleave(b, -1)[..., :lk]
 
 
-def _keep_dense(s, o: dict, i0, i1, lq, causal):
-    """Ω as a (B, H, c, Lk) indicator for one chunk of dense scores (selection is not differentiated)."""
-    s = s.detach()
-    lk = s.shape[-1]
-    if o["mode"] == "topk":
-        kth = s.topk(min(o["k"], lk), dim=-1).values[..., -1:]
-        return s >= kth
-    if o["mode"] == "block":
-        return _block_keep(s, o["block"], o["density"], o["mass"])
-    i = torch.arange(i0, i1, device=s.device)[:, None]
-    return _in_window(i, torch.arange(lk, device=s.device), o, lq, lk, causal)
-
-
 # ---------------------------------------------------------------- the reference
 
 def _chunk_out(q, kx, vx, mask, scale, softcap, causal, dropout_p, o, i0, i1):
@@ -202,14 +201,25 @@ def _chunk_out(q, kx, vx, mask, scale, softcap, causal, dropout_p, o, i0, i1):
         s = s.masked_fill(~_in_window(torch.arange(i0, i1, device=q.device)[:, None], j, o, lq, lk, causal), NEG_INF)
         m = _mask_rows(mask, i0, i1, lq)
         p = _softmax(_apply_mask(s, m if m is None or m.shape[-1] == 1 else m[..., j]))
-        values = vx.index_select(2, j)
-    else:                                      # (B, H, c, Lk): one chunk of rows against every key
-        s = _dense_scores(q, kx, mask, scale, softcap, causal, i0, i1)
-        p = _softmax(s.masked_fill(~_keep_dense(s, o, i0, i1, lq, causal), NEG_INF))   # renormalised over Ω
-        values = vx
-    if dropout_p:
-        p = F.dropout(p, dropout_p, training=True)
-    return p @ values
+        return _dropout(p, dropout_p) @ vx.index_select(2, j)
+    s = _dense_scores(q, kx, mask, scale, softcap, causal, i0, i1)      # (B, H, c, n ≤ Lk): c rows
+    if o["mode"] == "topk":                    # softmax over the k best scores only, V at their keys
+        top, idx = s.topk(min(o["k"], s.shape[-1]), dim=-1)
+        return (_dropout(_softmax(top), dropout_p)[..., None, :] @ _take(vx, idx)).squeeze(-2)
+    p = _softmax(s)                            # block: qᵢ = pᵢ·1_Ω / mᵢ (selection not differentiated)
+    kept = p * _block_keep(s.detach(), p.detach(), o["block"], o["density"], o["mass"])
+    return _dropout(_normalise(kept), dropout_p) @ vx[:, :, :s.shape[-1]]
+
+
+def _dropout(p, dropout_p: float):
+    return F.dropout(p, dropout_p, training=True) if dropout_p else p
+
+
+def _take(vx, idx):
+    """Rows of a contiguous vx (B, H, Lk, D) at key indices idx (B, H, c, k): (B, H, c, k, D)."""
+    b, h, lk, d = vx.shape
+    flat = idx + lk * torch.arange(b * h, device=idx.device).view(b, h, 1, 1)   # row in (B·H·Lk, D)
+    return vx.view(b * h * lk, d).index_select(0, flat.flatten()).view(*idx.shape, d)
 
 
 def _row_chunks(q, kx, o, causal):
@@ -228,7 +238,7 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
     if mode not in MODE_KEYS:
         raise ValueError(f"sparse: unknown mode {mode!r}")
     cdt = compute_dtype(q.dtype)               # half inputs computed in fp32
-    qc, kx, vx = q.to(cdt), expand_kv(q, k).to(cdt), expand_kv(q, v).to(cdt)
+    qc, kx, vx = q.to(cdt), expand_kv(q, k).to(cdt), expand_kv(q, v).to(cdt).contiguous()
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outs = []
     for i0, i1 in _row_chunks(qc, kx, o, causal):
@@ -289,6 +299,18 @@ def auto_ladder(site, options: dict) -> list[dict]:
     return ladder + [{key: need}]
 
 
+def _omega(s, o: dict, i0, i1, lq, lk, causal):
+    """Ω as a (B, H, c, n) indicator for a chunk of dense scores s (n = s's key count): what the op keeps."""
+    n = s.shape[-1]
+    if o["mode"] == "topk":
+        idx = s.topk(min(o["k"], n), dim=-1).indices
+        return torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, idx, True)
+    if o["mode"] == "block":
+        return _block_keep(s, _softmax(s), o["block"], o["density"], o["mass"])
+    i = torch.arange(i0, i1, device=s.device)[:, None]
+    return _in_window(i, torch.arange(n, device=s.device), o, lq, lk, causal)
+
+
 def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:
     """Retained dense mass mᵢ (min/mean overall and per head), the measured gap
     max |‖pᵢ − qᵢ‖₁ − 2(1 − mᵢ)| and the mean |Ωᵢ ∩ visible|; chunked like the op, p in float64.
@@ -308,7 +330,7 @@ def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:
     with torch.no_grad():
         for i0, i1 in _chunks(lq, b * h * kx.shape[-2], align):
             s = _dense_scores(qc, kx, mask, scale, softcap, causal, i0, i1)
-            keep = _keep_dense(s, o, i0, i1, lq, causal).expand(s.shape)
+            keep = _omega(s, o, i0, i1, lq, kx.shape[-2], causal).expand(s.shape)
             p = _softmax(s.double())
             live = s.amax(-1) > NEG_INF                                  # rows with a visible key
             m = (p * keep).sum(-1)
