@@ -137,7 +137,7 @@ def test_exact_limit_matches_exact(dtype, tol, mode, causal, mask):
 
 
 def test_window_default_band_is_exact_at_full_width():
-    # two-sided needs window // 2 >= max(Lq, Lk) − 1 ... backward needs window >= Lk (here Lq > Lk)
+    # backward needs window >= Lk; two-sided window // 2 >= max(Lq, Lk) − 1 (here Lq > Lk)
     q, k, v = rand_qkv(1, 2, 2, 12, 5, 4)
     for causal, w in ((True, 5), (False, 2 * 12)):
         want = exact.reference(q, k, v, None, 0.3, 0.0, causal, 0.0)
@@ -268,7 +268,7 @@ def cases(draw):
                 k=draw(st.integers(1, 6)), window=draw(st.integers(1, 6)), sinks=draw(st.integers(0, 3)),
                 band=draw(st.sampled_from(["auto", "backward", "two-sided"])), block=draw(st.integers(1, 5)),
                 density=draw(st.sampled_from([0.2, 0.5, 1.0])), mass=draw(st.sampled_from([0.5, 0.9, 1.0])),
-                chunk=draw(st.sampled_from([1, 40, 1 << 20])))
+                chunk=draw(st.sampled_from([1, 40, 1 << 20])), softcap=draw(st.sampled_from([0.0, 1.5])))
 
 
 @contextlib.contextmanager
@@ -285,10 +285,10 @@ def chunk_elements(n):
 def test_property_exact_limit(c):
     q, k, v = rand_qkv(c["b"], c["h"], c["hkv"], c["lq"], c["lk"], c["d"], seed=c["seed"])
     mask = make_mask(c["mask"], c["b"], c["h"], c["lq"], c["lk"], c["seed"])
-    want = exact.reference(q, k, v, mask, 0.5, 0.0, c["causal"], 0.0)
+    want = exact.reference(q, k, v, mask, 0.5, c["softcap"], c["causal"], 0.0)
     opts = dict(EXACT[c["mode"]], block=c["block"]) if c["mode"] == "block" else EXACT[c["mode"]]
     with chunk_elements(c["chunk"]):
-        got = run_op(q, k, v, mask, 0.5, causal=c["causal"], mode=c["mode"], **opts)
+        got = run_op(q, k, v, mask, 0.5, softcap=c["softcap"], causal=c["causal"], mode=c["mode"], **opts)
     assert (got - want).abs().max().item() <= 1e-12
 
 
@@ -299,11 +299,12 @@ def test_property_identity_and_weights(c):
     mask = make_mask(c["mask"], c["b"], c["h"], c["lq"], c["lk"], c["seed"])
     keys = {"topk": ("k",), "window": ("window", "sinks", "band"), "block": ("block", "density", "mass")}
     opts = {"mode": c["mode"], **{key: c[key] for key in keys[c["mode"]]}}
-    s, p = dense(q, k, mask, 0.5, c["causal"])
+    s, p = dense(q, k, mask, 0.5, c["causal"], c["softcap"])
     want_q, m = renormalised(p, omega(s, p, c["causal"], **opts))
     with chunk_elements(c["chunk"]):
-        got_q = run_op(q, k, one_hot_v(c["b"], c["hkv"], c["lk"]), mask, 0.5, causal=c["causal"], **opts)
-        diag = sparse.diagnostics(q, k, None, mask, 0.5, 0.0, c["causal"], opts)
+        got_q = run_op(q, k, one_hot_v(c["b"], c["hkv"], c["lk"]), mask, 0.5, softcap=c["softcap"],
+                       causal=c["causal"], **opts)
+        diag = sparse.diagnostics(q, k, None, mask, 0.5, c["softcap"], c["causal"], opts)
     assert (got_q - want_q).abs().max().item() <= 1e-12
     live = (s > -math.inf).any(-1)
     ok = live & (m > 0)
@@ -437,6 +438,15 @@ def test_end_to_end_small_k_saves_and_loads(hf, tmp_path):
     kw = {k: v for k, v in hf["llama"].example_inputs[1].items()}
     a, b = r.program.module()(**kw), loaded.module()(**kw)
     torch.testing.assert_close(b.last_hidden_state, a.last_hidden_state, rtol=0, atol=0)
+
+
+def test_end_to_end_auto_picks_the_cheapest_k_within_tolerance(hf):
+    loose = attnrewrite.rewrite(hf["bert"], "sparse", tolerance=0.05, auto=True).report
+    assert loose["check"]["passed"] is True and loose["check"]["rel_err"] <= 0.05
+    assert any(s["options"]["k"] < 8 for s in loose["sites"])               # a cheaper rung than exact
+    tight = attnrewrite.rewrite(hf["bert"], "sparse", tolerance=1e-6, auto=True).report
+    assert [s["options"] for s in tight["sites"]] == [{"mode": "topk", "k": 8}] * 2   # the exact rung
+    assert tight["check"]["rel_err"] <= 1e-6
 
 
 # ---------------------------------------------------------------- CLI

@@ -45,6 +45,7 @@ PARAMS = {
     "eps": Param(0.0, float, "skip start candidates with difference norm below eps × the largest", minimum=0.0),
 }
 RELIABLE = 1e6            # a row's normaliser must exceed 1e6 × the FFT error estimate (≈ 6 digits)
+DIAG_CHUNK = 1 << 24      # elements of q gathered at once for the diagonal scores
 SAMPLED_DIAGONALS = 40    # diagonals read to estimate ‖bⱼ‖ for the start search
 FFT_CHUNK = 1 << 26       # elements per batched FFT (heads × starts × columns × size)
 DIAG_ROWS = 64            # rows sampled per head for the basis-error diagnostic
@@ -100,23 +101,29 @@ def find_starts(q, k, count: int, eps: float, strict: bool, weight, softcap=0.0)
     grid = torch.logspace(0, math.log10(max(n - 1, 1)), SAMPLED_DIAGONALS).long().tolist()
     offsets = sorted(t for t in {*range(min(8, n)), *grid} if t < n and not (strict and t == 0))
     gaps = [b - a for a, b in zip(offsets, offsets[1:] + [n])]
-    diag = [_scores_diag(q, k, t, softcap) for t in offsets]       # diag[t][:, j] = s[j + t, j]
-    c = torch.stack([d.amax(-1) for d in diag], -1).amax(-1, keepdim=True)
-    norm2 = torch.zeros(g, n, dtype=q.dtype, device=q.device)
-    for t, d, gap in zip(offsets, diag, gaps):
-        h = torch.exp(d - c)                                       # H[j + t, j], j < n − t
-        norm2[:, 1: n - t] += gap * (h[:, 1:] - h[:, :-1]) ** 2    # bⱼ[t] = H[j+t, j] − H[j+t−1, j−1]
+    t = torch.tensor(offsets, device=q.device)
+    gap = torch.tensor(gaps, dtype=q.dtype, device=q.device)
+    j = torch.arange(n, device=q.device)
+    rows = j[None, :] + t[:, None]                                 # (T, n): row j + t of diagonal t
+    valid = rows < n
+    qf, kf = q.float(), k.float()                                  # a ranking needs no float64
+    d = torch.cat([torch.linalg.vecdot(qf[:, r.clamp(max=n - 1)], kf[:, None])   # s[j + t, j]
+                   for r in rows.split(max(1, DIAG_CHUNK // max(n * q.shape[-1] * g, 1)))], dim=1).double()
+    if softcap:
+        d = softcap * torch.tanh(d / softcap)
+    d = d.masked_fill(~valid, -math.inf)
+    c = d.flatten(1).amax(-1)[:, None, None]
+    h = torch.exp(d - c)                                           # H[j + t, j]
+    b = torch.zeros_like(h)
+    b[..., 1:] = h[..., 1:] - h[..., :-1]                          # bⱼ[t] = H[j+t, j] − H[j+t−1, j−1]
+    b = b.masked_fill(~valid, 0.0)
+    norm2 = (gap[:, None] * (b * b)).sum(1)
     norm2 = norm2 * weight
     norm2[:, 0] = math.inf
     top, idx = norm2.topk(count, dim=-1)
     floor = (eps * eps) * top[:, 1:2] if count > 1 else top[:, :1]
     idx = torch.where((top > floor) | (idx == 0), idx, torch.zeros_like(idx))
     return idx.sort(-1).values
-
-
-def _scores_diag(q, k, t, softcap):
-    d = torch.linalg.vecdot(q[:, t:], k[:, : q.shape[1] - t])
-    return softcap * torch.tanh(d / softcap) if softcap else d
 
 
 def _start_columns(q, k, starts, softcap, strict):
@@ -156,7 +163,7 @@ def _conv_apply(cols, starts, c, x):
         b = min(g, a + per)
         blocks = torch.zeros(b - a, k, m, n, dtype=x.dtype, device=x.device)
         blocks.scatter_(1, owner[a:b, None, None, :].expand(-1, 1, m, n), xt[a:b, None])
-        spec = torch.einsum("gkmf,gkf->gmf", torch.fft.rfft(blocks, n=size), torch.fft.rfft(kern[a:b], n=size))
+        spec = (torch.fft.rfft(blocks, n=size) * torch.fft.rfft(kern[a:b], n=size)[:, :, None]).sum(1)
         ys.append(torch.fft.irfft(spec, n=size)[..., :n].transpose(1, 2))
     return torch.cat(ys), noise * 2.2e-16 * math.log2(size)
 

@@ -55,6 +55,8 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
             mask = R.with_causal(b, q, k, mask)  # bottom-right, stated explicitly
         if mask is not None and b.dtype(mask) != R.TensorProto.BOOL:
             mask = b.cast(mask, b.dtype(q))
+        if mask is not None:
+            mask = R.full_query_rows(b, mask, q)
         return b.op("Attention", q, k, v, *([mask] if mask is not None else []), **attrs)
     heads, kv_heads = site.heads, site.kv_heads
     if isinstance(heads, int) and isinstance(kv_heads, int) and heads != kv_heads:

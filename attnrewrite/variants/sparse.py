@@ -12,9 +12,9 @@ identity gap. A row with no visible key (or whose Ωᵢ holds none) returns zero
 
 Modes (Lq, Lk the query/key lengths; i' = i + Lk − Lq is query i's key position, the
 bottom-right alignment `causal` uses in base.py):
-  topk    Ωᵢ = the k highest scores of row i, *after* the mask and causal bias (masked keys
-          are never chosen over visible ones). k is clamped to Lk; ties at the k-th score are
-          all kept. k ≥ Lk is exact.
+  topk    Ωᵢ = the k highest scores of row i (torch.topk: exactly k, ties broken by it), taken
+          *after* the mask and causal bias, so a masked key is never chosen over a visible one.
+          k is clamped to Lk; k ≥ Lk is exact.
   window  Ωᵢ = band ∪ sinks, intersected with the causal visibility when `causal`:
             band "backward" (default for causal sites):  i' − window < j ≤ i'   (`window` keys
                                                           ending at the diagonal)
@@ -22,7 +22,9 @@ bottom-right alignment `causal` uses in base.py):
             sinks:                                      j < sinks   (StreamingLLM's first tokens)
           `band=auto` means backward when the site is causal — its causal flag or, at rewrite
           time, a mask that removes exactly the keys after the diagonal — else two-sided.
-          Only the window + sink keys are gathered and scored: O(Lq·(window+sinks)·D) work.
+          A chunk of c ≤ max(width, 64) rows scores only the sinks and its band's contiguous
+          span (c + width − 1 keys, width = the band's key count): O(Lq·(window + sinks)·D)
+          work, never all Lk keys.
           window ≥ Lk (backward) or window ≥ 2·max(Lq, Lk) (two-sided) is exact.
   block   queries and keys cut in blocks of `block` (block I holds rows I·b … I·b+b−1).
           For each query block, key blocks are ranked by their dense softmax mass summed
@@ -31,8 +33,12 @@ bottom-right alignment `causal` uses in base.py):
           mean row mass kept in the query block reaches `mass`; mass = 1 switches this stop
           off, so the default selects by density alone). density = 1 is exact.
 
-Memory: queries are processed in chunks of ≤ CHUNK_ELEMENTS scores (chunk·Lk for topk/block,
-chunk·(window+sinks)·D for window), so no (Lq, Lk) tensor ever exists; under autograd each
+Normal form, GQA, masks and the causal convention are base.py's; half inputs are computed in
+fp32; dropout (training) applies to the renormalised weights, as in exact.
+
+Memory: queries are processed in chunks of ≤ CHUNK_ELEMENTS scores (chunk·Lk for topk/block —
+causal chunks score only the keys up to their last diagonal — chunk·(chunk + window + sinks)
+for window), so no (Lq, Lk) tensor ever exists; topk also keeps O(chunk·k·D); under autograd each
 chunk is checkpointed (recomputed in backward, as Gupta et al. 2021 do), keeping backward
 memory linear as well. Selections (top-k, block ranking) are data-dependent and happen per
 input at run time; gradients flow through the kept scores, not through the selection.
@@ -222,13 +228,15 @@ def _take(vx, idx):
     return vx.view(b * h * lk, d).index_select(0, flat.flatten()).view(*idx.shape, d)
 
 
-def _row_chunks(q, kx, o, causal):
+def _row_chunks(q, kx, vx_dim, o, causal):
     b, h, lq, _ = q.shape
     lk = kx.shape[-2]
     if o["mode"] == "window":                  # a chunk of c rows scores c + band + sinks keys
         width = sum(_band(o, lq, lk, causal)) + 1
         return _chunks(lq, b * h * (2 * width + min(o["sinks"], lk)), most=max(width, 64))
-    return _chunks(lq, b * h * lk, o["block"] if o["mode"] == "block" else 1)
+    if o["mode"] == "topk":                    # c rows: c·Lk scores, then V gathered at c·k keys
+        return _chunks(lq, b * h * (lk + min(o["k"], lk) * vx_dim))
+    return _chunks(lq, b * h * lk, o["block"])
 
 
 def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float,
@@ -241,7 +249,7 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
     qc, kx, vx = q.to(cdt), expand_kv(q, k).to(cdt), expand_kv(q, v).to(cdt).contiguous()
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outs = []
-    for i0, i1 in _row_chunks(qc, kx, o, causal):
+    for i0, i1 in _row_chunks(qc, kx, vx.shape[-1], o, causal):
         fn = functools.partial(_chunk_out, mask=mask, scale=scale, softcap=softcap, causal=causal,
                                dropout_p=dropout_p, o=o, i0=i0, i1=i1)
         # under autograd, recompute each chunk in backward instead of keeping its scores
