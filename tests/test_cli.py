@@ -9,20 +9,9 @@ import torch
 
 import attnrewrite
 from attnrewrite.cli import main
+from _models import TinyAttention  # noqa: E402
 
 HERE = os.path.dirname(__file__)
-
-
-class TinyAttention(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv = torch.nn.Linear(16, 48)
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
-        p = (q @ k.transpose(-2, -1) / 8 ** 0.5).softmax(-1)
-        return (p @ v).transpose(1, 2).reshape(b, n, 16)
 
 
 class NoAttention(torch.nn.Module):

@@ -22,6 +22,7 @@ import attnrewrite
 from attnrewrite.cli import main
 from attnrewrite.variants import VARIANTS, exact, sparse
 from attnrewrite.variants.base import parse_params
+from _models import save_tiny  # noqa: E402
 
 F64 = torch.float64
 
@@ -451,23 +452,9 @@ def test_end_to_end_auto_picks_the_cheapest_k_within_tolerance(hf):
 
 # ---------------------------------------------------------------- CLI
 
-class TinyAttention(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv = torch.nn.Linear(16, 48)
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
-        return ((q @ k.transpose(-2, -1) / 8 ** 0.5).softmax(-1) @ v).transpose(1, 2).reshape(b, n, 16)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("sparse") / "tiny.pt2"
-    torch.export.save(torch.export.export(TinyAttention().eval(), (torch.randn(2, 12, 16),)), path)
-    return path
+    return save_tiny(tmp_path_factory.mktemp("sparse"), 12)
 
 
 def test_cli_window(tiny, capsys, tmp_path):

@@ -1,0 +1,26 @@
+"""Small modules shared by the tests (imported as `_models`: pytest puts tests/ on the path)."""
+from __future__ import annotations
+
+import torch
+
+
+class TinyAttention(torch.nn.Module):
+    """Two heads of decomposed attention: q·kᵀ / √8 → softmax → ·v, hidden 16."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        p = (q @ k.transpose(-2, -1) / 8 ** 0.5).softmax(-1)
+        return (p @ v).transpose(1, 2).reshape(b, n, 16)
+
+
+def save_tiny(folder, seq: int):
+    """A saved .pt2 of TinyAttention (seed 0) on inputs of shape (2, seq, 16)."""
+    torch.manual_seed(0)
+    path = folder / "tiny.pt2"
+    torch.export.save(torch.export.export(TinyAttention().eval(), (torch.randn(2, seq, 16),)), path)
+    return path
