@@ -123,7 +123,8 @@ def load(model: str | None, inputs: Inputs | None, trust: bool):
         raise InputError(f"model not found: {model}")
     suffix = p.suffix.lower()
     if suffix == ".onnx":
-        raise InputError("ONNX models are not supported yet (the ONNX pass is a separate issue)")
+        raise InputError("an ONNX model is not a torch program: use attnrewrite.onnx_flow (the CLI and "
+                         "attnrewrite.detect/rewrite do this for .onnx paths)")
     if suffix == ".pt2":
         try:
             ep = torch.export.load(str(p))
@@ -188,7 +189,13 @@ def _from_factory(spec: str, inputs):
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:
         raise InputError(f"cannot import {spec}: {e}") from e
-    made = fn()
+    try:
+        made = fn()
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's factory failed: their error, one line
+        first = (str(e).splitlines() or [""])[0]
+        raise InputError(f"{spec} raised {type(e).__name__}: {first}") from e
     if not isinstance(made, tuple) or len(made) not in (2, 3) or not isinstance(made[0], torch.nn.Module):
         raise InputError(f"{spec} must return (module, example_args[, example_kwargs])")
     module, args, kwargs = made[0], made[1], (made[2] if len(made) == 3 else {})

@@ -104,24 +104,17 @@ def setting_name(variant: str, options: dict) -> str:
     return " ".join([variant.replace("_", "-")] + [f"{k}={v}" for k, v in options.items()])
 
 
-def median_time(fn, args, repeats: int) -> float:
-    with torch.no_grad():
-        fn(*args)
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn(*args)
-            ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def speed_ratio(orig, new, args, repeats: int) -> float:
-    """time(new) / time(orig), medians of interleaved runs (> 1: the rewrite is slower)."""
-    to, tn = [], []
-    for _ in range(repeats):
-        to.append(median_time(orig, args, 1))
-        tn.append(median_time(new, args, 1))
-    return statistics.median(tn) / statistics.median(to)
+    """time(new) / time(orig): medians of `repeats` interleaved runs after one warm-up each (> 1: slower)."""
+    times = {orig: [], new: []}
+    with torch.no_grad():
+        orig(*args), new(*args)
+        for _ in range(repeats):
+            for fn in (orig, new):
+                t = time.perf_counter()
+                fn(*args)
+                times[fn].append(time.perf_counter() - t)
+    return statistics.median(times[new]) / statistics.median(times[orig])
 
 
 def _numbers(x) -> list[float]:
@@ -234,7 +227,8 @@ def minilm_results(repeats: int, lengths=LENGTHS, settings=MINILM_SETTINGS):
                 continue
             new = res.program.module()
             with torch.no_grad():
-                cos = (ref * new(*args)).sum(-1) / (ref.norm(dim=-1) * new(*args).norm(dim=-1))
+                got = new(*args)
+            cos = (ref * got).sum(-1) / (ref.norm(dim=-1) * got.norm(dim=-1))
             ratio = speed_ratio(orig, new, args, repeats)
             diag = per_layer(res.report)
             rows.append([name, length, f"{cos.mean().item():.5f}", f"{cos.min().item():.5f}",
@@ -313,12 +307,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="lengths 32 and 128 only, 3 repeats")
+    ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="MiniLM token lengths")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-gpt", action="store_true")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    lengths = (32, 128) if a.quick else LENGTHS
+    lengths = (32, 128) if a.quick else tuple(a.lengths)
     repeats = 3 if a.quick else a.repeats
     t0 = time.perf_counter()
     cmd = "python benchmarks/results_real_weights.py" + "".join(f" {x}" for x in (argv or sys.argv[1:]))

@@ -178,7 +178,11 @@ def load(path: Path = CHECKPOINT) -> CharGPT:
 
 def factory():
     """(model, example_args) for `attnrewrite examples.char_gpt:factory`: 2 validation windows."""
-    model = load()
+    from attnrewrite.loading import InputError
+    try:
+        model = load()
+    except FileNotFoundError as e:
+        raise InputError(str(e)) from None                # the CLI prints it as one line, exit 2
     _, val_ids = splits()
     x, _ = windows(val_ids, 2, model.config.context, seed=3)
     return model, (x,)

@@ -169,18 +169,26 @@ def test_exact_rewrite(family, exporter):
 
 
 def test_dynamo_dynamic_dims_kept():
-    """A dynamo export with dynamic batch/sequence: symbols kept in the sites and the output."""
-    r = rewritten("bert", "dynamo", None, True)
-    path, _ = family_export("bert", "dynamo", None, True)
+    """A dynamo export with dynamic batch/sequence: symbols kept in the sites and the output.
+
+    (A dynamic dynamo export of a transformers model costs ~20 s here; torch.nn's MHA shows
+    the same thing in ~2 s. Every TorchScript export above is dynamic.)
+    """
+    torch.manual_seed(0)
+    x, kpm = torch.randn(2, 6, 16), torch.zeros(2, 6, dtype=torch.bool)
+    path = export(NNMha(False).eval(), (x, kpm), ["x", "kpm"], DIR / "nn-mha-dynamo-dyn.onnx", "dynamo",
+                  {"x": {0: "batch", 1: "seq"}, "kpm": {0: "batch", 1: "seq"}})
     src = onnx.load(str(path))
     syms = _dims(src.graph.input)
-    assert all(isinstance(d, str) for d in syms[0]), syms
-    assert [s.q_len for s in r.sites] == [syms[0][1]] * 2
-    assert _dims(r.program.graph.input) == syms
+    assert all(isinstance(d, str) for d in syms[0][:2]), syms
+    r = attnrewrite.rewrite(str(path), "exact", example_inputs={"x": x.numpy(), "kpm": kpm.numpy()})
+    (s,) = r.sites
+    assert (s.batch, s.q_len, s.kv_len) == (syms[0][0], syms[0][1], syms[0][1]), s.to_dict()
+    assert _dims(r.program.graph.input) == syms and _dims(r.program.graph.output) == _dims(src.graph.output)
     assert r.report["check"]["rel_err"] <= BOUND
 
 
-@pytest.mark.parametrize("family", ["bert", "bart"])
+@pytest.mark.parametrize("family", ["bart"])
 def test_dynamo_opset23_attention_op(family):
     """dynamo at opset 23 emits the standard Attention op: onnx-attention sites, Attention out."""
     roles = HF.FAMILIES[family][5]
@@ -227,7 +235,14 @@ SPELLINGS = {  # case: (count, fields)
     "cross_attention": (1, {"kv_len": SP.LK}), "shared_twice": (2, {}), "sdpa_bool_mask": (1, {"mask": "boolean"}),
     "sdpa_causal": (1, {"causal": True}), "sdpa_scale": (1, {"scale": 0.3}),
 }
-SPELL_CASES = [pytest.param(c, e, id=f"{c}-{e}") for c in SPELLINGS for e in EXPORTERS]
+# The TorchScript exporter takes ~0.1 s per case, dynamo ~2 s: dynamo gets a representative subset.
+DYNAMO_SPELLINGS = {"matmul", "bmm", "einsum_bqhd", "baddbmm", "k_permute_bshd", "scale_split_sqrt",
+                    "mask_fill_neginf", "causal_tril", "gqa_repeat_interleave", "softcap", "sdpa_bool_mask"}
+SPELL_CASES = [pytest.param(c, e, id=f"{c}-{e}") for c in SPELLINGS for e in EXPORTERS
+               if e == "legacy" or c in DYNAMO_SPELLINGS]
+DYNAMO_NEGATIVES = {"classifier_head", "softmax_over_queries", "wrong_axis_einsum"}
+NEG_CASES = [pytest.param(c, e, id=f"{c}-{e}") for c in SP.NEGATIVE for e in EXPORTERS
+             if e == "legacy" or c in DYNAMO_NEGATIVES]
 
 
 @pytest.mark.parametrize("case,exporter", SPELL_CASES)
@@ -246,8 +261,7 @@ def test_spelling(case, exporter):
     assert r.report["check"]["rel_err"] <= BOUND
 
 
-@pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("case", list(SP.NEGATIVE))
+@pytest.mark.parametrize("case,exporter", NEG_CASES)
 def test_not_attention(case, exporter):
     path, feeds = module_export(case, exporter)
     unmatched: list = []
@@ -298,8 +312,6 @@ def test_torch_nn(case, count, causal, exporter):
     for s in r.sites:
         assert (s.heads, s.head_dim, s.causal, s.status) == (heads, 4, causal, "rewritten"), s.to_dict()
         assert s.check["rel_err"] <= BOUND
-    if case == "mha_weights":
-        assert "another consumer" in r.sites[0].reason
     assert r.report["check"]["rel_err"] <= BOUND
 
 
@@ -354,8 +366,8 @@ def test_attention_op_23(rank3, causal, mask):
     m, feeds = attention23(rank3, causal, mask)
     r = attnrewrite.rewrite(m, "exact", example_inputs=feeds)
     (s,) = r.sites
-    assert (s.source, s.heads, s.kv_heads, s.head_dim, s.scale, s.causal) == \
-        ("onnx-attention", H, HKV, D, 0.3, causal), s.to_dict()
+    assert (s.source, s.heads, s.kv_heads, s.head_dim, s.causal) == ("onnx-attention", H, HKV, D, causal), s.to_dict()
+    assert s.scale == pytest.approx(0.3, rel=1e-6)
     assert s.mask == (mask or "none")
     assert s.status == "rewritten" and s.check["rel_err"] <= BOUND, s.to_dict()
     assert r.report["check"]["rel_err"] <= BOUND
@@ -415,8 +427,8 @@ def test_contrib_ops(op, causal, opset):
     assert (s.source, s.heads, s.head_dim, s.mask, s.causal) == ("onnx-contrib", H, D, "boolean", causal), s.to_dict()
     assert s.status == "rewritten" and s.check["rel_err"] <= BOUND, s.to_dict()
     assert r.report["check"]["rel_err"] <= BOUND
-    ops = {n.op_type for n in r.program.graph.node}
-    assert op not in ops and ("Attention" in ops) == (opset >= 23)
+    ops = {(n.domain, n.op_type) for n in r.program.graph.node}
+    assert not any(d == "com.microsoft" for d, _ in ops) and (("", "Attention") in ops) == (opset >= 23)
     onnx.checker.check_model(r.program, full_check=True)
 
 
@@ -442,6 +454,12 @@ def test_cli_list_and_rewrite_beside_input(tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     out = tmp_path / "gpt2.exact.onnx"
     assert rep["output"] == str(out) and rep["check"]["passed"] is True
+    npz = tmp_path / "feeds.npz"
+    np.savez(npz, **family_export("gpt2", "dynamo")[1])
+    assert main([str(model), "--variant", "exact", "--inputs", str(npz), "-o", str(tmp_path / "o" / "g.onnx"),
+                 "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["inputs"] == "given" and rep["check"]["rel_err"] <= BOUND
     assert main([str(model), "--variant", "exact"]) == 2          # exists: needs --overwrite
     assert main([str(model), "--variant", "exact", "-o", str(model), "--overwrite"]) == 2   # never the input
     assert "exists" in capsys.readouterr().err

@@ -464,7 +464,7 @@ def follow_probs(g: Graph, p: str):
         nxt = None
         for u in users:
             if u.op_type in ("MatMul", "Einsum") and u.input[0] == p:
-                return u, other
+                return u, other + [x for x in users if x is not u and x.op_type != "IsNaN"]
         for u in users:
             if u.op_type == "Where" and u.input[2] == p and g.op(u.input[0], "IsNaN") is not None \
                     and g.op(u.input[0], "IsNaN").input[0] == p:
@@ -544,8 +544,7 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
     if site.v_perm is None:
         site.v = peel_repeat_kv(g, site.v)
     site.out, site.out_node = pv.output[0], pv.name
-    if others:
-        site.keep = ""
+    if others:                  # e.g. returned weights: the rewrite replaces P·V, they stay
         site.attrs["probs_used"] = sorted({o.name for o in others})
     return site
 

@@ -35,7 +35,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..site import AttentionSite
-from .onnx_detect import Graph, OnnxSite, _present
+from .onnx_detect import Graph, OnnxSite
 
 MIN_OPSET = 13           # Unsqueeze/Squeeze/Slice with axes as inputs
 
@@ -110,10 +110,11 @@ def _heads_split(b: Builder, x: str, heads: int, bias=None) -> str:
     return b.op("Transpose", b.op("Reshape", x, b.ints(0, 0, heads, -1)), perm=[0, 2, 1, 3])
 
 
-def _bias_slices(b: Builder, bias: str, sizes: list[int]) -> list[str]:
+def _slices(b: Builder, x: str, sizes: list[int], axis: int) -> list[str]:
+    """Consecutive slices of `sizes` along `axis` (packed q|k|v biases or projections)."""
     out, start = [], 0
     for n in sizes:
-        out.append(b.op("Slice", bias, b.ints(start), b.ints(start + n), b.ints(0)))
+        out.append(b.op("Slice", x, b.ints(start), b.ints(start + n), b.ints(axis)))
         start += n
     return out
 
@@ -170,7 +171,7 @@ def normal_form(b: Builder, site: AttentionSite):
         qkv = b.op("MatMul", n[0], n[1])
         if _present_in(n, 2):
             qkv = b.op("Add", qkv, n[2])
-        q, k, v = (_heads_split(b, x, h) for x in _bias_slices_last(b, qkv, sizes))
+        q, k, v = (_heads_split(b, x, h) for x in _slices(b, qkv, sizes, -1))
     else:
         qb = kb = vb = None
         if s.kind == "mha" and _present_in(n, 3):
@@ -180,7 +181,7 @@ def normal_form(b: Builder, site: AttentionSite):
                 raise Unsupported("bias with unknown hidden sizes")
             if g.rank(n[1]) == 4:
                 raise Unsupported("bias with (B, H, L, D) key/value")
-            qb, kb, vb = _bias_slices(b, n[3], [hq, hk, hv])
+            qb, kb, vb = _slices(b, n[3], [hq, hk, hv], 0)
         q = _heads_split(b, n[0], h, qb)
         if g.rank(n[1]) == 4:
             k, v = n[1], n[2]
@@ -206,14 +207,6 @@ def normal_form(b: Builder, site: AttentionSite):
 
 def _present_in(inputs: list, i: int) -> bool:
     return len(inputs) > i and bool(inputs[i])
-
-
-def _bias_slices_last(b: Builder, x: str, sizes: list[int]) -> list[str]:
-    out, start = [], 0
-    for n in sizes:
-        out.append(b.op("Slice", x, b.ints(start), b.ints(start + n), b.ints(-1)))
-        start += n
-    return out
 
 
 def resolve_scale(b: Builder, site: AttentionSite) -> float:
@@ -276,6 +269,16 @@ def with_causal(b: Builder, q: str, k: str, mask: str | None) -> str:
     if b.dtype(mask) == TensorProto.BOOL:
         return b.op("And", mask, keep)
     return b.op("Add", mask, b.op("Where", keep, b.scalar_like(0.0, mask), b.scalar_like(-math.inf, mask)))
+
+
+def full_query_rows(b: Builder, mask: str, q: str) -> str:
+    """`mask` broadcast to Lq rows on axis -2 (onnxruntime's Attention does not broadcast it)."""
+    shape = b.g.shape(mask)
+    lq = b.g.shape(q)
+    if shape and lq and len(shape) >= 2 and shape[-2] is not None and shape[-2] == lq[2] != 1:
+        return mask
+    rows = b.op("Concat", b.ints(1, 1), b.shape_of(q, 2, 3), b.ints(1), axis=0, dtype=TensorProto.INT64)
+    return b.op("Expand", mask, rows)
 
 
 def decomposed_scores(b: Builder, site: AttentionSite, q: str, k: str, mask: str | None, causal: bool) -> str:

@@ -47,6 +47,7 @@ PARAMS = {
 RELIABLE = 1e6            # a row's normaliser must exceed 1e6 × the FFT error estimate (≈ 6 digits)
 DIAG_CHUNK = 1 << 24      # elements of q gathered at once for the diagonal scores
 SAMPLED_DIAGONALS = 40    # diagonals read to estimate ‖bⱼ‖ for the start search
+DENSE_MAX_N = 512         # up to this length H̃ is built densely (same matrix; k FFTs cost more there)
 FFT_CHUNK = 1 << 26       # elements per batched FFT (heads × starts × columns × size)
 DIAG_ROWS = 64            # rows sampled per head for the basis-error diagnostic
 
@@ -157,6 +158,8 @@ def _conv_apply(cols, starts, c, x):
     sq = torch.zeros(g, k, m, dtype=x.dtype, device=x.device).scatter_add_(
         1, owner[:, :, None].expand(g, n, m), x * x)              # ‖block‖² per start and column
     noise = (torch.linalg.vector_norm(kern, dim=-1)[..., None] * sq.sqrt()).sum(1)
+    if n <= DENSE_MAX_N:                                           # short: H̃ itself is cheaper than k FFTs
+        return _dense_apply(kern, owner, x), noise * 2.2e-16 * math.log2(size)
     per = max(1, FFT_CHUNK // (k * (m + 1) * size))
     ys = []
     for a in range(0, g, per):
@@ -166,6 +169,16 @@ def _conv_apply(cols, starts, c, x):
         spec = (torch.fft.rfft(blocks, n=size) * torch.fft.rfft(kern[a:b], n=size)[:, :, None]).sum(1)
         ys.append(torch.fft.irfft(spec, n=size)[..., :n].transpose(1, 2))
     return torch.cat(ys), noise * 2.2e-16 * math.log2(size)
+
+
+def _dense_apply(kern, owner, x):
+    """The same H̃·x with H̃ built from the k columns: H̃[r, j] = kern_b[r − j], b = owner(j), r ≥ j."""
+    g, n, _ = x.shape
+    r = torch.arange(n, device=x.device)
+    picked = kern.transpose(1, 2).gather(2, owner[:, None, :].expand(g, n, n))   # [g, t, j] = kern_b(j)[t]
+    off = (r[:, None] - r[None, :]).expand(g, n, n)                # (G, r, j): r − j
+    h = picked.gather(1, off.clamp(0, n - 1)).masked_fill(off < 0, 0.0)
+    return h @ x
 
 
 def _exact_rows(q, k, v, rows, key_bias, causal, softcap):
@@ -243,7 +256,7 @@ def _basis_error(q, k, key_bias, causal, softcap, plans, c):
         r = (rows if p == 0 else n - 1 - rows)[:, None]            # the row in this part's coordinates
         st_t = torch.tensor(st, device=q.device)
         block = torch.bucketize(j, st_t, right=True) - 1           # start index owning column j
-        off = (r - j[None, :]) + (j - st_t[block])[None, :]        # H̃[r, j] = colᵦ[r − j + j − sᵦ]
+        off = (r - j[None, :]).expand(len(rows), n)                # H̃[r, j] = colᵦ[r − j]
         val = torch.where(j[None, :] <= r, table[block[None, :].expand_as(off), off.clamp(0, n - 1)],
                           torch.tensor(-math.inf, dtype=q.dtype, device=q.device))
         logits = torch.logaddexp(logits, val.flip(-1) if p == 1 else val)

@@ -183,3 +183,42 @@ def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:
         kap["CA"].append(_kappa(c[0, hh][rows, None] * blk) if blk.numel() else None)
     diag["kappa"] = kap
     return diag
+
+
+def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
+    """Standard ONNX ops: decomposed safe softmax, ReduceL2 row norms, Div, and the per-head
+    gains as a (1, H, 1, 1) constant (from `prepare`, or one gain for all heads).
+
+    Cᵢᵢ = 0 where the norm is 0 (Where around the Div), as in `_inv`. Half inputs are
+    computed in fp32 and cast back. Dropout is a training-time op and is not lowered.
+    """
+    import numpy as np
+
+    from ..passes import onnx_rewrite as R
+    TP = R.TensorProto
+    mode, gain = op_args(site, options)
+    if mode not in MODES:
+        raise R.Unsupported(f"{NAME}: mode={mode!r} is not one of {', '.join(MODES)}")
+    if isinstance(site.heads, int) and len(gain) not in (1, site.heads):
+        raise R.Unsupported(f"{NAME}: {len(gain)} gains for {site.heads} heads")
+    out_dt = b.dtype(q)
+    if out_dt in (TP.FLOAT16, TP.BFLOAT16):
+        q, k, v = (b.cast(x, TP.FLOAT) for x in (q, k, v))
+    if isinstance(site.heads, int) and isinstance(site.kv_heads, int) and site.heads != site.kv_heads:
+        k, v = R.repeat_kv(b, k, site.heads, site.kv_heads), R.repeat_kv(b, v, site.heads, site.kv_heads)
+    zero = b.scalar_like(0.0, q)
+
+    def scaled_by_inverse_norm(x):                       # x · 1/‖x‖₂ over the last axis, 0 where ‖x‖ = 0
+        n = (b.op("ReduceL2", x, b.ints(-1), keepdims=1) if b.opset >= 18
+             else b.op("ReduceL2", x, axes=[-1], keepdims=1))
+        alive = b.op("Greater", n, zero, dtype=TP.BOOL)
+        return b.op("Where", alive, b.op("Div", x, b.op("Where", alive, n, b.scalar_like(1.0, q))), zero)
+
+    a = R.safe_softmax(b, R.decomposed_scores(b, site, q, k, mask, bool(site.causal)))
+    if mode == "row-equilibrate":
+        a = scaled_by_inverse_norm(a)
+    o = b.op("MatMul", a, b.cast(v, b.dtype(a)))
+    if mode == "output-norm":
+        o = scaled_by_inverse_norm(o)
+    g = b.const(np.asarray(gain, dtype=np.float32).reshape(1, -1, 1, 1), b.dtype(o))
+    return b.cast(b.op("Mul", o, g), out_dt)

@@ -360,3 +360,119 @@ def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:
             "retained_mass_mean_per_head": per_mean,
             "l1_identity_gap": gap,
             "kept_keys_mean": kept / n if n else 0.0}
+
+
+# ---------------------------------------------------------------- ONNX lowering
+
+def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
+    """Standard ONNX ops (onnxruntime CPU), dense: the (B, H, Lq, Lk) scores are materialised.
+
+    Unlike the reference (chunked, O(Lq·k) or O(Lq·window) memory), this lowering builds the
+    full score matrix — standard ONNX has no gather-attention op — and masks it:
+      topk    TopK over keys with k' = Min(k, Lk) at run time; the threshold is the k'-th value,
+              and every score ≥ it is kept. Ties at the threshold therefore keep *all* tied keys
+              (torch.topk keeps exactly k, breaking ties by index); with no ties the two agree.
+      window  the band ∪ sinks keep mask from Range over the run-time Lq/Lk (bottom-right
+              i' = i + Lk − Lq), so dynamic sequence lengths keep working.
+      block   Pad to whole blocks, block masses by ReduceSum over a (B, H, nq, b, nk, b) view,
+              TopK ranks them; kept blocks are those ≥ the n-th mass, n = the density (and mass)
+              budget — ties at that mass keep every tied block.
+    Every mode ends in a masked softmax whose rows with no kept visible key give zeros.
+    Half inputs are computed in fp32 and cast back, as in the reference.
+    """
+    import numpy as np
+
+    from ..passes import onnx_rewrite as R
+    TP = R.TensorProto
+    o = _options(options)
+    if o["mode"] not in MODE_KEYS:
+        raise R.Unsupported(f"sparse: unknown mode {o['mode']!r}")
+    causal = bool(site.causal)
+    out_dt = b.dtype(q)
+    if out_dt in (TP.FLOAT16, TP.BFLOAT16):                      # computed in fp32
+        q, k, v = (b.cast(x, TP.FLOAT) for x in (q, k, v))
+    if isinstance(site.heads, int) and isinstance(site.kv_heads, int) and site.heads != site.kv_heads:
+        k, v = R.repeat_kv(b, k, site.heads, site.kv_heads), R.repeat_kv(b, v, site.heads, site.kv_heads)
+    s = R.decomposed_scores(b, site, q, k, mask, causal)          # mask and causal before selection
+    ninf = b.scalar_like(-math.inf, s)
+    i64 = lambda x: b.const(np.array(x, np.int64))                # noqa: E731 - a 0-d int64
+    if o["mode"] == "topk":
+        kk = b.op("Min", b.ints(int(o["k"])), b.shape_of(s, 3, 4))   # k clamped to the run-time Lk
+        top = _onnx_topk(b, s, kk)
+        kth = b.op("Slice", top, b.ints(-1), b.ints(np.iinfo(np.int64).max), b.ints(-1))
+        s = b.op("Where", b.op("GreaterOrEqual", s, kth, dtype=TP.BOOL), s, ninf)
+    elif o["mode"] == "window":
+        lq = b.op("Squeeze", b.shape_of(q, 2, 3), b.ints(0))
+        lk = b.op("Squeeze", b.shape_of(k, 2, 3), b.ints(0))
+        ip = b.op("Unsqueeze", b.op("Range", lk, b.op("Add", lk, lq), i64(1)), b.ints(1))
+        ip = b.op("Sub", ip, lq)                                  # (Lq, 1): i' = i + Lk − Lq
+        j = b.op("Range", i64(0), lk, i64(1))                     # (Lk,)
+        if o["band"] == "backward" or (o["band"] == "auto" and causal):
+            lo, hi = b.op("Sub", ip, i64(int(o["window"]) - 1)), ip
+        else:
+            lo, hi = b.op("Sub", ip, i64(o["window"] // 2)), b.op("Add", ip, i64(o["window"] // 2))
+        keep = b.op("And", b.op("GreaterOrEqual", j, lo, dtype=TP.BOOL), b.op("LessOrEqual", j, hi, dtype=TP.BOOL))
+        keep = b.op("Or", keep, b.op("Less", j, i64(int(o["sinks"])), dtype=TP.BOOL))
+        s = b.op("Where", keep, s, ninf)                          # (causal visibility is already in s)
+    p = R.safe_softmax(b, s)
+    if o["mode"] == "block":
+        p = _onnx_block_keep(b, s, p, o, R, i64)
+    return b.cast(b.op("MatMul", p, b.cast(v, b.dtype(p))), out_dt)
+
+
+def _onnx_topk(b, x, k: str) -> str:
+    """The k largest values of x over the last axis, sorted descending (TopK's values output)."""
+    from onnx import helper
+    values, indices = b.fresh("TopK"), b.fresh("TopK_indices")
+    b.nodes.append(helper.make_node("TopK", [x, k], [values, indices], name=b.fresh("TopK_node"),
+                                    axis=-1, largest=1, sorted=1))
+    b.types[values] = b.dtype(x)
+    return values
+
+
+def _onnx_block_keep(b, s, p, o, R, i64):
+    """Block mode: p restricted to the kept key blocks and renormalised (see _block_keep)."""
+    TP = R.TensorProto
+    bs = int(o["block"])
+    zero = b.scalar_like(0.0, p)
+    lq, lk = b.shape_of(s, 2, 3), b.shape_of(s, 3, 4)
+    nq = b.op("Div", b.op("Add", lq, b.ints(bs - 1)), b.ints(bs))           # ⌈L / b⌉ (int64 Div floors)
+    nk = b.op("Div", b.op("Add", lk, b.ints(bs - 1)), b.ints(bs))
+    pads = b.op("Concat", b.ints(0, 0, 0, 0, 0, 0), b.op("Sub", b.op("Mul", nq, b.ints(bs)), lq),
+                b.op("Sub", b.op("Mul", nk, b.ints(bs)), lk), axis=0, dtype=TP.INT64)
+    view = b.op("Concat", b.ints(0, 0), nq, b.ints(bs), nk, b.ints(bs), axis=0, dtype=TP.INT64)
+
+    def blocks(x):                                                          # Σ over each block: (B, H, nq, nk)
+        return b.op("ReduceSum", b.op("Reshape", b.op("Pad", x, pads, zero), view), b.ints(3, 5), keepdims=0)
+
+    live = b.op("Cast", b.op("Greater", s, b.scalar_like(-math.inf, s), dtype=TP.BOOL), to=b.dtype(p),
+                dtype=b.dtype(p))
+    mass = blocks(p)
+    n_vis = b.op("ReduceSum", b.op("Cast", b.op("Greater", blocks(live), zero, dtype=TP.BOOL), to=b.dtype(p),
+                                   dtype=b.dtype(p)), b.ints(-1), keepdims=1)
+    budget = b.op("Max", b.op("Ceil", b.op("Mul", n_vis, b.scalar_like(float(o["density"]), p))),
+                  b.scalar_like(1.0, p))                                    # blocks kept per query block
+    top = _onnx_topk(b, mass, nk)                                           # masses, best first
+    if o["mass"] < 1.0:                                                     # + stop once `mass` is reached
+        alive = b.op("Cast", b.op("Greater", b.op("ReduceSum", live, b.ints(-1), keepdims=0), zero, dtype=TP.BOOL),
+                     to=b.dtype(p), dtype=b.dtype(p))                       # (B, H, Lq): rows seeing a key
+        row_pads = b.op("Concat", b.ints(0, 0, 0, 0, 0), b.op("Sub", b.op("Mul", nq, b.ints(bs)), lq),
+                        axis=0, dtype=TP.INT64)
+        alive = b.op("Pad", alive, row_pads, zero)
+        rows = b.op("ReduceSum", b.op("Reshape", alive, b.op("Concat", b.ints(0, 0), nq, b.ints(bs), axis=0,
+                                                              dtype=TP.INT64)), b.ints(-1), keepdims=1)
+        before = b.op("Sub", b.op("CumSum", top, i64(-1)), top)            # mass of the better-ranked blocks
+        n_mass = b.op("ReduceSum", b.op("Cast", b.op("Less", before, b.op("Mul", rows, b.scalar_like(
+            float(o["mass"]), p)), dtype=TP.BOOL), to=b.dtype(p), dtype=b.dtype(p)), b.ints(-1), keepdims=1)
+        budget = b.op("Min", budget, n_mass)                                 # (the block crossing it is kept)
+    idx = b.op("Sub", b.op("Cast", budget, to=TP.INT64, dtype=TP.INT64), b.ints(1))
+    thr = b.op("GatherElements", top, idx, axis=3)                          # the budget-th best mass
+    keep = b.op("GreaterOrEqual", mass, thr, dtype=TP.BOOL)                 # (B, H, nq, nk)
+    full = b.op("Concat", b.shape_of(keep, 0, 2), nq, b.ints(bs), nk, b.ints(bs), axis=0, dtype=TP.INT64)
+    keep = b.op("Expand", b.op("Unsqueeze", keep, b.ints(3, 5)), full)      # (B, H, nq, b, nk, b)
+    keep = b.op("Reshape", keep, b.op("Concat", b.ints(0, 0), b.op("Mul", nq, b.ints(bs)),
+                                      b.op("Mul", nk, b.ints(bs)), axis=0, dtype=TP.INT64))
+    keep = b.op("Slice", keep, b.ints(0, 0), b.op("Concat", lq, lk, axis=0, dtype=TP.INT64), b.ints(2, 3))
+    kept = b.op("Where", keep, p, zero)
+    z = b.op("ReduceSum", kept, b.ints(-1), keepdims=1)
+    return b.op("Div", kept, b.op("Where", b.op("Greater", z, zero, dtype=TP.BOOL), z, b.scalar_like(1.0, p)))
