@@ -333,3 +333,202 @@ def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:
     return {"basis_err_max": max(errs), "basis_err_mean": sum(errs) / len(errs),
             "fallback_rows": stats["fallback_rows"], "rows": stats["rows"],
             "starts_mean": sum(stats["starts"]) / len(stats["starts"])}
+
+
+# ----------------------------------------------------------------------------- ONNX lowering
+
+import functools  # noqa: E402 - used by the ONNX lowering below
+
+ONNX_OFFSET_TABLE_N = 4096   # sequence lengths whose sampled-diagonal offsets are tabulated in the model
+
+
+@functools.lru_cache(maxsize=2)
+def _offset_table(n_max: int):
+    """(n_max + 1, T) int16: row n = find_starts' sorted offsets for length n, padded with -1."""
+    import numpy as np
+    rows = []
+    for n in range(n_max + 1):
+        grid = torch.logspace(0, math.log10(max(n - 1, 1)), SAMPLED_DIAGONALS).long().tolist()
+        rows.append(sorted(t for t in {*range(min(8, n)), *grid} if t < n))
+    table = np.full((n_max + 1, max(len(r) for r in rows)), -1, np.int16)
+    for n, r in enumerate(rows):
+        table[n, :len(r)] = r
+    table.flags.writeable = False
+    return table
+
+
+def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
+    """Standard ONNX ops (onnxruntime CPU), dense: the same H̃ the reference builds for n ≤ DENSE_MAX_N.
+
+    Dense memory: the (B, H, n, n) scores S = softcap(scale·q·kᵀ) are materialised (no FFT).
+    Everything runs in float64, as the reference.
+      start search  the sampled diagonals S[j + t, j] are read from S with GatherElements; the
+                    offsets t (0..7 and the 40 log-spaced ones, exactly as `find_starts`) come
+                    from a table indexed by the run-time n (n > ONNX_OFFSET_TABLE_N uses the
+                    last row: an estimate on fewer diagonals than the reference's); gap weights,
+                    key weights, column 0 forced, TopK(Min(k, n)), eps, and k ≥ n → every column.
+      H̃             owner s(j) = the largest start ≤ j (ReduceMax); H̃[r, j] = exp(S[s(j) + r − j,
+                    s(j)] − c) for r ≥ j, by two GatherElements; c = max over the start columns.
+                    Bidirectional: the same on S flipped on both axes (strict diagonal), flipped
+                    back and added.
+      output        (H̃·(V∘w)) / (H̃·w); rows whose normaliser is below RELIABLE × the reference's
+                    FFT error estimate are the exact softmax rows, as in the reference.
+    Masks: additive or boolean, causal + per-key bias only (`prepare` keeps the others); whether
+    the mask is causal is decided at run time (every strictly-upper entry removed), and the key
+    bias is its last (causal) or first row, as `split_mask`. Needs Lq == Lk.
+    """
+    import numpy as np
+
+    from ..passes import onnx_rewrite as R
+    TP = R.TensorProto
+    if isinstance(site.q_len, int) and isinstance(site.kv_len, int) and site.q_len != site.kv_len:
+        raise R.Unsupported(f"{NAME}: needs q_len == kv_len (got {site.q_len} and {site.kv_len})")
+    count, fixed, eps = op_args(site, options)
+    out_dt = b.dtype(q)
+    F64, I64, BOOL = TP.DOUBLE, TP.INT64, TP.BOOL
+    q, k, v = (b.cast(x, F64) for x in (q, k, v))
+    if isinstance(site.heads, int) and isinstance(site.kv_heads, int) and site.heads != site.kv_heads:
+        k, v = R.repeat_kv(b, k, site.heads, site.kv_heads), R.repeat_kv(b, v, site.heads, site.kv_heads)
+    f = lambda x: b.const(np.array(x, np.float64))                # noqa: E731 - a 0-d double
+    i = lambda x: b.const(np.array(x, np.int64))                  # noqa: E731 - a 0-d int64
+    ninf = f(-math.inf)
+    big = np.iinfo(np.int64)
+
+    def reduce(op, x, axes, keepdims=1):
+        if (op == "ReduceSum" and b.opset >= 13) or b.opset >= 18:     # axes as an input
+            return b.op(op, x, b.ints(*axes), keepdims=keepdims)
+        return b.op(op, x, axes=list(axes), keepdims=keepdims)
+
+    def where(c, x, y):
+        return b.op("Where", c, x, y, dtype=b.dtype(x))
+
+    def cmp(op, x, y):
+        return b.op(op, x, y, dtype=BOOL)
+
+    def flip(x, axes):
+        n_ax = len(axes)
+        return b.op("Slice", x, b.ints(*[-1] * n_ax), b.ints(*[big.min] * n_ax), b.ints(*axes), b.ints(*[-1] * n_ax))
+
+    s = R.decomposed_scores(b, site, q, k, None, False)            # (B, H, n, n) raw scores, float64
+    n1 = b.shape_of(s, 3, 4)                                       # (1,) run-time n
+    n0 = b.op("Squeeze", n1, b.ints(0))
+    ar = b.op("Range", i(0), n0, i(1), dtype=I64)                  # (n,)
+    off = b.op("Sub", b.op("Unsqueeze", ar, b.ints(1)), ar)        # (n, n): r − j
+    bhn = b.op("Concat", b.shape_of(s, 0, 2), n1, axis=0, dtype=I64)
+
+    # ---- the mask: causal (static flag or every strictly-upper entry removed) + per-key bias
+    if mask is None:
+        causal = b.const(np.array(bool(site.causal)))
+        w = b.op("Expand", f(1.0), bhn)
+        kb = None
+    else:
+        m = (where(mask, f(0.0), ninf) if b.dtype(mask) == BOOL else b.cast(mask, F64))
+        m = where(cmp("LessOrEqual", m, f(MASK_REMOVED)), ninf, m)
+        m = b.op("Expand", m, b.op("Concat", b.ints(1, 1), n1, n1, axis=0, dtype=I64))
+        upper = cmp("Less", off, i(0))                             # j > r
+        removed = b.op("Or", b.op("Not", upper), cmp("Equal", m, ninf), dtype=BOOL)
+        causal = cmp("Greater", reduce("ReduceMin", b.op("Cast", removed, to=TP.INT32, dtype=TP.INT32),
+                                       [0, 1, 2, 3], keepdims=0), b.const(np.array(0, np.int32)))
+        if site.causal:
+            causal = b.const(np.array(True))
+        last = b.op("Gather", m, b.op("Sub", n1, b.ints(1)), axis=2)          # (B', H', 1, n)
+        first = b.op("Gather", m, b.ints(0), axis=2)
+        kb = b.op("Expand", b.op("Squeeze", where(causal, last, first), b.ints(2)), bhn)   # (B, H, n)
+        top = reduce("ReduceMax", kb, [2])
+        top = where(b.op("Or", b.op("IsInf", top, dtype=BOOL), b.op("IsNaN", top, dtype=BOOL), dtype=BOOL),
+                    f(0.0), top)
+        w = b.op("Exp", b.op("Sub", kb, top))
+
+    # ---- the offsets of the sampled diagonals for the run-time n
+    cache = b.__dict__.setdefault("_conv_basis_consts", {})
+    if "offsets" not in cache:
+        cache["offsets"] = b.const(_offset_table(ONNX_OFFSET_TABLE_N))
+    offs = b.op("Cast", b.op("Gather", cache["offsets"], b.op("Min", n0, i(ONNX_OFFSET_TABLE_N)), axis=0),
+                to=I64, dtype=I64)                                 # (T,), −1 = padding
+    nxt = b.op("Concat", b.op("Slice", offs, b.ints(1), b.ints(big.max)), b.ints(-1), axis=0, dtype=I64)
+    nxt = where(cmp("GreaterOrEqual", nxt, i(0)), nxt, n0)
+    gap = b.op("Cast", where(cmp("GreaterOrEqual", offs, i(0)), b.op("Sub", nxt, offs), i(0)), to=F64, dtype=F64)
+    kk = b.op("Min", b.ints(int(count)), n1)                       # (1,)
+    every = cmp("Equal", b.op("Squeeze", kk, b.ints(0)), n0)
+
+    def starts_of(sp, wp, strict):
+        """(B, H, k') start columns (unsorted, repeats allowed) as find_starts."""
+        if fixed is not None:
+            st = sorted({0, *[int(x) for x in fixed]})
+            st = b.op("Min", b.const(np.array(st, np.int64)), b.op("Sub", n0, i(1)))
+            return b.op("Unsqueeze", st, b.ints(0, 1))
+        lo = 1 if strict else 0
+        okt = cmp("GreaterOrEqual", offs, i(lo))                   # (T,)
+        rows = b.op("Add", b.op("Unsqueeze", offs, b.ints(1)), ar)  # (T, n): j + t
+        valid = b.op("And", b.op("Unsqueeze", okt, b.ints(1)), cmp("Less", rows, n0), dtype=BOOL)
+        idx = b.op("Expand", b.op("Max", b.op("Min", rows, b.op("Sub", n0, i(1))), i(0)),
+                   b.op("Concat", b.shape_of(s, 0, 2), b.shape_of(rows, 0, 2), axis=0, dtype=I64))
+        d = where(valid, b.op("GatherElements", sp, idx, axis=2), ninf)    # (B, H, T, n): S[j + t, j]
+        c = reduce("ReduceMax", d, [2, 3])
+        h = b.op("Exp", b.op("Sub", d, c))
+        prev = b.op("Pad", h, b.ints(0, 0, 0, 1, 0, 0, 0, 0), f(0.0))
+        prev = b.op("Slice", prev, b.ints(0), n1, b.ints(3))          # h[.., j − 1]
+        bj = where(b.op("And", valid, cmp("Greater", ar, i(0)), dtype=BOOL), b.op("Sub", h, prev), f(0.0))
+        gapt = where(okt, gap, f(0.0))
+        norm2 = reduce("ReduceSum", b.op("Mul", b.op("Unsqueeze", gapt, b.ints(1)), b.op("Mul", bj, bj)), [2],
+                       keepdims=0)
+        norm2 = b.op("Mul", norm2, wp)
+        norm2 = where(cmp("Equal", ar, i(0)), f(math.inf), norm2)
+        from onnx import helper
+        vals, inds = b.fresh("TopK"), b.fresh("TopK_indices")
+        b.nodes.append(helper.make_node("TopK", [norm2, kk], [vals, inds], name=b.fresh("TopK_node"),
+                                        axis=-1, largest=1, sorted=1))
+        b.types[vals], b.types[inds] = F64, I64
+        second = b.op("Gather", vals, b.op("Min", i(1), b.op("Sub", b.op("Squeeze", kk, b.ints(0)), i(1))), axis=2)
+        floor = where(cmp("Greater", b.op("Squeeze", kk, b.ints(0)), i(1)),
+                      b.op("Mul", f(eps * eps), second), b.op("Gather", vals, i(0), axis=2))
+        keep = b.op("Or", cmp("Greater", vals, b.op("Unsqueeze", floor, b.ints(2))), cmp("Equal", inds, i(0)),
+                    dtype=BOOL)
+        st = where(keep, inds, i(0))
+        allc = b.op("Unsqueeze", b.op("Range", i(0), b.op("Squeeze", kk, b.ints(0)), i(1), dtype=I64), b.ints(0, 1))
+        return where(every, allc, st)                              # k ≥ n: every column
+
+    def part(sp, wp, strict):
+        """Logits of H̃ (−inf where 0), (B, H, n, n), in this part's coordinates, and the owners s(j)."""
+        st = starts_of(sp, wp, strict)                             # (B, H, k')
+        le = cmp("LessOrEqual", b.op("Unsqueeze", st, b.ints(3)), ar)        # (B, H, k', n)
+        own = reduce("ReduceMax", where(le, b.op("Unsqueeze", st, b.ints(3)), i(-1)), [2], keepdims=1)  # (B,H,1,n)
+        shape = b.op("Shape", sp, dtype=I64)
+        cols = b.op("GatherElements", sp, b.op("Expand", own, shape), axis=3)   # [r, j] = S[r, s(j)]
+        ridx = b.op("Expand", b.op("Max", b.op("Add", own, off), i(0)), shape)   # s(j) + r − j
+        x = b.op("GatherElements", cols, b.op("Min", ridx, b.op("Sub", n0, i(1))), axis=2)
+        live = cmp("GreaterOrEqual", off, i(1 if strict else 0))
+        return where(live, x, ninf), own
+
+    def noise_of(ht, own, wp):
+        """Σᵢ ‖kernᵢ‖·‖w on block i‖ (the normaliser's FFT error estimate before its factor)."""
+        colnorm = reduce("ReduceL2", ht, [2], keepdims=1)                 # (B, H, 1, n)
+        onehot = b.op("Cast", cmp("Equal", b.op("Transpose", own, perm=[0, 1, 3, 2]), ar), to=F64, dtype=F64)
+        blocksq = b.op("MatMul", b.op("Unsqueeze", b.op("Mul", wp, wp), b.ints(2)), onehot)  # (B, H, 1, n)
+        return reduce("ReduceSum", b.op("Mul", colnorm, b.op("Sqrt", blocksq)), [2, 3])
+
+    lo, own_lo = part(s, w, False)
+    c = reduce("ReduceMax", lo, [2, 3])
+    if not site.causal:                                            # causal known only at run time: both parts
+        s_up, w_up = flip(s, [2, 3]), flip(w, [2])
+        up, own_up = part(s_up, w_up, True)
+        c = b.op("Max", c, where(causal, ninf, reduce("ReduceMax", up, [2, 3])))
+    c = where(b.op("Or", b.op("IsInf", c, dtype=BOOL), b.op("IsNaN", c, dtype=BOOL), dtype=BOOL), f(0.0), c)
+    h = h_lo = b.op("Exp", b.op("Sub", lo, c))
+    noise = noise_of(h_lo, own_lo, w)
+    if not site.causal:
+        h_up = b.op("Exp", b.op("Sub", up, c))
+        h = b.op("Add", h_lo, where(causal, f(0.0), flip(h_up, [2, 3])))
+        noise = b.op("Add", noise, where(causal, f(0.0), noise_of(h_up, own_up, w_up)))
+    m2 = b.op("Cast", b.op("Sub", b.op("Mul", n0, i(2)), i(1)), to=F64, dtype=F64)
+    size_log2 = b.op("Add", b.op("Floor", b.op("Div", b.op("Log", m2), f(math.log(2.0)))), f(1.0))   # log2 FFT size
+    noise = b.op("Mul", noise, b.op("Mul", size_log2, f(2.2e-16)))         # (B, H, 1, 1)
+    w4 = b.op("Unsqueeze", w, b.ints(3))                                   # (B, H, n, 1)
+    num = b.op("MatMul", h, b.op("Mul", v, w4))
+    den = b.op("MatMul", h, w4)                                            # (B, H, n, 1)
+    approx = b.op("Div", num, b.op("Max", den, f(1e-300)))
+    bad = cmp("LessOrEqual", den, b.op("Mul", noise, f(RELIABLE)))
+    ex = s if kb is None else b.op("Add", s, b.op("Unsqueeze", kb, b.ints(2)))
+    ex = where(b.op("And", causal, cmp("Less", off, i(0)), dtype=BOOL), ninf, ex)
+    exact = b.op("MatMul", R.safe_softmax(b, ex), v)
+    return b.cast(where(bad, exact, approx), out_dt)
