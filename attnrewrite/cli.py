@@ -158,17 +158,7 @@ def run(argv: list[str]) -> int:
                 s.check, s.status = None, "detected"
         report = build_report(model=model_name, fmt=fmt, variant=None, options={}, inputs_kind=inputs_kind,
                               sites=sites, timings=timings)
-        if args.verbose:
-            report["unmatched"] = [{"node": n, "reason": r} for n, r in unmatched]
-        _emit(report, args, out, render_table)
-        if args.verbose and not args.json:
-            for n, r in unmatched:
-                out.print(f"  not attention: {n}: {r}")
-        if not args.list:
-            err.print("hint: pass --variant {exact,…} to rewrite these sites")
-        if args.report:
-            _write_report(Path(args.report), report)
-        return 0
+        return finish_listing(report, unmatched, args, out, err)
 
     with err.status(f"rewriting into {variant} and checking…"):
         result = api.rewrite_loaded(ep, inputs, inputs_kind, variant, options, sites=args.sites,
@@ -188,6 +178,22 @@ def run(argv: list[str]) -> int:
         return 1
     if write:
         err.print(f"wrote {output}")
+    return 0
+
+
+def finish_listing(report: dict, unmatched: list, args, out, err) -> int:
+    """Print (and write) a --list report; with --verbose, why each other softmax is not attention."""
+    from .report import render_table
+    if args.verbose:
+        report["unmatched"] = [{"node": n, "reason": r} for n, r in unmatched]
+    _emit(report, args, out, render_table)
+    if args.verbose and not args.json:
+        for n, r in unmatched:
+            out.print(f"  not attention: {n}: {r}")
+    if not args.list:
+        err.print("hint: pass --variant {exact,…} to rewrite these sites")
+    if args.report:
+        _write_report(Path(args.report), report)
     return 0
 
 

@@ -387,7 +387,7 @@ def default_output(model: str, variant: str) -> Path:
 def run_cli(args, out, err, options: dict) -> int:
     """`attnrewrite MODEL.onnx ...` (cli.run hands over once it sees a .onnx MODEL)."""
     from . import api
-    from .cli import UsageError, _emit, _write_report
+    from .cli import UsageError, _emit, _write_report, finish_listing
     from .report import render_table
 
     variant = args.variant.replace("-", "_") if args.variant else None
@@ -419,17 +419,7 @@ def run_cli(args, out, err, options: dict) -> int:
         kind = "given" if inputs else "synthesised"
         report = build_report(model=args.model, fmt="onnx", variant=None, options={}, inputs_kind=kind,
                               sites=sites, timings=timings)
-        if args.verbose:
-            report["unmatched"] = [{"node": n, "reason": r} for n, r in unmatched]
-        _emit(report, args, out, render_table)
-        if args.verbose and not args.json:
-            for n, r in unmatched:
-                out.print(f"  not attention: {n}: {r}")
-        if not args.list:
-            err.print("hint: pass --variant {exact,…} to rewrite these sites")
-        if args.report:
-            _write_report(Path(args.report), report)
-        return 0
+        return finish_listing(report, unmatched, args, out, err)
     with err.status(f"rewriting into {variant} and checking…"):
         result = rewrite(model, variant, inputs, check=not args.no_check, sites=args.sites,
                          tolerance=args.tolerance, model_name=args.model, timings=timings, **options)
