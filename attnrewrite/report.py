@@ -57,6 +57,18 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def _brief(d: dict, sep: str) -> str:
+    """Scalar entries as `key=value` (options) or `key value` (diagnostics); lists shortened."""
+    parts = []
+    for k, v in d.items():
+        if isinstance(v, (list, tuple)):
+            v = "[" + ", ".join(_fmt(x) for x in v[:4]) + (", …]" if len(v) > 4 else "]")
+        elif isinstance(v, dict):
+            continue
+        parts.append(f"{k}{sep}{_fmt(v) if not isinstance(v, str) else v}")
+    return ", ".join(parts)
+
+
 def render_table(report: dict, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -83,6 +95,10 @@ def render_table(report: dict, console=None) -> None:
     for s in report["sites"]:
         if s.get("reason"):
             console.print(f"  site {s['id']}: {s['reason']}")
+        chosen = _brief(s.get("options") or {}, "=") if s["status"] == "rewritten" else ""
+        diag = _brief((s.get("check") or {}).get("diagnostics") or {}, " ")
+        if chosen or diag:
+            console.print(f"  site {s['id']}: " + " · ".join(x for x in (chosen, diag) if x))
     if checked:
         c = report["check"]
         for o in c["outputs"]:
