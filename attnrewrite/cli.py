@@ -126,7 +126,7 @@ def run(argv: list[str]) -> int:
     from .loading import load, read_inputs
     from .passes import fx_detect
     from .passes.fx_rewrite import constants_of, params_of
-    from .report import build_report, render_table
+    from .report import build_report
 
     variant = args.variant.replace("-", "_") if args.variant else None
     listing = args.list or variant is None
@@ -164,11 +164,18 @@ def run(argv: list[str]) -> int:
         result = api.rewrite_loaded(ep, inputs, inputs_kind, variant, options, sites=args.sites,
                                     check=not args.no_check, tolerance=args.tolerance, timings=timings,
                                     model=model_name, fmt=fmt)
-    report = result.report
+    return finish_rewrite(result.report, output,
+                          lambda path: atomic_write(path, lambda tmp: torch.export.save(result.program, tmp)),
+                          args, out, err)
+
+
+def finish_rewrite(report: dict, output, save, args, out, err) -> int:
+    """Write the output (unless the check failed and no --force), print and write the report; exit code."""
+    from .report import render_table
     passed = report.get("check", {}).get("passed")
     write = output is not None and (passed is not False or args.force)
     if write:
-        atomic_write(output, lambda tmp: torch.export.save(result.program, tmp))
+        save(output)
         report["output"] = str(output)
     _emit(report, args, out, render_table)
     if args.report:

@@ -387,8 +387,7 @@ def default_output(model: str, variant: str) -> Path:
 def run_cli(args, out, err, options: dict) -> int:
     """`attnrewrite MODEL.onnx ...` (cli.run hands over once it sees a .onnx MODEL)."""
     from . import api
-    from .cli import UsageError, _emit, _write_report, finish_listing
-    from .report import render_table
+    from .cli import UsageError, finish_listing, finish_rewrite
 
     variant = args.variant.replace("-", "_") if args.variant else None
     listing = args.list or variant is None
@@ -423,18 +422,4 @@ def run_cli(args, out, err, options: dict) -> int:
     with err.status(f"rewriting into {variant} and checking…"):
         result = rewrite(model, variant, inputs, check=not args.no_check, sites=args.sites,
                          tolerance=args.tolerance, model_name=args.model, timings=timings, **options)
-    report = result.report
-    passed = report.get("check", {}).get("passed")
-    write = passed is not False or args.force
-    if write:
-        save_model(result.program, output)
-        report["output"] = str(output)
-    _emit(report, args, out, render_table)
-    if args.report:
-        _write_report(Path(args.report), report)
-    if passed is False:
-        err.print("check failed: " + ("written anyway (--force)" if write else "nothing written (--force writes it)"))
-        return 1
-    if write:
-        err.print(f"wrote {output}")
-    return 0
+    return finish_rewrite(result.report, output, lambda path: save_model(result.program, path), args, out, err)
