@@ -15,10 +15,19 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
+import traceback
 import warnings
 from pathlib import Path
+
+from rich.console import Console
+
+from . import pipeline
+from .frontends.export import read_inputs
+from .frontends.onnx import OnnxFrontEnd, external_files
+from .io import InputError, atomic_write
+from .report import render_table
+from .variants import VARIANTS
 
 
 class UsageError(Exception):
@@ -31,7 +40,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .variants import VARIANTS
     p = _Parser(prog="attnrewrite", description="Find every attention in a model and rewrite it.")
     p.add_argument("model", nargs="?", help=".pt2, .onnx, .pt/.pth, or pkg.module:factory; none = built-in demo")
     p.add_argument("--list", action="store_true", help="list detected sites, rewrite nothing")
@@ -84,49 +92,28 @@ def _quiet(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)                  # mkstemp makes 0600; a written model is a normal file
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def default_output(model: str | None, variant: str) -> Path | None:
-    if model is None:
+def output_path(args, fe, variant: str | None) -> Path | None:
+    """-o, else the front end's default beside the input; refuses to overwrite the input or an existing file."""
+    if variant is None:
         return None
-    if ":" in model and not os.path.exists(model):
-        return Path(f"{model.partition(':')[2]}.{variant}.pt2")
-    p = Path(model)
-    return p.with_name(f"{p.stem}.{variant}.pt2")
+    output = Path(args.output) if args.output else fe.output_path(variant)
+    if output is None:
+        return None
+    if isinstance(fe, OnnxFrontEnd) and fe.source:
+        src = Path(fe.source)
+        protected = {src.resolve(), *external_files(src)}
+        if output.resolve() in protected or output.with_name(output.name + ".data").resolve() in protected:
+            raise InputError(f"{output} would overwrite the input model or its weights: choose another -o")
+    if output.exists() and not args.overwrite:
+        raise InputError(f"{output} exists (pass --overwrite to replace it)")
+    return output
 
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     _quiet(args.verbose)
-    from rich.console import Console
     err = Console(stderr=True)
     out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
-
-    if args.model and args.model.lower().endswith(".onnx"):     # ONNX in, ONNX out
-        from . import onnx_flow
-        return onnx_flow.run_cli(args, out, err, parse_options(args.options))
-
-    import torch  # noqa: F401 - after the loggers are quiet
-    from . import api
-    from .loading import load, read_inputs
-    from .passes import fx_detect
-    from .passes.fx_rewrite import constants_of, params_of
-    from .report import build_report
 
     variant = args.variant.replace("-", "_") if args.variant else None
     listing = args.list or variant is None
@@ -134,50 +121,36 @@ def run(argv: list[str]) -> int:
     if listing and (options or args.output):
         raise UsageError("--set and -o need --variant")
     if variant:
-        api.validate_options(variant, options, args.tolerance)
-    output = Path(args.output) if args.output else (None if listing else default_output(args.model, variant))
-    if output is not None and output.exists() and not args.overwrite:
-        raise api.InputError(f"{output} exists (pass --overwrite to replace it)")
+        pipeline.validate_options(variant, options, args.tolerance)
+    if args.output and Path(args.output).exists() and not args.overwrite and not listing:
+        raise InputError(f"{args.output} exists (pass --overwrite to replace it)")
 
     t0 = time.perf_counter()
-    inputs = read_inputs(args.inputs) if args.inputs else None
-    with err.status("loading and exporting the model…"):
-        ep, inputs, inputs_kind, fmt = load(args.model, inputs, args.trust)
+    with err.status("loading the model…"):
+        is_onnx = bool(args.model) and args.model.lower().endswith(".onnx")
+        inputs = args.inputs if is_onnx else (read_inputs(args.inputs) if args.inputs else None)
+        fe = pipeline.open_model(args.model, inputs, trust=args.trust)
     timings = {"load_s": time.perf_counter() - t0}
-    model_name = args.model or "demo: all-MiniLM-L6-v2 (pretrained)"
 
     if listing:
-        t = time.perf_counter()
-        sites, unmatched = fx_detect.find_sites(ep.graph, params_of(ep), constants_of(ep))
-        timings["detect_s"] = time.perf_counter() - t
-        if sites:
-            from .check import check_sites
-            from .variants import VARIANTS
-            sites = check_sites(ep, VARIANTS["exact"], lambda s: {}, inputs)   # fills causal
-            for s in sites:
-                s.check, s.status = None, "detected"
-        report = build_report(model=model_name, fmt=fmt, variant=None, options={}, inputs_kind=inputs_kind,
-                              sites=sites, timings=timings)
+        report, unmatched = pipeline.listing(fe, timings=timings)
         return finish_listing(report, unmatched, args, out, err)
 
+    output = output_path(args, fe, variant)
     with err.status(f"rewriting into {variant} and checking…"):
-        result = api.rewrite_loaded(ep, inputs, inputs_kind, variant, options, sites=args.sites,
-                                    check=not args.no_check, tolerance=args.tolerance, timings=timings,
-                                    model=model_name, fmt=fmt)
-    return finish_rewrite(result.report, output,
-                          lambda path: atomic_write(path, lambda tmp: torch.export.save(result.program, tmp)),
-                          args, out, err)
+        result = pipeline.rewrite(fe, variant, options, sites=args.sites, check=not args.no_check,
+                                  tolerance=args.tolerance, timings=timings)
+    return finish_rewrite(result.report, output, lambda path: fe.save(result.program, path), args, out, err)
 
 
 def finish_rewrite(report: dict, output, save, args, out, err) -> int:
     """Write the output (unless the check failed and no --force), print and write the report; exit code."""
-    from .report import render_table
     passed = report.get("check", {}).get("passed")
     write = output is not None and (passed is not False or args.force)
     if write:
         save(output)
         report["output"] = str(output)
-    _emit(report, args, out, render_table)
+    _emit(report, args, out)
     if args.report:
         _write_report(Path(args.report), report)
     if passed is False:
@@ -190,10 +163,9 @@ def finish_rewrite(report: dict, output, save, args, out, err) -> int:
 
 def finish_listing(report: dict, unmatched: list, args, out, err) -> int:
     """Print (and write) a --list report; with --verbose, why each other softmax is not attention."""
-    from .report import render_table
     if args.verbose:
         report["unmatched"] = [{"node": n, "reason": r} for n, r in unmatched]
-    _emit(report, args, out, render_table)
+    _emit(report, args, out)
     if args.verbose and not args.json:
         for n, r in unmatched:
             out.print(f"  not attention: {n}: {r}")
@@ -204,7 +176,7 @@ def finish_listing(report: dict, unmatched: list, args, out, err) -> int:
     return 0
 
 
-def _emit(report, args, out, render_table):
+def _emit(report, args, out):
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -228,13 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("attnrewrite: interrupted", file=sys.stderr)
         return 130
+    except InputError as e:
+        print(f"attnrewrite: error: {e}", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - one line, never a traceback
-        from .loading import InputError
-        if isinstance(e, InputError):
-            print(f"attnrewrite: error: {e}", file=sys.stderr)
-            return 2
         if verbose:
-            import traceback
             traceback.print_exc()
         first = (str(e).splitlines() or [""])[0]
         print(f"attnrewrite: internal error: {type(e).__name__}: {first} (rerun with --verbose for details)",

@@ -1,13 +1,17 @@
-"""The report (JSON schema 1 in DESIGN.md) and its terminal table."""
+"""The report (JSON schema 1, described in docs/design.md) and its terminal table."""
 from __future__ import annotations
 
 import math
+from importlib.metadata import PackageNotFoundError, version
+
+import torch
+from rich.console import Console
+from rich.table import Table
 
 SCHEMA = 1
 
 
 def tool_versions() -> dict:
-    import torch
     out = {"attnrewrite": _version(), "torch": torch.__version__}
     for mod in ("onnx", "onnxruntime"):
         try:
@@ -19,9 +23,8 @@ def tool_versions() -> dict:
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
         return version("attnrewrite")
-    except Exception:  # noqa: BLE001 - running from a checkout
+    except PackageNotFoundError:           # running from a checkout
         return "0+local"
 
 
@@ -70,9 +73,6 @@ def _brief(d: dict, sep: str) -> str:
 
 
 def render_table(report: dict, console=None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     checked = "check" in report
     t = Table(title=f"attention sites: {report.get('model') or 'model'}"

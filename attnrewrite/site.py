@@ -3,7 +3,7 @@
 A site says what an attention *is*, independent of how the model spelled it:
 softmax(scale · q·kᵀ [soft-capped] + bias) · v, with q (B, H, Lq, D) and k/v (B, Hkv, Lk, D).
 Detection fills it from a graph; rewriting, kernels and checks only ever read it.
-The fields named in `REPORT_FIELDS` are the report schema (DESIGN.md); everything
+The fields named in `REPORT_FIELDS` are the report schema (docs/design.md); everything
 else is private graph bookkeeping used by the pass that found the site.
 """
 from __future__ import annotations
@@ -11,13 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+MASK_FLOOR = -1e4   # an additive bias or fill at or below this removes the key (HF uses finfo.min)
+
 REPORT_FIELDS = ("id", "name", "source", "batch", "heads", "kv_heads", "q_len", "kv_len",
                  "head_dim", "dtype", "scale", "softcap", "causal", "mask", "dropout",
                  "status", "reason", "options")
 
 
 def dim_value(d) -> int | str:
-    """An int for a static dim, the symbol's name ("s0") for a symbolic one."""
+    """An int for a static dim, the symbol's name ("s0") for a symbolic one (never specialising it)."""
+    node = getattr(d, "node", None)
+    if node is not None and hasattr(node, "maybe_as_int"):
+        v = node.maybe_as_int()
+        return int(v) if v is not None else str(d)
     try:
         return int(d)
     except (TypeError, ValueError):

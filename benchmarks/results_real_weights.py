@@ -4,7 +4,7 @@
 
 1. all-MiniLM-L6-v2 (pretrained, from the `demo` extra): the module docstrings of four stdlib
    modules (`inspect.getdoc`), tokenised to exactly 32, 64, 128 and 256 tokens (no padding).
-   Per length one export; per variant setting `api.rewrite_loaded` on it. Reported: cosine of
+   Per length one export; per variant setting `pipeline.rewrite` on it. Reported: cosine of
    each sentence embedding (mean-pooled, normalised) to the original's (mean and min), the
    per-site diagnostics the variant reports (a summary, and per layer at the longest
    length), and the CPU time of the rewritten program relative to the original.
@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from attnrewrite import api  # noqa: E402
-from attnrewrite.loading import demo_model, export  # noqa: E402
+from attnrewrite import pipeline  # noqa: E402
+from attnrewrite.frontends.export import ExportFrontEnd, demo_model, export  # noqa: E402
 from attnrewrite.variants import VARIANTS  # noqa: E402
 
 LENGTHS = (32, 64, 128, 256)
@@ -219,7 +219,7 @@ def minilm_results(repeats: int, lengths=LENGTHS, settings=MINILM_SETTINGS):
                 continue
             t = time.perf_counter()
             try:
-                res = api.rewrite_loaded(ep, [(args, {})], "given", variant, dict(options))
+                res = pipeline.rewrite(ExportFrontEnd(ep, [(args, {})], "given"), variant, dict(options))
             except Exception as e:  # noqa: BLE001 - a variant still being written may fail; report it
                 msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 rows.append([name, length, "error", "", "", msg])
@@ -262,7 +262,7 @@ def char_gpt_results(repeats: int, n_batches: int = 4, batch: int = 8, settings=
             continue
         t = time.perf_counter()
         try:
-            res = api.rewrite_loaded(ep, [((xs[0],), {})], "given", variant, dict(options))
+            res = pipeline.rewrite(ExportFrontEnd(ep, [((xs[0],), {})], "given"), variant, dict(options))
         except Exception as e:  # noqa: BLE001
             msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             rows.append([name, "error", "", "", "", "", msg])

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnrewrite.io import InputError
+
 CHECKPOINT = Path(__file__).with_name("char_gpt.pt")
 VOCAB = "\t\n" + "".join(chr(c) for c in range(32, 127))   # 97 characters; others map to '?'
 
@@ -178,7 +180,6 @@ def load(path: Path = CHECKPOINT) -> CharGPT:
 
 def factory():
     """(model, example_args) for `attnrewrite examples.char_gpt:factory`: 2 validation windows."""
-    from attnrewrite.loading import InputError
     try:
         model = load()
     except FileNotFoundError as e:

@@ -9,7 +9,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import attnrewrite
-from attnrewrite import check
+from attnrewrite import pipeline
+from attnrewrite.frontends.export import ExportFrontEnd
+from attnrewrite.io import InputError
 from attnrewrite.variants import VARIANTS
 from attnrewrite.variants import conv_basis as cb
 from attnrewrite.variants.exact import reference as exact
@@ -161,10 +163,9 @@ def test_half_and_float_inputs_are_computed_in_float64():
 
 @functools.cache
 def minilm_captures():
-    from attnrewrite.loading import demo_program
-    ep, inputs = demo_program()
-    sites, got = check.capture(ep, VARIANTS["exact"], lambda s: {}, inputs)
-    return ep, inputs, sites, got
+    fe = ExportFrontEnd.open(None)                     # the built-in demo: pretrained MiniLM
+    sites, _ = fe.find_sites()
+    return fe, fe.inputs, sites, fe.capture(sites, fe.inputs)
 
 
 def test_minilm_k_equal_n_is_exact_and_error_falls_with_k():
@@ -175,15 +176,15 @@ def test_minilm_k_equal_n_is_exact_and_error_falls_with_k():
         q, k, v, mask = r["q"], r["k"], r["v"], r["mask"]
         n = k.shape[-2]
         scale = float(site.graph.scale)
-        errs = {kk: rel(r["orig"], run(q, k, v, mask=mask, kk=kk, scale=scale)[0]) for kk in (1, 4, 8, 16, n)}
+        errs = {kk: rel(r["out"], run(q, k, v, mask=mask, kk=kk, scale=scale)[0]) for kk in (1, 4, 8, 16, n)}
         assert errs[n] < 1e-6, errs
         assert errs[16] < errs[4] < errs[1], errs
         assert errs[8] < 0.5 * errs[1], errs
 
 
 def test_minilm_rewrite_end_to_end_k_n_and_diagnostics():
-    ep, inputs, _, _ = minilm_captures()
-    r = attnrewrite.api.rewrite_loaded(ep, inputs, "example", "conv_basis", {"k": 64})
+    fe, _, _, _ = minilm_captures()
+    r = pipeline.rewrite(fe, "conv_basis", {"k": 64})
     rep = r.report
     assert [s["status"] for s in rep["sites"]] == ["rewritten"] * 6
     assert rep["check"]["rel_err"] < 1e-5
@@ -248,13 +249,13 @@ def test_auto_picks_the_smallest_k_within_tolerance():
 
 
 def test_bad_options_are_one_line_errors():
-    with pytest.raises(attnrewrite.api.InputError, match="k=0 is below the minimum"):
-        attnrewrite.api.validate_options("conv-basis", {"k": 0})
-    with pytest.raises(attnrewrite.api.InputError, match="starts"):
-        attnrewrite.api.validate_options("conv-basis", {"starts": "a,b"})
-    with pytest.raises(attnrewrite.api.InputError, match="needs --tolerance"):
-        attnrewrite.api.validate_options("conv-basis", {"auto": True})
-    assert attnrewrite.api.validate_options("conv-basis", {"starts": "0,5,9"})["starts"] == [0, 5, 9]
+    with pytest.raises(InputError, match="k=0 is below the minimum"):
+        pipeline.validate_options("conv-basis", {"k": 0})
+    with pytest.raises(InputError, match="starts"):
+        pipeline.validate_options("conv-basis", {"starts": "a,b"})
+    with pytest.raises(InputError, match="needs --tolerance"):
+        pipeline.validate_options("conv-basis", {"auto": True})
+    assert pipeline.validate_options("conv-basis", {"starts": "0,5,9"})["starts"] == [0, 5, 9]
 
 
 @pytest.mark.parametrize("causal", [True, False])

@@ -23,7 +23,7 @@ ort = pytest.importorskip("onnxruntime")
 from onnx import TensorProto as TP, helper  # noqa: E402
 from test_onnx_variants import BOUND, L1, L2, _feeds, _rel, _run, end_to_end, exported  # noqa: E402
 
-from attnrewrite import onnx_flow  # noqa: E402
+import attnrewrite  # noqa: E402
 from attnrewrite.passes import onnx_detect, onnx_rewrite  # noqa: E402
 from attnrewrite.site import AttentionSite  # noqa: E402
 from attnrewrite.variants import conv_basis as cb  # noqa: E402
@@ -48,7 +48,7 @@ def site_errors(path, opts: dict, lengths) -> tuple[list[float], list[float]]:
     for o in probe.graph.output:
         o.type.CopyFrom(typed[o.name])
     case = path.stem.split("-")[0]
-    r = onnx_flow.rewrite(probe, "conv_basis", _feeds(case, L1), check=False, **opts)
+    r = attnrewrite.rewrite(probe, "conv_basis", _feeds(case, L1), check=False, **opts)
     assert r.sites and all(s.status == "rewritten" for s in r.sites), [s.to_dict() for s in r.sites]
     onnx.checker.check_model(r.program, full_check=True)
     errs, gaps = [], []
@@ -86,7 +86,7 @@ def test_exported(case, exporter):
 
 def test_cross_attention_is_kept():
     """Lq ≠ Lk: `prepare` keeps the site; onnx_lower itself refuses static unequal lengths."""
-    r = onnx_flow.rewrite(onnx.load(str(exported("cross", "legacy"))), "conv_basis", _feeds("cross", L1),
+    r = attnrewrite.rewrite(onnx.load(str(exported("cross", "legacy"))), "conv_basis", _feeds("cross", L1),
                           check=False, k=3)
     assert all(s.status == "kept" and "q_len == kv_len" in s.reason for s in r.sites)
     b = onnx_rewrite.Builder(onnx_detect.Graph(helper.make_model(helper.make_graph([], "g", [], []))))

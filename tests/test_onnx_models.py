@@ -35,7 +35,8 @@ import test_spellings as SP  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 import attnrewrite  # noqa: E402
-from attnrewrite import onnx_flow  # noqa: E402
+from attnrewrite import pipeline  # noqa: E402
+from attnrewrite.frontends.onnx import OnnxFrontEnd, save_model, synthesise_inputs  # noqa: E402
 from attnrewrite.cli import main  # noqa: E402
 
 BOUND = 1e-5
@@ -264,8 +265,8 @@ def test_spelling(case, exporter):
 @pytest.mark.parametrize("case,exporter", NEG_CASES)
 def test_not_attention(case, exporter):
     path, feeds = module_export(case, exporter)
-    unmatched: list = []
-    assert onnx_flow.detect(str(path), feeds, unmatched=unmatched) == []
+    sites, unmatched = pipeline.detect(OnnxFrontEnd.open(str(path), feeds))
+    assert sites == []
     if case != "sigmoid_attention":
         assert unmatched, "each softmax left unmatched says why"
 
@@ -471,7 +472,7 @@ def test_external_data_written_beside_output(tmp_path):
     path, feeds = family_export("bert", "dynamo")
     r = rewritten("bert", "dynamo")
     other = tmp_path / "elsewhere" / "bert.exact.onnx"
-    files = onnx_flow.save_model(r.program, other, external=True)
+    files = save_model(r.program, other, external=True)
     assert files == [other, other.with_name("bert.exact.onnx.data")]
     assert Path(str(path) + ".data").exists()                      # the dynamo export's own weights
     moved = tmp_path / "moved"
@@ -497,7 +498,7 @@ def test_variant_without_onnx_lowering_is_kept(monkeypatch):
 
 def test_synthesised_inputs_respect_embedding_size():
     path, _ = family_export("bert", "legacy")
-    feeds = onnx_flow.synthesise_inputs(onnx.load(str(path)))[0]
+    feeds = synthesise_inputs(onnx.load(str(path)))[0]
     assert feeds["input_ids"].shape == (2, 8) and feeds["input_ids"].max() < HF.VOCAB
     assert (feeds["attention_mask"] == 1).all()
     assert math.isfinite(attnrewrite.rewrite(str(path), "exact").report["check"]["rel_err"])

@@ -28,8 +28,8 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 import attnrewrite  # noqa: E402
-from attnrewrite import onnx_flow  # noqa: E402
-from attnrewrite.api import variant_module  # noqa: E402
+from attnrewrite.frontends import onnx as onnx_fe  # noqa: E402
+from attnrewrite.pipeline import variant_module  # noqa: E402
 from attnrewrite.check import compare  # noqa: E402
 from attnrewrite.passes import onnx_detect, onnx_rewrite  # noqa: E402
 
@@ -124,7 +124,7 @@ def exported(case: str, exporter: str) -> Path:
 
 
 def _run(model, feeds):
-    return onnx_flow.run(onnx_flow.session(model), feeds)
+    return onnx_fe.run(onnx_fe.session(model), feeds)
 
 
 def _rel(a, b) -> float:
@@ -147,7 +147,7 @@ def per_site_errors(path: Path, variant: str, opts: dict, lengths) -> list[float
     for o in probe.graph.output:                  # the probes' outputs carry no shape: the checker wants one
         o.type.CopyFrom(typed[o.name])
     case = path.stem.split("-")[0]
-    r = onnx_flow.rewrite(probe, variant, _feeds(case, L1), check=False, **opts)
+    r = attnrewrite.rewrite(probe, variant, _feeds(case, L1), check=False, **opts)
     assert [s.graph.out_node for s in r.sites] == [s.graph.out_node for s in sites]
     assert all(s.status == "rewritten" for s in r.sites), [s.to_dict() for s in r.sites]
     onnx.checker.check_model(r.program, full_check=True)
@@ -178,7 +178,7 @@ def end_to_end(path: Path, variant: str, opts: dict, lengths) -> tuple[list[floa
     for length in lengths:
         feeds = _feeds(case, length, seed=1)
         a, b = _run(src, feeds), _run(new, feeds)
-        errs.append(max(_rel(a[k], b[k]) for k in onnx_flow.float_outputs(src)))
+        errs.append(max(_rel(a[k], b[k]) for k in onnx_fe.float_outputs(src)))
     return errs, new
 
 

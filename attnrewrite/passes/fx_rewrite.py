@@ -8,13 +8,14 @@ normal form and call the op::
     o4 = attnrewrite::<variant>_attention(q4, k4, v4, bias, scale, softcap, causal, p, ...)
     o  = from4d(o4)                  # the product's own shape, order and dtype
 
-`rewrite_program` then points every user of the product at `o` and removes what died.
+`rewrite_graph` then points every user of the product at `o` and removes what died.
 `probe_graph` inserts the same nodes without rewiring, so one run of the original graph
 also yields each site's normal-form inputs and the variant's output on them.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch.export import ExportedProgram
@@ -52,10 +53,9 @@ class Emitter:
         """A shape argument: the int, or a sym_size node reading the same symbol from `refs`."""
         if isinstance(dim, int):
             return dim
-        try:
-            return int(dim)
-        except (TypeError, ValueError):
-            pass
+        fixed = dim.node.maybe_as_int() if isinstance(dim, torch.SymInt) else None
+        if fixed is not None:                  # never int(dim): that would specialise the symbol
+            return int(fixed)
         for ref in refs:
             for i, d in enumerate(D._shape(ref) or []):
                 if isinstance(d, torch.SymInt) and str(d.node.expr) == str(dim.node.expr):
@@ -147,9 +147,8 @@ def _conform_mask(e: Emitter, m: Node, lead, refs) -> Node:
     return _to4d(e, m, lead, refs)
 
 
-def emit_site(graph: Graph, fx: D.FxSite, variant, options: dict, site) -> dict:
-    """Insert the normal form and the variant op for one site; returns the new nodes."""
-    e = Emitter(graph, fx.out, fx.anchor)
+def emit_normal_form(e: Emitter, fx: D.FxSite) -> tuple[Node, Node, Node, Node | None]:
+    """Insert the nodes building the site's q4, k4, v4 and bias (graph-computed scales folded into q)."""
     lead = list(fx.lead)
     refs = [fx.anchor, fx.anchor.args[0], fx.q.node, fx.k.node, fx.v.node, fx.out]
     q = _conform(e, fx.q, lead, refs, kv=False)
@@ -170,9 +169,24 @@ def emit_site(graph: Graph, fx: D.FxSite, variant, options: dict, site) -> dict:
     mask = _bias(e, fx, sdt)
     if mask is not None:
         mask = _conform_mask(e, mask, lead, refs)
-    args = (q, k, v, mask, float(fx.scale), float(fx.softcap), bool(fx.causal),
-            float(fx.dropout_p if fx.dropout_active else 0.0), *variant.op_args(site, options))
-    o4 = e(variant.op, *args)
+    return q, k, v, mask
+
+
+def emit_site(graph: Graph, fx: D.FxSite, variant, options: dict, site) -> dict:
+    """Insert the normal form and the variant op for one site; returns the new nodes.
+
+    With active dropout the op also gets `dropout_seed`, a random int64 drawn in the graph,
+    so its backward replays the forward's dropout mask.
+    """
+    e = Emitter(graph, fx.out, fx.anchor)
+    lead = list(fx.lead)
+    refs = [fx.anchor, fx.anchor.args[0], fx.q.node, fx.k.node, fx.v.node, fx.out]
+    q, k, v, mask = emit_normal_form(e, fx)
+    dropout = float(fx.dropout_p if fx.dropout_active else 0.0)
+    args = (q, k, v, mask, float(fx.scale), float(fx.softcap), bool(fx.causal), dropout,
+            *variant.op_args(site, options))
+    seed = {"dropout_seed": e(aten.randint.low, 0, 1 << 62, [])} if dropout else {}
+    o4 = e(variant.op, *args, **seed)
     # back to the product's own layout
     ov = D._val(fx.out)
     plead = list(fx.pv_lead)
@@ -189,11 +203,26 @@ def emit_site(graph: Graph, fx: D.FxSite, variant, options: dict, site) -> dict:
     return {"q": q, "k": k, "v": v, "mask": mask, "op": o4, "out": o}
 
 
-def copy_graph_module(gm: GraphModule) -> GraphModule:
+def remap(obj, mapping: dict):
+    """`obj` with every Node replaced by mapping[node], through dataclasses and containers."""
+    if isinstance(obj, Node):
+        return mapping.get(obj, obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(obj, **{f.name: remap(getattr(obj, f.name), mapping)
+                                           for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, (list, tuple, set)):
+        return type(obj)(remap(x, mapping) for x in obj)
+    if isinstance(obj, dict):
+        return {k: remap(v, mapping) for k, v in obj.items()}
+    return obj
+
+
+def copy_with_sites(gm: GraphModule, sites) -> tuple[GraphModule, dict]:
+    """A copy of `gm` and, per site id, the site's FxSite pointing into the copy."""
     g = Graph()
-    out = g.graph_copy(gm.graph, {})
-    g.output(out)
-    return GraphModule(gm, g)
+    val_map: dict = {}
+    g.output(g.graph_copy(gm.graph, val_map))
+    return GraphModule(gm, g), {s.id: remap(s.graph, val_map) for s in sites}
 
 
 _ASSERTS = {aten._assert_tensor_metadata.default}
@@ -232,34 +261,37 @@ def _erase_dead(graph: Graph, node: Node) -> None:
         stack.extend(ins)
 
 
-def rewrite_program(ep: ExportedProgram, variant, choose) -> tuple[ExportedProgram, list]:
-    """A new ExportedProgram with the chosen sites rewritten into `variant`'s op.
+def rewrite_graph(gm: GraphModule, sites, variant, choice: dict) -> GraphModule:
+    """A copy of `gm` with each site in `choice` ({site id: options}) rewritten into `variant`'s op.
 
-    `choose(site) -> options dict | None` (None keeps the site as it is).
+    `sites` were detected on `gm` itself. Sites are rewritten last first: a later site may
+    read an earlier one's output, and rewiring the earlier one then reaches the new nodes too.
     """
-    gm = copy_graph_module(ep.graph_module)
-    sites, _ = D.find_sites(gm.graph, params_of(ep), constants_of(ep))
-    for site in reversed(sites):       # last first: a later site may read an earlier one's output
-        options = choose(site)
+    new, fxs = copy_with_sites(gm, sites)
+    for site in reversed(sites):
+        options = choice.get(site.id)
         if options is None:
             continue
-        fx = site.graph
-        new = emit_site(gm.graph, fx, variant, options, site)
-        fx.out.replace_all_uses_with(new["out"])
-        _erase_dead(gm.graph, fx.out)
-        site.status, site.options = "rewritten", dict(options)
-    gm.graph.lint()
-    gm.recompile()
+        fx = fxs[site.id]
+        nodes = emit_site(new.graph, fx, variant, options, site)
+        fx.out.replace_all_uses_with(nodes["out"])
+        _erase_dead(new.graph, fx.out)
+    new.graph.lint()
+    new.recompile()
+    return new
+
+
+def program_with_graph(ep: ExportedProgram, gm: GraphModule) -> ExportedProgram:
+    """`ep` with its graph replaced by `gm` (same inputs, outputs renamed where they moved)."""
     out_names = [a.name if isinstance(a, Node) else None for a in gm.graph.output_node().args[0]]
     sig = copy.deepcopy(ep.graph_signature)
     for spec, name in zip(sig.output_specs, out_names):
         if isinstance(spec.arg, TensorArgument) and name is not None:
             spec.arg = TensorArgument(name=name)
-    new_ep = ExportedProgram(root=gm, graph=gm.graph, graph_signature=ExportGraphSignature(
+    return ExportedProgram(root=gm, graph=gm.graph, graph_signature=ExportGraphSignature(
         input_specs=sig.input_specs, output_specs=sig.output_specs), state_dict=ep.state_dict,
         range_constraints=ep.range_constraints, module_call_graph=copy.deepcopy(ep.module_call_graph),
         example_inputs=ep.example_inputs, constants=ep.constants, verifiers=[ep.verifier])
-    return new_ep, sites
 
 
 def params_of(ep: ExportedProgram) -> set:
@@ -279,16 +311,34 @@ def constants_of(ep: ExportedProgram) -> dict:
     return out
 
 
-def probe_graph(ep: ExportedProgram, variant, choose):
-    """(GraphModule, sites, {site id: emitted nodes}) — the original graph plus unused probes."""
-    gm = copy_graph_module(ep.graph_module)
-    sites, unmatched = D.find_sites(gm.graph, params_of(ep), constants_of(ep))
+def probe_graph(gm: GraphModule, sites) -> tuple[GraphModule, dict]:
+    """A copy of `gm` that also computes each site's normal form, unused by the graph.
+
+    Returns (copy, {site id: {"q", "k", "v", "mask", "out": node}}): one run of the copy
+    yields what each site saw and what it produced.
+    """
+    new, fxs = copy_with_sites(gm, sites)
     probes = {}
     for site in sites:
-        options = choose(site)
-        if options is None:
-            continue
-        probes[site.id] = emit_site(gm.graph, site.graph, variant, options, site)
-        probes[site.id]["orig"] = site.graph.out
-    gm.recompile()
-    return gm, sites, unmatched, probes
+        fx = fxs[site.id]
+        q, k, v, mask = emit_normal_form(Emitter(new.graph, fx.out, fx.anchor), fx)
+        out = _output_in_normal_form(Emitter(new.graph, fx.out.next, fx.anchor), fx, q, v)
+        probes[site.id] = {"q": q, "k": k, "v": v, "mask": mask, "out": out}
+    new.recompile()
+    return new, probes
+
+
+def _output_in_normal_form(e: Emitter, fx: D.FxSite, q4: Node, v4: Node) -> Node:
+    """The site's own output seen in the (B, H, Lq, Dv) layout: emit_site's mapping, undone."""
+    lead, plead = list(fx.lead), list(fx.pv_lead)
+    refs = [q4, v4, fx.out, fx.anchor, fx.q.node, fx.v.node]
+    tail = [D._shape(q4)[-2], D._shape(v4)[-1]]
+    full = [*plead, *tail]
+    o = fx.out
+    if fx.out_perm is not None:
+        o = e.reshape(o, [full[i] for i in fx.out_perm], refs)
+        o = e(aten.permute.default, o, [fx.out_perm.index(i) for i in range(len(fx.out_perm))])
+    o = e.reshape(o, full, refs)
+    if not D._same_shape(plead, lead):
+        o = e.reshape(o, [*lead, *tail], refs)
+    return _to4d(e, o, lead, refs)

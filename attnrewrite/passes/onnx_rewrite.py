@@ -317,39 +317,36 @@ def lower_site(b: Builder, site: AttentionSite, variant, options: dict) -> str:
     return finish(b, site, y)
 
 
-def rewrite_model(model: onnx.ModelProto, sites: list[AttentionSite], variant, choose,
-                  inferred: onnx.ModelProto | None = None) -> onnx.ModelProto:
-    """A new ModelProto with every chosen site lowered; `sites` get status and reason.
+def rewrite_model(model: onnx.ModelProto, sites: list[AttentionSite], variant, choice: dict,
+                  inferred: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, dict]:
+    """(a new ModelProto with every site in `choice` lowered, {site id: reason} for those kept).
 
-    `choose(site)` returns the site's options, or None to leave it unselected.
+    `choice` maps a site id to its options; a site whose lowering is unsupported is left
+    as it is and its reason returned.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = Graph(out, inferred)
     b = Builder(g)
     plans = []                                        # (index of the replaced node, nodes, site)
+    kept = {}
     index = {n.name: i for i, n in enumerate(out.graph.node)}
     for site in sites:
-        if site.status == "kept":
-            continue
-        opts = choose(site)
+        opts = choice.get(site.id)
         if opts is None:
-            site.status = "unselected"
             continue
         if site.graph.keep:
-            site.status = "kept"
+            kept[site.id] = site.graph.keep
             continue
         start = len(b.nodes)
         try:
             y = lower_site(b, site, variant, opts)
         except Unsupported as e:
             del b.nodes[start:]
-            site.status = "kept"
-            site.add_reason(str(e))
+            kept[site.id] = str(e)
             continue
         _rename_output(b, y, site.graph.out)
         plans.append((index[site.graph.out_node], b.nodes[start:], site))
-        site.status, site.options = "rewritten", dict(opts)
     nodes = list(out.graph.node)
     for i, new, _ in sorted(plans, key=lambda p: -p[0]):
         nodes[i:i + 1] = new
@@ -358,7 +355,7 @@ def rewrite_model(model: onnx.ModelProto, sites: list[AttentionSite], variant, c
     out.graph.initializer.extend(b.inits)
     _ensure_domains(out, [n for _, new, _ in plans for n in new])
     sweep(out)
-    return out
+    return out, kept
 
 
 def _rename_output(b: Builder, y: str, name: str) -> None:

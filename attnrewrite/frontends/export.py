@@ -1,8 +1,10 @@
-"""Model files and objects → (ExportedProgram, example inputs).
+"""The export front end: torch.export programs, and everything that becomes one.
 
-.pt2 (torch.export), .pt/.pth (TorchScript archive; a pickled module only with trust;
-a bare state_dict is refused), `pkg.module:factory`, an nn.Module with inputs, or the
-built-in demo (the pretrained all-MiniLM-L6-v2 from the `demo` extra).
+Sources: .pt2 (torch.export, loaded without running user code), .pt/.pth (a TorchScript
+archive, converted; a pickled module only with trust; a bare state_dict is refused),
+`pkg.module:factory`, an nn.Module with inputs, or the built-in demo (the pretrained
+all-MiniLM-L6-v2 from the `demo` extra). The program is an ExportedProgram; its graph is
+rewritten in place of a copy (no re-export) and saved with torch.export.save.
 """
 from __future__ import annotations
 
@@ -13,11 +15,11 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch._export.converter import TS2EPConverter
 
-
-class InputError(Exception):
-    """Bad input from the user: the CLI prints it as one line and exits 2."""
-
+from ..io import InputError, atomic_write
+from ..passes.fx_rewrite import constants_of, params_of, program_with_graph
+from .fxgraph import FxFrontEnd, named_float_outputs
 
 Inputs = list  # [(args tuple, kwargs dict), ...]
 
@@ -30,7 +32,13 @@ def export(module: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> 
 
 
 def normalise_inputs(obj) -> Inputs:
-    """`{"args", "kwargs"}`, a tuple/tensor of positional args, or a list of those."""
+    """`{"args", "kwargs"}`, a tuple/tensor of positional args, or a list of those.
+
+    Already-normalised input sets ([(args tuple, kwargs dict), ...]) pass through.
+    """
+    if isinstance(obj, list) and obj and all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
+                                             and isinstance(x[1], dict) for x in obj):
+        return obj
     if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
         return [x for o in obj for x in normalise_inputs(o)]
     if isinstance(obj, dict) and ("args" in obj or "kwargs" in obj):
@@ -122,9 +130,6 @@ def load(model: str | None, inputs: Inputs | None, trust: bool):
     if not p.exists():
         raise InputError(f"model not found: {model}")
     suffix = p.suffix.lower()
-    if suffix == ".onnx":
-        raise InputError("an ONNX model is not a torch program: use attnrewrite.onnx_flow (the CLI and "
-                         "attnrewrite.detect/rewrite do this for .onnx paths)")
     if suffix == ".pt2":
         try:
             ep = torch.export.load(str(p))
@@ -157,7 +162,6 @@ def _from_torch_file(p: Path, inputs, trust: bool):
         if not inputs:
             raise InputError(f"{p.name} is a TorchScript archive: converting it needs --inputs")
         module = torch.jit.load(str(p), map_location="cpu")
-        from torch._export.converter import TS2EPConverter
         args, kwargs = inputs[0]
         try:
             ep = TS2EPConverter(module, tuple(args), kwargs).convert()
@@ -243,3 +247,54 @@ def demo_program():
     enc = tok(DEMO_SENTENCES, padding=True, return_tensors="pt")
     args = (enc["input_ids"], enc["attention_mask"])
     return export(model, args), [(args, {})]
+
+
+class ExportFrontEnd(FxFrontEnd):
+    """An ExportedProgram and its input sets."""
+
+    def __init__(self, ep: torch.export.ExportedProgram, inputs: Inputs, inputs_kind: str, fmt: str = "pt2",
+                 name: str = "", source: str | None = None):
+        self.program, self.inputs, self.inputs_kind, self.fmt, self.name = ep, inputs, inputs_kind, fmt, name
+        self.source = source                  # the CLI's MODEL argument, for the default output path
+        self.graph_module = ep.graph_module
+        self.params, self.constants = params_of(ep), constants_of(ep)
+
+    @classmethod
+    def open(cls, model, inputs: Inputs | None = None, *, trust: bool = False) -> "ExportFrontEnd":
+        """From an ExportedProgram, an nn.Module (+ inputs), a model path, a factory spec, or None (demo)."""
+        if isinstance(model, torch.export.ExportedProgram):
+            return cls(model, *inputs_for(model, inputs), fmt="pt2", name="ExportedProgram")
+        if isinstance(model, torch.nn.Module):
+            if not inputs:
+                raise InputError("an nn.Module needs example inputs to be exported")
+            args, kwargs = inputs[0]
+            return cls(export(model, args, kwargs), inputs, "given", fmt="module", name=type(model).__name__)
+        spec = None if model is None else str(model)
+        ep, inputs, kind, fmt = load(spec, inputs, trust)
+        return cls(ep, inputs, kind, fmt=fmt, name=spec or "demo: all-MiniLM-L6-v2 (pretrained)", source=spec)
+
+    def flat_inputs(self, input_set) -> list:
+        args, kwargs = input_set
+        return list(self.program._graph_module_flat_inputs(args, kwargs))
+
+    def rewrite(self, sites, variant, choice):
+        gm = self.rewrite_graph_module(sites, variant, choice)
+        return program_with_graph(self.program, gm), {}
+
+    def outputs(self, program, input_set):
+        args, kwargs = input_set
+        with torch.no_grad():
+            return named_float_outputs((program or self.program).module()(*args, **kwargs))
+
+    def save(self, program, path):
+        atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+        return [Path(path)]
+
+    def output_path(self, variant: str):
+        model = self.source
+        if model is None:
+            return None
+        if ":" in model and not os.path.exists(model):
+            return Path(f"{model.partition(':')[2]}.{variant}.pt2")
+        p = Path(model)
+        return p.with_name(f"{p.stem}.{variant}.pt2")

@@ -1,0 +1,90 @@
+"""`torch.compile(model, backend="attnrewrite")`: rewrite attention in every graph Dynamo hands us.
+
+    torch.compile(m, backend="attnrewrite", options={"variant": "sparse", "mode": "window"})
+    backend = attnrewrite.compile_backend(variant="sparse", mode="window", window=64)
+    torch.compile(m, backend=backend); ...; backend.reports      # one report per compiled graph
+
+Each graph (one per graph break, one more per recompile — e.g. when a sequence length
+becomes dynamic) goes through the same pipeline as a saved program: lowered to ATen by
+the dynamo front end, detected, planned on Dynamo's example inputs, rewritten into the
+variant's op, then handed to Inductor (aot_autograd traces the op's registered backward,
+so the compiled model trains) or run as it is (`inner="eager"`).
+
+`ATTNREWRITE_LOG=1` logs each graph's site count to stderr; `backend.reports` (and
+`attnrewrite.backend.REPORTS` for the string backend) keeps the reports.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from torch._inductor.compile_fx import compile_fx
+
+from . import pipeline
+from .frontends.dynamo import DynamoFrontEnd
+from .io import InputError
+
+log = logging.getLogger("attnrewrite")
+REPORTS: list[dict] = []           # every graph compiled by any attnrewrite backend, in order
+INNERS = ("inductor", "eager")
+
+
+class Backend:
+    """A torch.compile backend rewriting every attention site into `variant` (options: its parameters).
+
+    `inner`: "inductor" (default) or "eager"; `sites`: the --sites selection; `check`: also run
+    the per-site and end-to-end check on the example inputs (one more forward per graph);
+    `tolerance`: the end-to-end gate for `check` (a failed check raises) and the budget for
+    `auto=True`.
+    """
+
+    def __init__(self, variant: str = "exact", *, inner: str = "inductor", sites=None, check: bool = False,
+                 tolerance: float | None = None, **options):
+        if inner not in INNERS:
+            raise InputError(f"inner={inner!r} is not one of {', '.join(INNERS)}")
+        pipeline.validate_options(variant, options, tolerance)        # fail now, not at the first call
+        self.variant, self.inner, self.sites, self.check = variant, inner, sites, check
+        self.tolerance, self.options = tolerance, options
+        self.reports: list[dict] = []
+
+    @property
+    def sites_rewritten(self) -> int:
+        """Sites rewritten over every graph compiled so far."""
+        return sum(1 for r in self.reports for s in r["sites"] if s["status"] == "rewritten")
+
+    def __call__(self, gm, example_inputs, **_):
+        fe = DynamoFrontEnd(gm, example_inputs)
+        result = pipeline.rewrite(fe, self.variant, self.options, sites=self.sites, check=self.check,
+                                  tolerance=self.tolerance, require_sites=False)
+        report = result.report
+        self.reports.append(report)
+        REPORTS.append(report)
+        statuses = [s["status"] for s in report["sites"]]
+        message = (f"attnrewrite: graph {len(REPORTS) - 1}: {len(statuses)} attention site(s), "
+                   f"{statuses.count('rewritten')} rewritten into {self.variant}, {statuses.count('kept')} kept")
+        if os.environ.get("ATTNREWRITE_LOG", "") not in ("", "0"):
+            print(message, file=sys.stderr)
+        log.info(message)
+        passed = (report.get("check") or {}).get("passed")
+        if passed is False:
+            raise RuntimeError(f"attnrewrite: check failed on a compiled graph (end-to-end rel_err "
+                               f"{report['check']['rel_err']:.3g} > {self.tolerance})")
+        if self.inner == "eager":
+            return result.program
+        return compile_fx(result.program, example_inputs)
+
+
+def compile_backend(variant: str = "exact", **options) -> Backend:
+    """A backend for `torch.compile(model, backend=...)`; see `Backend` for the options."""
+    return Backend(variant, **options)
+
+
+def attnrewrite_backend(gm, example_inputs, options: dict | None = None, **_):
+    """The backend registered as "attnrewrite" (`torch_dynamo_backends` entry point).
+
+    `options` (torch.compile's `options=`): {"variant": ..., "inner": ..., "sites": ...,
+    "check": ..., "tolerance": ..., <the variant's parameters>}.
+    """
+    opts = dict(options or {})
+    return Backend(opts.pop("variant", "exact"), **opts)(gm, example_inputs)

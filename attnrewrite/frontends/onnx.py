@@ -1,0 +1,303 @@
+"""The ONNX front end: ModelProto in, ModelProto out, run in onnxruntime.
+
+    fe = OnnxFrontEnd.open("model.onnx")          # external data read from beside it
+    sites, unmatched = fe.find_sites()              # [AttentionSite], source onnx-*
+    runs = fe.capture(sites, fe.inputs)             # per site: normal-form q/k/v/mask and output
+    model, kept = fe.rewrite(sites, variant, {site id: options})
+    fe.save(model, Path("out.onnx"))                # weights to out.onnx.data when large
+
+Capture runs a copy of the model in onnxruntime (CPU) whose extra graph outputs are each
+site's normal-form q/k/v/mask and output. Inputs are `.npz` files keyed by graph input
+names, dicts of arrays, or synthesised from the graph's input types.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ..io import InputError, atomic_write
+from ..passes import onnx_detect, onnx_rewrite
+from .base import FrontEnd, default_scale
+
+EXTERNAL_MIN_BYTES = 1 << 20      # write weights to <out>.data once they pass 1 MiB
+SMALL_TENSOR = 1024               # tensors below this stay inside the model file
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"model not found: {path}")
+    try:
+        return onnx.load(str(p), load_external_data=True)
+    except Exception as e:  # noqa: BLE001 - a broken file or missing external data
+        raise InputError(f"cannot load {p.name} as ONNX: {str(e).splitlines()[0]}") from e
+
+
+def external_files(model_path: Path, model: onnx.ModelProto | None = None) -> set[Path]:
+    """The external data files a model file refers to (resolved)."""
+    m = model if model is not None else onnx.load(str(model_path), load_external_data=False)
+    out = set()
+    for t in m.graph.initializer:
+        if t.data_location == TensorProto.EXTERNAL:
+            for e in t.external_data:
+                if e.key == "location":
+                    out.add((model_path.parent / e.value).resolve())
+    return out
+
+
+def save_model(model: onnx.ModelProto, out: Path, *, external: bool | None = None) -> list[Path]:
+    """Write `model` to `out` atomically; large weights go to `<out>.data` beside it.
+
+    Returns the files written. `external=None` decides by size (EXTERNAL_MIN_BYTES).
+    """
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    big = [t for t in m.graph.initializer if _nbytes(t) >= SMALL_TENSOR]
+    if external is None:
+        external = sum(_nbytes(t) for t in big) >= EXTERNAL_MIN_BYTES
+    written = []
+    if external and big:
+        data_path = out.with_name(out.name + ".data")
+        blob = bytearray()
+        for t in big:
+            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+            blob += b"\0" * (-len(blob) % 64)             # 64-byte aligned, as onnx does
+            offset = len(blob)
+            blob += raw
+            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                      "string_data"):
+                t.ClearField(f)
+            del t.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                t.external_data.add(key=key, value=value)
+            t.data_location = TensorProto.EXTERNAL
+        atomic_write(data_path, lambda tmp: Path(tmp).write_bytes(bytes(blob)))
+        written.append(data_path)
+    atomic_write(out, lambda tmp: Path(tmp).write_bytes(m.SerializeToString()))
+    return [out, *written]
+
+
+def _nbytes(t: TensorProto) -> int:
+    if t.HasField("raw_data"):
+        return len(t.raw_data)
+    n = int(np.prod(t.dims)) if t.dims else 1
+    return n * max(1, np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+                   if t.data_type != TensorProto.STRING else 1)
+
+
+# ---------------------------------------------------------------- inputs
+
+def graph_inputs(model: onnx.ModelProto) -> list:
+    inits = {t.name for t in model.graph.initializer}
+    return [i for i in model.graph.input if i.name not in inits]
+
+
+def read_npz(path: str, model: onnx.ModelProto) -> list[dict]:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"inputs file not found: {path}")
+    if p.suffix.lower() != ".npz":
+        raise InputError("ONNX inputs must be a .npz keyed by graph input names")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            feeds = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"cannot read inputs {path}: {str(e).splitlines()[0]}") from e
+    names = [i.name for i in graph_inputs(model)]
+    missing = [n for n in names if n not in feeds]
+    extra = [k for k in feeds if k not in names]
+    if missing or extra:
+        raise InputError(f"inputs {path}: missing {missing or 'none'}, unknown {extra or 'none'} "
+                         f"(graph inputs: {', '.join(names)})")
+    return [feeds]
+
+
+def _id_bounds(model: onnx.ModelProto) -> dict[str, int]:
+    """Per integer graph input, the smallest embedding table its ids index (Gather)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    users: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    bounds = {}
+    for inp in graph_inputs(model):
+        frontier, seen = [inp.name], set()
+        while frontier and len(seen) < 200:
+            v = frontier.pop()
+            for n in users.get(v, []):
+                if n.op_type == "Gather" and n.input[1] == v and n.input[0] in inits \
+                        and len(inits[n.input[0]].dims) == 2:
+                    bounds[inp.name] = min(bounds.get(inp.name, 1 << 62), int(inits[n.input[0]].dims[0]))
+                elif n.op_type in ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity",
+                                   "Expand") and n.input[0] == v and n.name not in seen:
+                    seen.add(n.name)
+                    frontier.append(n.output[0])
+    return bounds
+
+
+def synthesise_inputs(model: onnx.ModelProto, seed: int = 0) -> list[dict]:
+    """One input set from the graph's input types: ids below the embedding size, masks of ones.
+
+    Symbolic dims get 2 on the first axis and 8 elsewhere, one value per symbol.
+    """
+    rng = np.random.default_rng(seed)
+    bounds = _id_bounds(model)
+    sym: dict[str, int] = {}
+    feeds = {}
+    for inp in graph_inputs(model):
+        t = inp.type.tensor_type
+        shape = []
+        for i, d in enumerate(t.shape.dim):
+            if d.HasField("dim_value"):
+                shape.append(d.dim_value)
+            else:
+                shape.append(sym.setdefault(d.dim_param or f"?{inp.name}{i}", 2 if i == 0 else 8))
+        dt = helper.tensor_dtype_to_np_dtype(t.elem_type)
+        name = inp.name.lower()
+        if dt == np.bool_:
+            x = np.ones(shape, dt)
+        elif "mask" in name:
+            x = np.ones(shape, dt)
+        elif "token_type" in name:
+            x = np.zeros(shape, dt)
+        elif np.issubdtype(dt, np.floating):
+            x = rng.standard_normal(shape).astype(dt)
+        else:
+            x = rng.integers(0, bounds.get(inp.name, 2), size=shape).astype(dt)
+        feeds[inp.name] = x
+    return [feeds]
+
+
+# ---------------------------------------------------------------- onnxruntime
+
+def session(model: onnx.ModelProto):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 4
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - the user's model does not run
+        raise InputError(f"onnxruntime cannot load the model: {str(e).splitlines()[0]}") from e
+
+
+def run(sess, feeds: dict) -> dict:
+    try:
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, feeds)))
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"onnxruntime failed on the inputs (pass --inputs?): {str(e).splitlines()[0]}") from e
+
+
+# ---------------------------------------------------------------- detect / check
+
+def _torch(x):
+    return None if x is None else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def float_outputs(model) -> list[str]:
+    return [o.name for o in model.graph.output
+            if o.type.tensor_type.elem_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16,
+                                                TensorProto.DOUBLE)]
+
+
+def inputs_for(model, inputs) -> tuple[list, str]:
+    """(input sets, kind): a .npz path, a dict or list of dicts of arrays, else synthesised."""
+    if inputs is None:
+        return synthesise_inputs(model), "synthesised"
+    if isinstance(inputs, (str, os.PathLike)):
+        return read_npz(str(inputs), model), "given"
+    if isinstance(inputs, dict):
+        return [{k: np.asarray(v) for k, v in inputs.items()}], "given"
+    return [{k: np.asarray(v) for k, v in d.items()} for d in inputs], "given"
+
+
+def is_onnx(obj) -> bool:
+    """An onnx.ModelProto or a path ending in .onnx."""
+    if isinstance(obj, onnx.ModelProto):
+        return True
+    return isinstance(obj, (str, os.PathLike)) and str(obj).lower().endswith(".onnx")
+
+
+class OnnxFrontEnd(FrontEnd):
+    """An ONNX ModelProto and its input sets (feeds dicts)."""
+
+    fmt = "onnx"
+
+    def __init__(self, model: onnx.ModelProto, inputs=None, name: str = "", source: str | None = None):
+        self.program = model
+        self.inputs, self.inputs_kind = inputs_for(model, inputs)
+        self.name = name or model.graph.name or "onnx model"
+        self.source = source
+        self._inferred = onnx_detect.infer(model)
+        self._original_session = None
+        self._last = (None, None)              # (program, its session): auto-tuning runs one at a time
+
+    @classmethod
+    def open(cls, model, inputs=None) -> "OnnxFrontEnd":
+        if isinstance(model, onnx.ModelProto):
+            return cls(model, inputs)
+        return cls(load_model(model), inputs, name=str(model), source=str(model))
+
+    def find_sites(self):
+        sites, unmatched, _ = onnx_detect.find_sites(self.program, self._inferred)
+        return sites, unmatched
+
+    def keep_reason(self, site):
+        if site.graph.keep:
+            return site.graph.keep
+        if site.scale is None and default_scale(site) is None:
+            return "default scale with an unknown head_dim"
+        return None
+
+    def scalars(self, site):
+        scale = site.scale if site.scale is not None else default_scale(site)
+        return {"scale": float(scale) if scale is not None else 1.0, "softcap": float(site.softcap or 0.0),
+                "causal": bool(site.graph.causal), "dropout_p": 0.0}
+
+    def capture(self, sites, inputs):
+        sites = [s for s in sites if not s.graph.keep]
+        if not sites:
+            return {}
+        probe, probes = onnx_rewrite.probe_model(self.program, sites, self._inferred)
+        sess = session(probe)
+        out: dict[int, list[dict]] = {sid: [] for sid in probes}
+        for feeds in inputs:
+            res = run(sess, feeds)
+            for sid, names in probes.items():
+                out[sid].append({k: _torch(res[n]) if n else None for k, n in names.items()})
+        return out
+
+    def rewrite(self, sites, variant, choice):
+        new, kept = onnx_rewrite.rewrite_model(self.program, sites, variant, choice, self._inferred)
+        try:
+            onnx.checker.check_model(new, full_check=True)
+        except Exception as e:  # noqa: BLE001 - a bug in a lowering, reported as such
+            raise RuntimeError(f"rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from e
+        return new, kept
+
+    def outputs(self, program, feeds):
+        if program is None:
+            if self._original_session is None:
+                self._original_session = session(self.program)
+            sess = self._original_session
+        else:
+            if self._last[0] is not program:
+                self._last = (program, session(program))
+            sess = self._last[1]
+        res = run(sess, feeds)
+        return [(n, _torch(res[n])) for n in float_outputs(self.program)]
+
+    def save(self, program, path):
+        return save_model(program, Path(path))
+
+    def output_path(self, variant: str):
+        if self.source is None:
+            return None
+        p = Path(self.source)
+        return p.with_name(f"{p.stem}.{variant}.onnx")

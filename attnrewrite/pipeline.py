@@ -1,0 +1,280 @@
+"""load → detect → plan → rewrite → check → report, written once for every front end.
+
+    fe = open_model("model.pt2")                  # or .onnx, a factory, an nn.Module, a GraphModule
+    result = rewrite(fe, "sparse", {"mode": "window"}, tolerance=0.02)
+    fe.save(result.program, path)
+
+Detection runs once per call; the sites found are carried through planning, rewriting
+and checking. This module is the only place a site's `status` is set:
+
+    unselected   --sites did not select it
+    kept         the front end or the variant cannot represent it (reason given)
+    rewritten    replaced by the variant's op (options recorded)
+    detected     found, nothing asked (listing)
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .check import default_tolerance, end_to_end, is_causal_mask, site_check
+from .frontends.base import FrontEnd
+from .frontends.dynamo import DynamoFrontEnd
+from .frontends.export import ExportFrontEnd, normalise_inputs
+from .frontends.onnx import OnnxFrontEnd, is_onnx
+from .io import InputError
+from .report import build_report
+from .site import AttentionSite
+from .variants import VARIANTS
+from .variants.base import Param, parse_params
+
+NO_ATTENTION = "no attention found (run with --list --verbose to see why each softmax was not matched)"
+
+
+@dataclass
+class Result:
+    program: object                  # ExportedProgram | onnx.ModelProto | GraphModule
+    sites: list[AttentionSite]
+    report: dict
+
+
+# ---------------------------------------------------------------- front ends
+
+def open_model(model, inputs=None, *, trust: bool = False) -> FrontEnd:
+    """The front end for `model`: a path (.pt2/.pt/.onnx), `pkg.module:factory`, None (the
+    built-in demo), an ExportedProgram, an nn.Module (needs inputs), an onnx.ModelProto, or a
+    torch.compile GraphModule (inputs: its example inputs)."""
+    if is_onnx(model):
+        return OnnxFrontEnd.open(model, inputs)
+    if isinstance(model, torch.fx.GraphModule):
+        if inputs is None:
+            raise InputError("a GraphModule needs its example inputs")
+        return DynamoFrontEnd(model, list(inputs))
+    if isinstance(model, (torch.export.ExportedProgram, torch.nn.Module)) or model is None \
+            or isinstance(model, str) or hasattr(model, "__fspath__"):
+        return ExportFrontEnd.open(model if not hasattr(model, "__fspath__") else str(model),
+                                   normalise_inputs(inputs) if inputs is not None else None, trust=trust)
+    raise InputError(f"cannot find attention in a {type(model).__name__}")
+
+
+# ---------------------------------------------------------------- options and selection
+
+def variant_module(variant: str):
+    name = variant.replace("-", "_")
+    if name not in VARIANTS:
+        names = ", ".join(sorted(v.replace("_", "-") for v in VARIANTS))
+        raise InputError(f"unknown variant '{variant}' (choose from {names})")
+    return VARIANTS[name]
+
+
+def validate_options(variant: str, options: dict, tolerance: float | None = None) -> dict:
+    """The variant's defaults overlaid with `options`, each checked; InputError on a bad one.
+
+    `auto=true` (variants with an auto ladder) needs a tolerance: it picks per-site parameters.
+    """
+    mod = variant_module(variant)
+    params = dict(mod.PARAMS)
+    if getattr(mod, "auto_ladder", None) is not None:
+        params["auto"] = Param(False, bool, "pick the cheapest per-site parameters within --tolerance")
+    try:
+        opts = parse_params(variant, params, options)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if opts.get("auto") and tolerance is None:
+        raise InputError("--set auto=true needs --tolerance T (the end-to-end rel_err to stay within)")
+    return opts
+
+
+def parse_selection(sel) -> list[str] | None:
+    if sel is None:
+        return None
+    if isinstance(sel, str):
+        sel = [s for s in sel.split(",") if s.strip()]
+    return [str(s).strip() for s in sel]
+
+
+def selected(site: AttentionSite, sel: list[str] | None) -> bool:
+    """Whether `--sites` picks the site: an id, a range `a-b`, a name or a glob over names."""
+    if sel is None:
+        return True
+    for s in sel:
+        if s.isdigit() and int(s) == site.id:
+            return True
+        a, dash, b = s.partition("-")
+        if dash and a.isdigit() and b.isdigit() and int(a) <= site.id <= int(b):
+            return True
+        if fnmatch.fnmatchcase(site.name, s) or s == site.name:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- detect
+
+def fill_causal(sites, captured: dict) -> None:
+    """Mark sites whose captured mask removes every key above the diagonal (materialised causal masks)."""
+    for s in sites:
+        runs = captured.get(s.id)
+        if runs:
+            s.causal = bool(s.causal or is_causal_mask(runs[0].get("mask")))
+
+
+def detect(fe: FrontEnd, *, timings: dict | None = None) -> tuple[list[AttentionSite], list]:
+    """(sites, unmatched): every site, causal filled in from the inputs when there are any."""
+    t = time.perf_counter()
+    sites, unmatched = fe.find_sites()
+    if timings is not None:
+        timings["detect_s"] = time.perf_counter() - t
+    if sites and fe.inputs:
+        fill_causal(sites, fe.capture(sites, fe.inputs))
+    return sites, unmatched
+
+
+def listing(fe: FrontEnd, *, timings: dict | None = None) -> tuple[dict, list]:
+    """(report, unmatched) for `--list`."""
+    timings = dict(timings or {})
+    sites, unmatched = detect(fe, timings=timings)
+    report = build_report(model=fe.name, fmt=fe.fmt, variant=None, options={}, inputs_kind=fe.inputs_kind,
+                          sites=sites, timings=timings)
+    return report, unmatched
+
+
+# ---------------------------------------------------------------- plan
+
+def samples(fe: FrontEnd, site: AttentionSite, runs: list[dict]) -> list[dict]:
+    """The captured normal form as a variant's `prepare` reads it."""
+    sc = fe.scalars(site)
+    return [{"q": r["q"], "k": r["k"], "v": r["v"], "mask": r["mask"], **sc} for r in runs]
+
+
+def plan(fe: FrontEnd, sites, mod, opts: dict, sel, captured: dict) -> tuple[dict, dict, set]:
+    """({id: options} to rewrite, {id: reason} kept, {ids} unselected).
+
+    A variant with `prepare` sees each site's captured normal form on every input set and
+    returns the site's options (rewrite-time state filled in) or why the site stays as it is.
+    """
+    site_opts = {k: v for k, v in opts.items() if k != "auto"}
+    prepare = getattr(mod, "prepare", None)
+    planned, kept, unselected = {}, {}, set()
+    for site in sites:
+        if not selected(site, sel):
+            unselected.add(site.id)
+            continue
+        reason = fe.keep_reason(site)
+        if reason:
+            kept[site.id] = reason
+            continue
+        if prepare is None:
+            planned[site.id] = dict(site_opts)
+            continue
+        if site.id not in captured:
+            kept[site.id] = f"{mod.NAME} needs the site's values on example inputs, and there are none"
+            continue
+        r = prepare(site, samples(fe, site, captured[site.id]), dict(site_opts))
+        if isinstance(r, str):
+            kept[site.id] = r
+        else:
+            planned[site.id] = r
+    return planned, kept, unselected
+
+
+def model_error(fe: FrontEnd, program, reference: list) -> float:
+    """The largest end-to-end rel_err of `program` against the original's outputs."""
+    pairs = [(n, a, b) for inputs, ref in zip(fe.inputs, reference)
+             for (n, a), (_, b) in zip(ref, fe.outputs(program, inputs))]
+    e = end_to_end(pairs, None)["rel_err"]
+    return math.inf if math.isnan(e) else e
+
+
+def auto_tune(fe: FrontEnd, sites, mod, planned: dict, tolerance: float) -> dict:
+    """Cheapest per-site parameters that keep the end-to-end rel_err within `tolerance`.
+
+    Each site alone: the first rung of its ladder whose error (that site rewritten, the rest
+    as they are) is within tolerance / #sites. Then all together; while over the tolerance,
+    the site with the largest solo error moves one rung up.
+    """
+    if not fe.inputs:
+        raise InputError("--set auto=true needs inputs to measure the error on")
+    by_id = {s.id: s for s in sites}
+    reference = [fe.outputs(None, inputs) for inputs in fe.inputs]
+
+    def error(choice: dict) -> float:
+        return model_error(fe, fe.rewrite(sites, mod, choice)[0], reference)
+
+    ladders, rung, solo = {}, {}, {}
+    budget = tolerance / max(len(planned), 1)
+    ladder_of = getattr(mod, "auto_ladder", None) or (lambda site, opts: [])
+    for sid, opts in planned.items():
+        ladders[sid] = [{**opts, **step} for step in ladder_of(by_id[sid], opts)] or [opts]
+        rung[sid] = len(ladders[sid]) - 1
+        for i, cand in enumerate(ladders[sid]):
+            e = error({sid: cand})
+            solo[sid] = e
+            if e <= budget:
+                rung[sid] = i
+                break
+    while True:
+        choice = {sid: ladders[sid][rung[sid]] for sid in planned}
+        if error(choice) <= tolerance:
+            return choice
+        movable = [sid for sid in planned if rung[sid] < len(ladders[sid]) - 1]
+        if not movable:
+            return choice
+        sid = max(movable, key=lambda i: solo[i])
+        rung[sid] += 1
+        solo[sid] = error({sid: ladders[sid][rung[sid]]})
+
+
+# ---------------------------------------------------------------- rewrite + check
+
+def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=None, check: bool = True,
+            tolerance: float | None = None, timings: dict | None = None, require_sites: bool = True) -> Result:
+    """Rewrite the selected sites of `fe`'s program into `variant`; check the numbers unless check=False."""
+    timings = dict(timings or {})
+    opts = validate_options(variant, dict(options or {}), tolerance)
+    mod = variant_module(variant)
+    sel = parse_selection(sites)
+    t = time.perf_counter()
+    found, _ = fe.find_sites()
+    timings["detect_s"] = time.perf_counter() - t
+    if not found and require_sites:
+        raise InputError(NO_ATTENTION)
+    t = time.perf_counter()
+    needs_values = check or getattr(mod, "prepare", None) is not None
+    captured = fe.capture(found, fe.inputs) if found and fe.inputs and needs_values else {}
+    fill_causal(found, captured)
+    planned, kept, unselected = plan(fe, found, mod, opts, sel, captured)
+    if opts.get("auto") and planned:
+        planned = auto_tune(fe, found, mod, planned, tolerance)
+    program, not_lowered = fe.rewrite(found, mod, planned) if planned else (fe.program, {})
+    timings["rewrite_s"] = time.perf_counter() - t
+    kept.update(not_lowered)
+    for s in found:                                   # the one place statuses are set
+        if s.id in unselected:
+            s.status = "unselected"
+        elif s.id in kept:
+            s.status = "kept"
+            s.add_reason(kept[s.id])
+        elif s.id in planned:
+            s.status, s.options = "rewritten", dict(planned[s.id])
+    check_block = None
+    if check and found:
+        t = time.perf_counter()
+        for s in found:
+            if s.status == "rewritten" and captured.get(s.id):
+                sc = fe.scalars(s)
+                if sc["dropout_p"]:
+                    s.check = {"unchecked": "dropout active"}
+                else:
+                    s.check = site_check(mod, sc, s.options, mod.op_args(s, s.options), captured[s.id])
+        tol = tolerance if tolerance is not None else default_tolerance(mod.NAME, found)
+        pairs = [(n, a, b) for inputs in fe.inputs
+                 for (n, a), (_, b) in zip(fe.outputs(None, inputs), fe.outputs(program, inputs))]
+        check_block = end_to_end(pairs, tol)
+        timings["check_s"] = time.perf_counter() - t
+    report = build_report(model=fe.name, fmt=fe.fmt, variant=variant, options=opts, inputs_kind=fe.inputs_kind,
+                          sites=found, check=check_block, timings=timings)
+    return Result(program=program, sites=found, report=report)

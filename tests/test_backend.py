@@ -1,0 +1,226 @@
+"""The torch.compile backend: same sites as the export path, same numbers, trains, survives recompiles."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import attnrewrite
+from attnrewrite import backend as B
+from attnrewrite.frontends.dynamo import native_multi_head_attention, transformer_encoder_layer_fwd
+from _models import TinyAttention
+
+
+def compiled(model, variant="exact", **options):
+    torch._dynamo.reset()
+    be = attnrewrite.compile_backend(variant, **options)
+    return torch.compile(model, backend=be), be
+
+
+class TwoLayers(nn.Module):
+    """Two attention layers with a graph break between them."""
+
+    def __init__(self, graph_break: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.a, self.b, self.out = TinyAttention(), TinyAttention(), nn.Linear(16, 16)
+        self.graph_break, self.drop = graph_break, nn.Dropout(dropout)
+
+    def forward(self, x):
+        x = x + self.a(x)
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        return self.out(self.drop(x + self.b(x)))
+
+
+def test_exact_outputs_and_gradients_match_eager_eager_and_inductor():
+    torch.manual_seed(0)
+    m, x = TwoLayers(), torch.randn(2, 6, 16)
+    ref = m(x)
+    ref.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    for inner in ("eager", "inductor"):
+        m.zero_grad()
+        f, be = compiled(m, inner=inner)
+        y = f(x)
+        assert (y - ref).abs().max().item() <= 1e-5
+        y.square().sum().backward()
+        for n, p in m.named_parameters():
+            assert (p.grad - want[n]).abs().max().item() <= 1e-5, (inner, n)
+        assert be.sites_rewritten == 2 and len(be.reports) == 1
+        assert [s["status"] for s in be.reports[0]["sites"]] == ["rewritten"] * 2
+
+
+def test_rewritten_graph_holds_the_op(monkeypatch):
+    graphs = []
+    real = B.Backend.__call__
+
+    def spy(self, gm, example_inputs, **kw):
+        out = real(self, gm, example_inputs, **kw)
+        graphs.append(out)
+        return out
+
+    monkeypatch.setattr(B.Backend, "__call__", spy)
+    f, _ = compiled(TinyAttention(), "sparse", inner="eager", mode="window", window=2)
+    f(torch.randn(1, 5, 16))
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.attnrewrite.sparse_attention.default) == 1
+    assert torch.ops.aten.softmax.int not in ops and torch.ops.aten._softmax.default not in ops
+
+
+def test_graph_breaks_recompiles_and_dynamic_lengths_keep_every_site():
+    torch.manual_seed(0)
+    m = TwoLayers(graph_break=True)
+    f, be = compiled(m, inner="eager")
+    for n in (5, 7, 9, 11):
+        x = torch.randn(2, n, 16)
+        assert (f(x) - m(x)).abs().max().item() <= 1e-5
+    # two graphs at n = 5, two more once the length turns dynamic, none after
+    assert len(be.reports) == 4
+    assert all([s["status"] for s in r["sites"]] == ["rewritten"] for r in be.reports)
+    assert [r["sites"][0]["q_len"] for r in be.reports[2:]] == [r["sites"][0]["q_len"] for r in be.reports[2:]]
+    assert all(isinstance(r["sites"][0]["q_len"], str) for r in be.reports[2:])   # symbolic, not specialised
+
+
+def test_string_backend_options_and_log(capfd, monkeypatch):
+    monkeypatch.setenv("ATTNREWRITE_LOG", "1")
+    torch._dynamo.reset()
+    before = len(B.REPORTS)
+    torch.manual_seed(0)
+    m, x = TinyAttention(), torch.randn(2, 6, 16)
+    f = torch.compile(m, backend="attnrewrite", options={"variant": "sparse", "mode": "topk", "k": 6,
+                                                          "inner": "eager"})
+    assert (f(x) - m(x)).abs().max().item() <= 1e-5          # k = n: exact
+    assert B.REPORTS[before]["variant"] == "sparse"
+    assert B.REPORTS[before]["sites"][0]["options"]["k"] == 6
+    assert "1 attention site(s), 1 rewritten into sparse" in capfd.readouterr().err
+
+
+def test_bad_options_fail_at_construction():
+    with pytest.raises(attnrewrite.pipeline.InputError, match="unknown option 'top_k'"):
+        attnrewrite.compile_backend("sparse", top_k=3)
+    with pytest.raises(attnrewrite.pipeline.InputError, match="inner"):
+        attnrewrite.compile_backend("exact", inner="tvm")
+
+
+# ---------------------------------------------------------------- torch.nn, eval + no_grad (fast paths)
+
+def test_fast_path_decompositions_equal_torch():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True).eval()
+    x = torch.randn(2, 5, 16)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    sa = layer.self_attn
+    with torch.no_grad():
+        for mask, mtype in ((None, None), (pad, 1)):
+            for norm_first, gelu in ((False, False), (True, True)):
+                args = (x, 16, 2, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias, gelu,
+                        norm_first, 1e-5, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight,
+                        layer.norm2.bias, layer.linear1.weight, layer.linear1.bias, layer.linear2.weight,
+                        layer.linear2.bias, mask, mtype)
+                got, want = transformer_encoder_layer_fwd(*args), torch._transformer_encoder_layer_fwd(*args)
+                keep = ~pad.unsqueeze(-1) if mask is not None else torch.ones(1, dtype=torch.bool)
+                assert ((got - want) * keep).abs().max().item() <= 1e-5
+            margs = (x, x, x, 16, 2, sa.in_proj_weight, sa.in_proj_bias, sa.out_proj.weight, sa.out_proj.bias,
+                     mask, True, False, mtype)
+            (o1, w1), (o2, w2) = native_multi_head_attention(*margs), torch._native_multi_head_attention(*margs)
+            assert (o1 - o2).abs().max().item() <= 1e-5 and (w1 - w2).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["mha", "encoder_layer", "encoder"])
+def test_torch_nn_eval_no_grad_counts_match_export(case):
+    torch.manual_seed(0)
+    if case == "mha":
+        m, sites = nn.MultiheadAttention(16, 2, batch_first=True).eval(), 1
+        args = (torch.randn(2, 5, 16),) * 3
+    elif case == "encoder_layer":
+        m, sites = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True).eval(), 1
+        args = (torch.randn(2, 5, 16),)
+    else:
+        layer = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+        m, sites = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval(), 2
+        args = (torch.randn(2, 5, 16),)
+    assert len(attnrewrite.detect(m, example_inputs=args)) == sites
+    with torch.no_grad():
+        ref = m(*args)
+        f, be = compiled(m, inner="eager")
+        got = f(*args)
+    ref, got = (ref[0], got[0]) if case == "mha" else (ref, got)
+    assert (ref - got).abs().max().item() <= 1e-5
+    assert be.sites_rewritten == sites
+
+
+# ---------------------------------------------------------------- training, every variant
+
+TRAIN = [("exact", {}), ("sparse", {"mode": "topk", "k": 3}), ("sparse", {"mode": "window", "window": 2}),
+         ("sparse", {"mode": "block", "block": 16, "density": 0.5}), ("conv_basis", {"k": 2}),
+         ("preconditioned", {"mode": "output-norm"}), ("preconditioned", {"mode": "row-equilibrate"})]
+
+
+@pytest.mark.parametrize("variant,options", TRAIN, ids=[f"{v}-{'-'.join(map(str, o.values()))}" for v, o in TRAIN])
+def test_training_through_backend_matches_rewritten_program(variant, options):
+    torch.manual_seed(0)
+    m, x = TwoLayers(), torch.randn(2, 8, 16)
+    target = torch.randn(2, 8, 16)
+    ep = torch.export.export(m, (x,))
+    res = attnrewrite.rewrite(ep, variant, **options)
+    assert [s.status for s in res.sites] == ["rewritten"] * 2
+    ref_module = res.program.module()
+    f, be = compiled(m, variant, inner="eager", **options)
+    assert be.sites_rewritten == 0
+    loss = ((f(x) - target) ** 2).mean()
+    assert be.sites_rewritten == 2
+    loss.backward()
+    # the same op through the saved-program path gives the same loss and gradients
+    ref_params = dict(ref_module.named_parameters())
+    ref_loss = ((ref_module(x) - target) ** 2).mean()
+    grads = torch.autograd.grad(ref_loss, [ref_params[n] for n, _ in m.named_parameters()])
+    assert abs(loss.item() - ref_loss.item()) <= 1e-5
+    for (n, p), g in zip(m.named_parameters(), grads):
+        assert torch.allclose(p.grad, g, atol=1e-5), n
+    # and it trains: a few SGD steps lower the loss
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    first = loss.item()
+    for _ in range(3):
+        opt.step()
+        opt.zero_grad()
+        loss = ((f(x) - target) ** 2).mean()
+        loss.backward()
+    assert loss.item() < first
+
+
+def test_dropout_trains_in_train_mode_and_is_reproducible():
+    class Drop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(16, 48)
+
+        def forward(self, x):
+            b, n, _ = x.shape
+            q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+            o = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5 if self.training else 0.0)
+            return o.transpose(1, 2).reshape(b, n, 16)
+
+    torch.manual_seed(0)
+    m, x = Drop().train(), torch.randn(2, 8, 16)
+    f, be = compiled(m, inner="eager")
+    torch.manual_seed(1)
+    a = f(x)
+    a.sum().backward()
+    g1 = m.qkv.weight.grad.clone()
+    m.zero_grad()
+    torch.manual_seed(1)
+    b = f(x)
+    b.sum().backward()
+    torch.manual_seed(2)
+    c = f(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)             # the mask follows the RNG, reproducibly
+    assert torch.equal(g1, m.qkv.weight.grad)
+    site = be.reports[0]["sites"][0]
+    assert site["status"] == "rewritten" and site["dropout"] == 0.5
+    with torch.no_grad():                                          # eval: dropout off, exact again
+        m.eval()
+        torch._dynamo.reset()
+        assert (compiled(m, inner="eager")[0](x) - m(x)).abs().max().item() <= 1e-5
