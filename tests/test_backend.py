@@ -224,3 +224,25 @@ def test_dropout_trains_in_train_mode_and_is_reproducible():
         m.eval()
         torch._dynamo.reset()
         assert (compiled(m, inner="eager")[0](x) - m(x)).abs().max().item() <= 1e-5
+
+
+# ---------------------------------------------------------------- transformers families: same sites as export
+
+from test_hf_models import CASES, FAMILIES, build, exported  # noqa: E402
+
+
+@pytest.mark.parametrize("family,impl", CASES)
+def test_hf_families_through_backend_match_export(family, impl):
+    roles = FAMILIES[family][5]
+    model, kw = build(family, impl)
+    n_export = len(attnrewrite.detect(*exported(family, impl)))
+    assert n_export == len(roles)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = model(**kw)
+        f, be = compiled(model, inner="eager")
+        got = f(**kw)
+    assert sum(len(r["sites"]) for r in be.reports) == n_export, [len(r["sites"]) for r in be.reports]
+    assert be.sites_rewritten == n_export
+    a, b = ref[0], got[0]
+    assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())

@@ -133,16 +133,22 @@ FAMILIES = {
 CASES = [pytest.param(fam, impl, id=f"{fam}-{impl}") for fam, spec in FAMILIES.items() for impl in spec[4]]
 
 
-@functools.cache
-def exported(family: str, impl: str):
-    """(ExportedProgram, inputs) for one family and attention implementation, built once."""
+def build(family: str, impl: str):
+    """(model in eval mode, keyword inputs) for one family and attention implementation, seed 0."""
     model_cls, config_cls, kwargs, inputs, *_ = FAMILIES[family]
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         config = getattr(T, config_cls)(**kwargs, attn_implementation=impl)
-        model = getattr(T, model_cls)(config).eval()
-        kw = inputs()
+        return getattr(T, model_cls)(config).eval(), inputs()
+
+
+@functools.cache
+def exported(family: str, impl: str):
+    """(ExportedProgram, inputs) for one family and attention implementation, built once."""
+    model, kw = build(family, impl)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         ep = torch.export.export(model, (), kw, strict=False)
     return ep, {"args": (), "kwargs": kw}
 
