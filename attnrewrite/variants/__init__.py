@@ -5,7 +5,11 @@ A variant module defines:
   PARAMS           {key: base.Param}: the `--set KEY=VALUE` options, defaults and validation
   reference(q, k, v, mask, scale, softcap, causal, dropout_p, *params) -> Tensor
                    the PyTorch reference (what the op runs on CPU; kernels are tested against it)
-  op               define_attention_op(OP_NAME, reference, extra_schema)
+  op               define_attention_op(OP_NAME, reference, extra_schema): attnrewrite::<OP_NAME>,
+                   (normal form, variant params, Tensor? dropout_seed=None) -> out
+  backward_op      base.BACKWARD_OPS[OP_NAME]: attnrewrite::<OP_NAME>_backward,
+                   (grad, the forward's arguments) -> (dq, dk, dv); the forward's autograd
+                   formula calls it, so a kernel can back the backward alone
   op_args(site, options) -> tuple     the variant parameters appended after the normal form
   diagnostics(q, k, v, mask, scale, softcap, causal, options) -> dict   JSON-able, per site
 and optionally:
@@ -16,6 +20,10 @@ and optionally:
                    causal, dropout_p} (K/V before GQA expansion).
   auto_ladder(site, options) -> list[dict]
                    option overrides from cheapest to most exact, for `--set auto=true`.
+
+`reference` draws nothing random but its dropout mask, from the global RNG in a fixed order,
+so that run under base.seeded_rng(dropout_seed) the mask is a pure function of the seed and
+the backward op replays it.
 """
 from . import exact
 

@@ -11,18 +11,31 @@ convention). `softcap` 0 means none. A row with no visible key returns zeros, ne
 The op is registered once per variant with `torch.library`; its CPU/CUDA
 implementation is the variant's PyTorch reference (the seam where generated Triton
 kernels plug in), its fake implementation gives the output shape, and its autograd
-formula is the VJP of the reference, so rewritten programs export, save and train.
+formula calls a second op, `attnrewrite::<name>_backward` (dq, dk, dv from the VJP of the
+reference), so rewritten programs export, save and train, and a kernel can back the
+backward op alone.
+
+Dropout. Every op ends with `Tensor? dropout_seed=None` (a 0-dim integer tensor). With
+dropout_p > 0 and a seed, the reference runs on the global RNG forked and seeded from it
+(`seeded_rng`): the dropout mask is a pure function of the seed, the caller's RNG stream is
+left untouched, and the backward op replays the same mask. Without a seed the mask is
+drawn from the global RNG as it stands; the forward works, but its backward cannot know
+that mask and raises — a training program passes a seed (the rewrite emits one per site
+whose dropout is active).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
+from ..site import MASK_FLOOR
+
 NAMESPACE = "attnrewrite"
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
 
-MASK_REMOVED = -1e4        # an additive bias at or below this removes the key (HF uses finfo.min)
+MASK_REMOVED = MASK_FLOOR   # the one mask floor (site.MASK_FLOOR), under the name variants use
 
 NORMAL_FORM = ("Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, float softcap, "
                "bool causal, float dropout_p")
@@ -78,45 +91,110 @@ def safe_softmax(s: torch.Tensor) -> torch.Tensor:
     return torch.softmax(s.masked_fill(dead, 0), dim=-1).masked_fill(dead, 0)
 
 
-def _fake(q, k, v, *args, **kwargs):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+SEED = "Tensor? dropout_seed=None"
+BACKWARD_OPS: dict = {}     # op name -> its `<name>_backward` op
+
+
+@contextlib.contextmanager
+def seeded_rng(seed, device):
+    """Run the block on the CPU generator (and `device`'s, for an accelerator) forked and
+    seeded from `seed`, so the random numbers drawn inside depend on the seed alone; the
+    generators are restored on exit."""
+    device, seed = torch.device(device), int(seed) % (1 << 64)
+    accel = device.type != "cpu"
+    with torch.random.fork_rng(devices=[device] if accel else [], device_type=device.type if accel else "cuda"):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        elif accel:
+            getattr(torch, device.type).manual_seed(seed)
+        yield
+
+
+def _rng(dropout_p: float, seed, device):
+    """Where the reference draws its dropout mask: seeded from `seed` when dropout is active
+    and a seed is given, else the global generator as it stands."""
+    return seeded_rng(seed, device) if dropout_p and seed is not None else contextlib.nullcontext()
+
+
+def _require_seed(qualname: str, dropout_p: float, seed) -> None:
+    if dropout_p and seed is None:
+        raise NotImplementedError(
+            f"{qualname}: backward with dropout_p > 0 needs the dropout_seed the forward was called "
+            "with (without one the dropout mask cannot be replayed)")
+
+
+@contextlib.contextmanager
+def _autograd():
+    """Grad mode and autograd dispatch on, for the reference backward's recompute. (A kernel
+    entered through a dispatch mode — FlopCounterMode, opcheck — runs with autograd's
+    dispatch keys excluded, and would record no graph to differentiate.)"""
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False), \
+            torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.ADInplaceOrView, False), torch.enable_grad():
+        yield
 
 
 def define_attention_op(name: str, reference, extra_schema: str = ""):
-    """Register `attnrewrite::<name>` with the normal-form schema plus `extra_schema`.
+    """Register `attnrewrite::<name>` and `attnrewrite::<name>_backward`; return the forward op.
 
+    Forward: (normal form, extra_schema, dropout_seed) -> out. Backward:
+    (grad, normal form, extra_schema, dropout_seed) -> (dq, dk, dv), shaped as q, k, v
+    (k and v with their own head count); also in BACKWARD_OPS[name].
     `reference(q, k, v, mask, scale, softcap, causal, dropout_p, *params)` is the
-    implementation on every device until a kernel is registered for it.
+    implementation of both on every device until a kernel is registered for them.
     """
-    schema = f"{name}({NORMAL_FORM}{', ' + extra_schema if extra_schema else ''}) -> Tensor"
-    _lib.define(schema)
+    params = f", {extra_schema}" if extra_schema else ""
+    _lib.define(f"{name}({NORMAL_FORM}{params}, {SEED}) -> Tensor")
+    _lib.define(f"{name}_backward(Tensor grad, {NORMAL_FORM}{params}, {SEED}) -> (Tensor, Tensor, Tensor)")
     qualname = f"{NAMESPACE}::{name}"
-    torch.library.impl(qualname, "CompositeExplicitAutograd", lib=_lib)(reference)
-    torch.library.register_fake(qualname, lib=_lib)(_fake)
+    ops = getattr(torch.ops, NAMESPACE)
+    fwd, bwd = getattr(ops, name).default, getattr(ops, f"{name}_backward").default
+    n_args = len(fwd._schema.arguments)
+
+    def split(args):
+        """(the reference's arguments, dropout_p, dropout_seed); the dispatcher leaves out a
+        trailing argument equal to its default."""
+        args = (*args, *[None] * (n_args - len(args)))
+        return args[:-1], args[7], args[-1]
+
+    def forward(*args):
+        args, dropout_p, seed = split(args)
+        with _rng(dropout_p, seed, args[0].device):
+            return reference(*args).contiguous()           # the layout the fake implementation states
+
+    def backward_reference(grad, *args):
+        args, dropout_p, seed = split(args)
+        _require_seed(qualname, dropout_p, seed)
+        with _rng(dropout_p, seed, args[0].device), _autograd():
+            leaves = [t.detach().requires_grad_() for t in args[:3]]
+            out = reference(*leaves, *args[3:])
+            grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+        # each gradient in its input's own layout, as the fake implementation (empty_like) states
+        return tuple(torch.zeros_like(t) if g is None else torch.empty_like(t).copy_(g) for g, t in zip(grads, leaves))
+
+    torch.library.impl(qualname, "CompositeExplicitAutograd", lib=_lib)(forward)
+    torch.library.register_fake(qualname, lib=_lib)(
+        lambda q, k, v, *args: q.new_empty((*q.shape[:-1], v.shape[-1])))
+    torch.library.impl(f"{qualname}_backward", "CompositeExplicitAutograd", lib=_lib)(backward_reference)
+    torch.library.register_fake(f"{qualname}_backward", lib=_lib)(
+        lambda grad, q, k, v, *args: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
 
     def setup_context(ctx, inputs, output):
-        ctx.inputs = inputs
-        ctx.save_for_backward(*[t for t in inputs[:4] if isinstance(t, torch.Tensor)])
+        *args, seed = inputs
+        ctx.rest = args[4:]                                    # scale, softcap, causal, dropout_p, params
+        ctx.save_for_backward(*args[:4], seed)
 
     def backward(ctx, grad):
-        q, k, v, mask, scale, softcap, causal, dropout_p, *params = ctx.inputs
-        if dropout_p:
-            raise NotImplementedError(
-                f"{qualname}: backward with dropout_p > 0 is not supported by the reference; "
-                "rewrite an eval-mode program or set dropout to 0")
-        saved = ctx.saved_tensors
-        q, k, v = saved[:3]
-        mask = saved[3] if len(saved) > 3 else None
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in (q, k, v)]
-            out = reference(*leaves, mask, scale, softcap, causal, 0.0, *params)
-            want = [t for t in leaves if t.requires_grad]
-            grads = iter(torch.autograd.grad(out, want, grad, allow_unused=True))
-        g = [next(grads) if t.requires_grad else None for t in leaves]
-        return (*g, None, None, None, None, None, *[None] * len(params))
+        q, k, v, mask, seed = ctx.saved_tensors
+        _require_seed(qualname, ctx.rest[3], seed)
+        grads = bwd(grad, q, k, v, mask, *ctx.rest, seed)
+        return (*[g if need else None for g, need in zip(grads, ctx.needs_input_grad)],
+                None, *[None] * len(ctx.rest), None)
 
     torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_lib)
-    return getattr(getattr(torch.ops, NAMESPACE), name).default
+    BACKWARD_OPS[name] = bwd
+    return fwd
 
 
 # ---------------------------------------------------------------- variant parameters

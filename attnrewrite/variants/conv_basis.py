@@ -27,14 +27,21 @@ FFT's round-off. Everything runs in float64, and rows whose normaliser is below
 `RELIABLE` times the FFT error estimate are recomputed exactly (O(n·d) each) and counted.
 Masks: a key-only bias (padding) and the causal pattern are supported — the key bias
 becomes a weight on V and on the ones vector; any other bias keeps the site exact.
+Dropout: with dropout_p > 0 the op computes exact attention with dropout (the same mask as
+`exact` for the same seed); the rewrite keeps such sites exact anyway.
 """
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
+from onnx import helper
 
-from .base import MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax
+from ..passes import onnx_rewrite as R
+from .exact import reference as exact_reference
+from .base import BACKWARD_OPS, MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax
 
 NAME = "conv_basis"
 OP_NAME = "conv_basis_attention"
@@ -273,10 +280,9 @@ def _attend(q, k, v, mask, scale, softcap, causal, dropout_p, count, starts, eps
     lq, n = q.shape[-2], k.shape[-2]
     split = split_mask(mask, causal, n) if lq == n else None
     if split is None or dropout_p:                                 # not representable: exact
-        from .exact import reference as exact
         if stats is not None:
             stats["exact_fallback"] = "mask is not causal + per-key" if split is None else "dropout"
-        return exact(q, k, v, mask, scale, softcap, causal, dropout_p)
+        return exact_reference(q, k, v, mask, scale, softcap, causal, dropout_p)
     causal, key_bias = split
     q64 = q.double() * scale
     k64, v64 = expand_kv(q, k).double(), expand_kv(q, v).double()
@@ -295,6 +301,7 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
 
 
 op = define_attention_op(OP_NAME, reference, "int k_basis, int[]? starts, float eps")
+backward_op = BACKWARD_OPS[OP_NAME]
 
 
 def op_args(site, options: dict) -> tuple:
@@ -337,7 +344,6 @@ def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:
 
 # ----------------------------------------------------------------------------- ONNX lowering
 
-import functools  # noqa: E402 - used by the ONNX lowering below
 
 ONNX_OFFSET_TABLE_N = 4096   # sequence lengths whose sampled-diagonal offsets are tabulated in the model
 
@@ -345,7 +351,6 @@ ONNX_OFFSET_TABLE_N = 4096   # sequence lengths whose sampled-diagonal offsets a
 @functools.lru_cache(maxsize=2)
 def _offset_table(n_max: int):
     """(n_max + 1, T) int16: row n = find_starts' sorted offsets for length n, padded with -1."""
-    import numpy as np
     rows = []
     for n in range(n_max + 1):
         grid = torch.logspace(0, math.log10(max(n - 1, 1)), SAMPLED_DIAGONALS).long().tolist()
@@ -377,9 +382,7 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
     the mask is causal is decided at run time (every strictly-upper entry removed), and the key
     bias is its last (causal) or first row, as `split_mask`. Needs Lq == Lk.
     """
-    import numpy as np
 
-    from ..passes import onnx_rewrite as R
     TP = R.TensorProto
     if isinstance(site.q_len, int) and isinstance(site.kv_len, int) and site.q_len != site.kv_len:
         raise R.Unsupported(f"{NAME}: needs q_len == kv_len (got {site.q_len} and {site.kv_len})")
@@ -474,7 +477,6 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
                        keepdims=0)
         norm2 = b.op("Mul", norm2, wp)
         norm2 = where(cmp("Equal", ar, i(0)), f(math.inf), norm2)
-        from onnx import helper
         vals, inds = b.fresh("TopK"), b.fresh("TopK_indices")
         b.nodes.append(helper.make_node("TopK", [norm2, kk], [vals, inds], name=b.fresh("TopK_node"),
                                         axis=-1, largest=1, sorted=1))

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import define_attention_op, expand_kv, masked_scores, safe_softmax
+from ..passes import onnx_rewrite as R
+from .base import BACKWARD_OPS, define_attention_op, expand_kv, masked_scores, safe_softmax
 
 NAME = "exact"
 OP_NAME = "exact_attention"
@@ -24,6 +25,7 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
 
 
 op = define_attention_op(OP_NAME, reference)
+backward_op = BACKWARD_OPS[OP_NAME]
 
 
 def op_args(site, options: dict) -> tuple:
@@ -43,7 +45,6 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
     Returns the (B, H, Lq, Dv) output. Other variants follow the same shape, reusing
     the helpers in `attnrewrite.passes.onnx_rewrite`.
     """
-    from ..passes import onnx_rewrite as R
     causal = bool(site.causal)
     if b.opset >= 23:
         attrs = {"scale": R.resolve_scale(b, site)}

@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from ..passes import onnx_rewrite as R
 from . import exact
-from .base import MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax, score_bias
+from .base import BACKWARD_OPS, MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax, score_bias
 
 NAME = "preconditioned"
 OP_NAME = "preconditioned_attention"
@@ -103,6 +105,7 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
 
 
 op = define_attention_op(OP_NAME, reference, "str mode, float[] gain")
+backward_op = BACKWARD_OPS[OP_NAME]
 
 
 def _float64(s: dict):
@@ -192,9 +195,7 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
     Cᵢᵢ = 0 where the norm is 0 (Where around the Div), as in `_inv`. Half inputs are
     computed in fp32 and cast back. Dropout is a training-time op and is not lowered.
     """
-    import numpy as np
 
-    from ..passes import onnx_rewrite as R
     TP = R.TensorProto
     mode, gain = op_args(site, options)
     if mode not in MODES:

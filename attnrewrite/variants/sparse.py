@@ -34,7 +34,10 @@ bottom-right alignment `causal` uses in base.py):
           off, so the default selects by density alone). density = 1 is exact.
 
 Normal form, GQA, masks and the causal convention are base.py's; half inputs are computed in
-fp32; dropout (training) applies to the renormalised weights, as in exact.
+fp32; dropout (training) applies to the renormalised weights, as in exact. Chunks run in order
+and each draws its mask from the RNG in turn; a checkpointed chunk restores the RNG state it
+started from before recomputing (torch.utils.checkpoint's preserve_rng_state), so a seeded
+call and its backward see the same masks.
 
 Memory: queries are processed in chunks of ≤ CHUNK_ELEMENTS scores (chunk·Lk for topk/block —
 causal chunks score only the keys up to their last diagonal — chunk·(chunk + window + sinks)
@@ -48,11 +51,15 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from onnx import helper
 from torch.utils.checkpoint import checkpoint
 
-from .base import Param, compute_dtype, define_attention_op, expand_kv
+from ..check import is_causal_mask
+from ..passes import onnx_rewrite as R
+from .base import BACKWARD_OPS, Param, compute_dtype, define_attention_op, expand_kv
 
 NAME = "sparse"
 OP_NAME = "sparse_attention"
@@ -261,6 +268,7 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
 
 op = define_attention_op(OP_NAME, reference, "str mode, int top_k, int window, int sinks, str band, "
                                              "int block, float density, float mass")
+backward_op = BACKWARD_OPS[OP_NAME]
 
 
 def op_args(site, options: dict) -> tuple:
@@ -278,7 +286,6 @@ def prepare(site, samples, options: dict) -> dict:
     """
     o = _options(options)
     if o["mode"] == "window" and o["band"] == "auto":
-        from ..check import is_causal_mask
         causal = bool(site.causal) or bool(samples) and all(
             s["causal"] or is_causal_mask(s["mask"]) for s in samples)
         o["band"] = "backward" if causal else "two-sided"
@@ -380,9 +387,7 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
     Every mode ends in a masked softmax whose rows with no kept visible key give zeros.
     Half inputs are computed in fp32 and cast back, as in the reference.
     """
-    import numpy as np
 
-    from ..passes import onnx_rewrite as R
     TP = R.TensorProto
     o = _options(options)
     if o["mode"] not in MODE_KEYS:
@@ -422,7 +427,6 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
 
 def _onnx_topk(b, x, k: str) -> str:
     """The k largest values of x over the last axis, sorted descending (TopK's values output)."""
-    from onnx import helper
     values, indices = b.fresh("TopK"), b.fresh("TopK_indices")
     b.nodes.append(helper.make_node("TopK", [x, k], [values, indices], name=b.fresh("TopK_node"),
                                     axis=-1, largest=1, sorted=1))
