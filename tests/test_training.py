@@ -195,3 +195,57 @@ def test_opcheck(case):
     torch.library.opcheck(mod.op, (q, k, v, *args), seed)
     up = torch.randn(q.shape, dtype=F64)
     torch.library.opcheck(mod.backward_op, (up, *(t.detach() for t in (q, k, v)), *args), seed)
+
+
+# ---------------------------------------------------------------- a saved, rewritten .pt2 trains, dropout included
+
+class _DropoutAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5 if self.training else 0.0)
+        return o.transpose(1, 2).reshape(b, n, 16)
+
+
+@pytest.mark.parametrize("variant,options", [("exact", {}), ("sparse", {"mode": "topk", "k": 3})])
+def test_saved_pt2_with_active_dropout_trains_and_replays_its_mask(tmp_path, variant, options):
+    import attnrewrite
+    torch.manual_seed(0)
+    m, x = _DropoutAttention().train(), torch.randn(2, 8, 16)
+    ep = torch.export.export(m, (x,))
+    res = attnrewrite.rewrite(ep, variant, **options)
+    site = res.sites[0]
+    assert site.status == "rewritten" and site.dropout == 0.5 and site.check == {"unchecked": "dropout active"}
+    torch.export.save(res.program, tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2").module()
+    calls = [n for n in loaded.graph.nodes if n.op == "call_function" and "attnrewrite" in str(n.target)]
+    assert len(calls) == 1
+    w = dict(loaded.named_parameters())["qkv.weight"]
+
+    def loss_and_grad(seed):
+        torch.manual_seed(seed)
+        out = loaded(x)
+        (g,) = torch.autograd.grad(out.square().sum(), [w])
+        return out.detach(), g
+
+    (a, ga), (b, gb), (c, _) = loss_and_grad(1), loss_and_grad(1), loss_and_grad(2)
+    assert torch.equal(a, b) and torch.equal(ga, gb) and not torch.equal(a, c)
+    with torch.no_grad():
+        assert (a - m.eval()(x)).abs().max() > 1e-2            # dropout really changed the output
+    # the gradient is the gradient of the function the forward computed: a finite difference
+    # along a random direction, with the same seed (hence the same mask) on both sides
+    d = torch.randn_like(w)
+    with torch.no_grad():
+        def f(t):
+            w.copy_(t)
+            torch.manual_seed(1)
+            return loaded(x).square().sum().double()
+        w0 = w.detach().clone()
+        eps = 1e-3
+        fd = (f(w0 + eps * d) - f(w0 - eps * d)) / (2 * eps)
+        w.copy_(w0)
+    assert abs(fd.item() - (ga * d).sum().item()) <= 2e-2 * max(1.0, abs(fd.item()))
