@@ -1,6 +1,6 @@
 """conv-basis — attention as a sum of k sub-convolutions, applied by FFT in O(k·n·d·log n).
 
-Math (DESIGN.md; after Conv-Basis, arXiv 2405.05219 — the construction is ours, the paper's
+Math (after Conv-Basis, arXiv 2405.05219 — the construction is ours, the paper's
 algorithm text was not available). Let H = exp(s − c) on and below the diagonal, s the
 site's scores (scale·q·kᵀ, soft-capped), c one shift shared by every row. Column j's
 basis vector is bⱼ = H[j:, j] − H[j−1:n−1, j−1]; H = Σⱼ S(bⱼ, n−j) exactly, where S(b, m)
