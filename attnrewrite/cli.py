@@ -25,7 +25,7 @@ from rich.console import Console
 from . import pipeline
 from .frontends.export import read_inputs
 from .frontends.onnx import OnnxFrontEnd, external_files
-from .io import InputError, atomic_write
+from .io import InputError, atomic_write, check_writable
 from .report import render_table
 from .variants import VARIANTS
 
@@ -99,13 +99,15 @@ def output_path(args, fe, variant: str | None) -> Path | None:
     output = Path(args.output) if args.output else fe.output_path(variant)
     if output is None:
         return None
-    if isinstance(fe, OnnxFrontEnd) and fe.source:
-        src = Path(fe.source)
-        protected = {src.resolve(), *external_files(src)}
+    source = getattr(fe, "source", None)
+    if source and os.path.exists(source):
+        src = Path(source)
+        protected = {src.resolve(), *(external_files(src) if isinstance(fe, OnnxFrontEnd) else ())}
         if output.resolve() in protected or output.with_name(output.name + ".data").resolve() in protected:
             raise InputError(f"{output} would overwrite the input model or its weights: choose another -o")
     if output.exists() and not args.overwrite:
         raise InputError(f"{output} exists (pass --overwrite to replace it)")
+    check_writable(output)
     return output
 
 

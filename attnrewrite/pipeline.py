@@ -129,7 +129,10 @@ def detect(fe: FrontEnd, *, timings: dict | None = None) -> tuple[list[Attention
     if timings is not None:
         timings["detect_s"] = time.perf_counter() - t
     if sites and fe.inputs:
-        fill_causal(sites, fe.capture(sites, fe.inputs))
+        try:
+            fill_causal(sites, fe.capture(sites, fe.inputs))
+        except InputError:                   # the model does not run on these inputs: list what the graph says
+            pass
     return sites, unmatched
 
 
@@ -243,7 +246,9 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
     if not found and require_sites:
         raise InputError(NO_ATTENTION)
     t = time.perf_counter()
-    needs_values = check or getattr(mod, "prepare", None) is not None
+    needs_values = check or getattr(mod, "prepare", None) is not None or bool(opts.get("auto"))
+    if found and needs_values and not fe.inputs:
+        raise InputError(fe.inputs_problem or "no inputs to run the model on (pass --inputs)")
     captured = fe.capture(found, fe.inputs) if found and fe.inputs and needs_values else {}
     fill_causal(found, captured)
     planned, kept, unselected = plan(fe, found, mod, opts, sel, captured)

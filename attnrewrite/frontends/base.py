@@ -23,7 +23,8 @@ class FrontEnd:
     fmt: str = ""              # the report's "format": pt2, torchscript, pickle, factory, module, demo, onnx, dynamo
     name: str = ""             # the report's "model"
     inputs: list = []          # input sets, in the front end's own form
-    inputs_kind: str = ""      # given | example | synthesised
+    inputs_kind: str = ""      # given | example | synthesised | none
+    inputs_problem: str = ""   # with "none": why no inputs could be made (raised once a run is needed)
     program = None             # the original program (ExportedProgram, ModelProto, GraphModule)
 
     def find_sites(self) -> tuple[list[AttentionSite], list[tuple[str, str]]]:

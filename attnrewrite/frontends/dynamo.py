@@ -120,6 +120,7 @@ class DynamoFrontEnd(FxFrontEnd):
         usable = not any(isinstance(x, FakeTensor) for x in example_inputs)
         self.inputs = [[_concrete(x) for x in example_inputs]] if usable else []
         self.inputs_kind = "example" if usable else "none"
+        self.inputs_problem = "" if usable else "Dynamo passed fake example inputs: no values to plan or check on"
         self.name = name
         names = [n.name for n in self.graph_module.graph.nodes if n.op == "placeholder"]
         self.params = {nm for nm, x in zip(names, example_inputs) if isinstance(x, torch.nn.Parameter)}

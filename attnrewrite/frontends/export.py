@@ -9,17 +9,19 @@ rewritten in place of a copy (no re-export) and saved with torch.export.save.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
-import zipfile
 from pathlib import Path
 
 import torch
 from torch._export.converter import TS2EPConverter
 
-from ..io import InputError, atomic_write
+from ..io import InputError, atomic_write, what_is
 from ..passes.fx_rewrite import constants_of, params_of, program_with_graph
 from .fxgraph import FxFrontEnd, named_float_outputs
+
+MAX_SYNTHESISED = 1 << 26        # elements per synthesised input (256 MiB of float32)
 
 Inputs = list  # [(args tuple, kwargs dict), ...]
 
@@ -79,6 +81,8 @@ def synthesise_inputs(ep: torch.export.ExportedProgram) -> Inputs:
             values[n.name] = v
             continue
         shape = [int(getattr(d, "node", None).hint) if isinstance(d, torch.SymInt) else int(d) for d in v.shape]
+        if math.prod(shape) > MAX_SYNTHESISED:
+            raise InputError(f"input {n.name} has shape {shape}: too large to synthesise (pass --inputs)")
         name = n.name.lower()
         if v.dtype == torch.bool:
             t = torch.ones(shape, dtype=torch.bool)
@@ -130,51 +134,103 @@ def load(model: str | None, inputs: Inputs | None, trust: bool):
     if not p.exists():
         raise InputError(f"model not found: {model}")
     suffix = p.suffix.lower()
+    if p.is_dir():
+        raise InputError(f"{model} is a folder, not a model file")
     if suffix == ".pt2":
+        kind = what_is(p)
+        if kind != "a torch.export archive":
+            raise InputError(f"{p.name} is {kind}, not a torch.export archive")
         try:
             ep = torch.export.load(str(p))
-        except Exception as e:  # noqa: BLE001
-            raise InputError(f"cannot load {model} as a torch.export program: {str(e).splitlines()[0]}") from e
+        except Exception as e:  # noqa: BLE001 - a damaged archive, or one naming ops nobody registered
+            first = (str(e).splitlines() or [""])[0]
+            raise InputError(f"cannot load {p.name} (a damaged or incompatible torch.export archive): {first}") from e
         return ep, *inputs_for(ep, inputs), "pt2"
     if suffix in (".pt", ".pth"):
         return _from_torch_file(p, inputs, trust)
     raise InputError(f"unsupported model file '{p.name}': expected .pt2, .pt/.pth, .onnx or pkg.module:factory")
 
 
+def check_inputs(ep: torch.export.ExportedProgram, inputs: Inputs) -> None:
+    """InputError naming the first way an input set does not fit the program's signature:
+    argument names and structure, then each tensor's dtype, rank and fixed sizes."""
+    sig = ep.graph_signature
+    vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    expected = ep.call_spec.in_spec
+    for i, (args, kwargs) in enumerate(inputs):
+        where = f"input set {i}" if len(inputs) > 1 else "the inputs"
+        flat, spec = torch.utils._pytree.tree_flatten((tuple(args), dict(kwargs)))
+        if spec != expected:
+            want = torch.utils._pytree.tree_unflatten([None] * expected.num_leaves, expected)
+            raise InputError(f"{where} do not match the program's signature: expected "
+                             f"{len(want[0])} positional argument(s) and keywords {sorted(want[1]) or 'none'}, "
+                             f"got {len(args)} and {sorted(kwargs) or 'none'}")
+        for name, got in zip(sig.user_inputs, flat):
+            want = vals.get(name)
+            if not isinstance(want, torch.Tensor):
+                continue
+            if not isinstance(got, torch.Tensor):
+                raise InputError(f"{where}: {name} must be a tensor, got {type(got).__name__}")
+            if got.dtype != want.dtype:
+                raise InputError(f"{where}: {name} has dtype {got.dtype}, the program expects {want.dtype}")
+            if got.dim() != want.dim():
+                raise InputError(f"{where}: {name} has rank {got.dim()} {tuple(got.shape)}, "
+                                 f"the program expects rank {want.dim()}")
+            for axis, (g, w) in enumerate(zip(got.shape, want.shape)):
+                if isinstance(w, int) and g != w:
+                    raise InputError(f"{where}: {name} has size {g} on axis {axis}, the program was exported "
+                                     f"with a fixed size {w} there")
+
+
 def inputs_for(ep, inputs):
     """(inputs, kind): the given ones, else the program's example inputs, else synthesised."""
     if inputs:
+        check_inputs(ep, inputs)
         return inputs, "given"
     ex = example_inputs(ep)
     if ex:
         return ex, "example"
-    return synthesise_inputs(ep), "synthesised"
+    try:
+        return synthesise_inputs(ep), "synthesised"
+    except InputError as e:                  # listing needs no run; the pipeline raises it when a run is needed
+        return [], f"none: {e}"
 
 
 def _from_torch_file(p: Path, inputs, trust: bool):
-    is_zip = zipfile.is_zipfile(p)
-    if is_zip:
-        with zipfile.ZipFile(p) as z:
-            scripted = any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
-    else:
-        scripted = False
-    if scripted:
+    """A TorchScript archive (converted), or a pickled module (only with `trust`).
+
+    The file is judged by its bytes first; a pickle is first read with weights_only=True,
+    which executes nothing, so the message can say what it holds.
+    """
+    kind = what_is(p)
+    if kind == "a TorchScript archive":
         if not inputs:
             raise InputError(f"{p.name} is a TorchScript archive: converting it needs --inputs")
-        module = torch.jit.load(str(p), map_location="cpu")
+        try:
+            module = torch.jit.load(str(p), map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - a damaged archive
+            first = (str(e).splitlines() or [""])[0]
+            raise InputError(f"cannot load {p.name} (a damaged TorchScript archive): {first}") from e
         args, kwargs = inputs[0]
         try:
             ep = TS2EPConverter(module, tuple(args), kwargs).convert()
         except Exception as e:  # noqa: BLE001
             raise InputError(f"cannot convert TorchScript {p.name}: {str(e).splitlines()[0]}") from e
         return ep, inputs, "given", "torchscript"
+    if kind not in ("a pickle", "a torch.save archive (a pickle)"):
+        raise InputError(f"{p.name} is {kind}: expected a TorchScript archive or a pickled module "
+                         "(or export the model with torch.export and pass the .pt2)")
     try:
         obj = torch.load(p, weights_only=True, map_location="cpu")
-    except Exception:
+    except Exception:  # noqa: BLE001 - not plain tensors and containers: it would run code
         if not trust:
             raise InputError(f"{p.name} is a pickled object; loading it runs code from the file: "
                              "pass --trust if you trust it, or export the model with torch.export") from None
-        obj = torch.load(p, weights_only=False, map_location="cpu")
+        try:
+            obj = torch.load(p, weights_only=False, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - a damaged pickle, or one naming missing classes
+            first = (str(e).splitlines() or [""])[0]
+            raise InputError(f"cannot unpickle {p.name}: {type(e).__name__}: {first}") from e
     if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise InputError(f"{p.name} is a bare state_dict: export the model with torch.export.save and pass the .pt2")
     if not isinstance(obj, torch.nn.Module):
@@ -254,7 +310,8 @@ class ExportFrontEnd(FxFrontEnd):
 
     def __init__(self, ep: torch.export.ExportedProgram, inputs: Inputs, inputs_kind: str, fmt: str = "pt2",
                  name: str = "", source: str | None = None):
-        self.program, self.inputs, self.inputs_kind, self.fmt, self.name = ep, inputs, inputs_kind, fmt, name
+        self.program, self.inputs, self.fmt, self.name = ep, inputs, fmt, name
+        self.inputs_kind, _, self.inputs_problem = inputs_kind.partition(": ")
         self.source = source                  # the CLI's MODEL argument, for the default output path
         self.graph_module = ep.graph_module
         self.params, self.constants = params_of(ep), constants_of(ep)

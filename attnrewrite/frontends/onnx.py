@@ -12,6 +12,7 @@ names, dicts of arrays, or synthesised from the graph's input types.
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -21,22 +22,46 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from ..io import InputError, atomic_write
+from ..io import InputError, atomic_write, what_is
 from ..passes import onnx_detect, onnx_rewrite
 from .base import FrontEnd, default_scale
 
 EXTERNAL_MIN_BYTES = 1 << 20      # write weights to <out>.data once they pass 1 MiB
 SMALL_TENSOR = 1024               # tensors below this stay inside the model file
+MAX_SYNTHESISED = 1 << 26         # elements per synthesised input (256 MiB of float32)
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load and validate (onnx.checker, structure only: what a rewrite may assume) an ONNX file."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise InputError(f"model not found: {path}")
+    if not p.is_file() or p.stat().st_size == 0:
+        raise InputError(f"{p.name} is {what_is(p)}, not an ONNX model")
     try:
-        return onnx.load(str(p), load_external_data=True)
-    except Exception as e:  # noqa: BLE001 - a broken file or missing external data
-        raise InputError(f"cannot load {p.name} as ONNX: {str(e).splitlines()[0]}") from e
+        model = onnx.load(str(p), load_external_data=True)
+    except Exception as e:  # noqa: BLE001 - not protobuf, or missing external data
+        first = (str(e).splitlines() or [""])[0]
+        raise InputError(f"{p.name} is not an ONNX model ({what_is(p)}; the protobuf parser says: {first})") from e
+    validate(model, p)
+    return model
+
+
+def validate(model: onnx.ModelProto, path: Path | None = None) -> None:
+    """InputError when the graph is not a valid ONNX graph (cycles, dangling inputs, unknown
+    standard ops, an opset this onnx does not know, no graph at all)."""
+    name = path.name if path else "the model"
+    if not model.graph.node and not model.graph.output:
+        raise InputError(f"{name} holds no graph")
+    newest = onnx.defs.onnx_opset_version()
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version > newest:
+            raise InputError(f"{name} uses opset {o.version}; this onnx knows opsets up to {newest}")
+    try:
+        onnx.checker.check_model(str(path) if path is not None else model)
+    except Exception as e:  # noqa: BLE001 - ValidationError and friends: the user's model
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise InputError(f"{name} is not a valid ONNX model: {first}") from e
 
 
 def external_files(model_path: Path, model: onnx.ModelProto | None = None) -> set[Path]:
@@ -158,6 +183,9 @@ def synthesise_inputs(model: onnx.ModelProto, seed: int = 0) -> list[dict]:
                 shape.append(d.dim_value)
             else:
                 shape.append(sym.setdefault(d.dim_param or f"?{inp.name}{i}", 2 if i == 0 else 8))
+        if math.prod(shape) > MAX_SYNTHESISED:
+            raise InputError(f"input {inp.name} declares shape {shape}: too large to synthesise "
+                             "(pass --inputs with real values)")
         dt = helper.tensor_dtype_to_np_dtype(t.elem_type)
         name = inp.name.lower()
         if dt == np.bool_:
@@ -209,7 +237,10 @@ def float_outputs(model) -> list[str]:
 def inputs_for(model, inputs) -> tuple[list, str]:
     """(input sets, kind): a .npz path, a dict or list of dicts of arrays, else synthesised."""
     if inputs is None:
-        return synthesise_inputs(model), "synthesised"
+        try:
+            return synthesise_inputs(model), "synthesised"
+        except InputError as e:              # listing needs no run; the pipeline raises it when a run is needed
+            return [], f"none: {e}"
     if isinstance(inputs, (str, os.PathLike)):
         return read_npz(str(inputs), model), "given"
     if isinstance(inputs, dict):
@@ -231,7 +262,8 @@ class OnnxFrontEnd(FrontEnd):
 
     def __init__(self, model: onnx.ModelProto, inputs=None, name: str = "", source: str | None = None):
         self.program = model
-        self.inputs, self.inputs_kind = inputs_for(model, inputs)
+        self.inputs, kind = inputs_for(model, inputs)
+        self.inputs_kind, _, self.inputs_problem = kind.partition(": ")
         self.name = name or model.graph.name or "onnx model"
         self.source = source
         self._inferred = onnx_detect.infer(model)
