@@ -23,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 
 from . import pipeline
-from .frontends.export import read_inputs
+from .frontends.export import import_modules, read_inputs
 from .frontends.onnx import OnnxFrontEnd, external_files
 from .io import InputError, atomic_write, check_writable
 from .report import render_table
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write the output even if the check fails")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--trust", action="store_true", help="allow loading a pickled module (runs its code)")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (a library registering custom ops or pytree types the model uses)")
     p.add_argument("--verbose", action="store_true", help="library logs, unmatched softmaxes, tracebacks")
     return p
 
@@ -127,6 +129,7 @@ def run(argv: list[str]) -> int:
     if args.output and Path(args.output).exists() and not args.overwrite and not listing:
         raise InputError(f"{args.output} exists (pass --overwrite to replace it)")
 
+    import_modules(args.imports)
     t0 = time.perf_counter()
     with err.status("loading the model…"):
         is_onnx = bool(args.model) and args.model.lower().endswith(".onnx")

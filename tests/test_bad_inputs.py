@@ -211,3 +211,65 @@ def test_no_space_left_writes_nothing(corpus, capsys, monkeypatch, tmp_path, fmt
     err = capsys.readouterr().err
     assert code == 2 and "No space left on device" in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+LIBRARY = '''
+import torch
+from dataclasses import dataclass
+
+@torch.library.custom_op("{ns}::twice", mutates_args=())
+def twice(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+@twice.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+@dataclass
+class Out:
+    y: torch.Tensor
+
+torch.utils._pytree.register_dataclass(Out, serialized_type_name="{ns}.Out")
+'''
+
+MAKE = '''
+import sys, torch
+sys.path[:0] = [{tests!r}, "."]
+import {ns}
+from _models import TinyAttention
+
+class UsesOp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = TinyAttention()
+    def forward(self, x):
+        return torch.ops.{ns}.twice(self.a(x))
+
+class ReturnsType(UsesOp):
+    def forward(self, x):
+        return {ns}.Out(self.a(x))
+
+x = torch.randn(2, 5, 16)
+torch.export.save(torch.export.export(UsesOp(), (x,)), "op.pt2")
+torch.export.save(torch.export.export(ReturnsType(), (x,)), "tree.pt2")
+'''
+
+
+def test_missing_custom_op_or_pytree_type_is_named_and_import_fixes_it(tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+    ns = f"extlib{os.getpid()}"                       # a library this test process has never imported
+    (tmp_path / f"{ns}.py").write_text(LIBRARY.format(ns=ns))
+    (tmp_path / "make.py").write_text(MAKE.format(ns=ns, tests=os.path.dirname(__file__)))
+    subprocess.run([sys.executable, "make.py"], cwd=tmp_path, check=True, capture_output=True)
+    monkeypatch.chdir(tmp_path)
+    for name, words in (("op.pt2", f"calls the custom op torch.ops.{ns}.twice"),
+                        ("tree.pt2", f"returns a {ns}.Out")):
+        assert main([name, "--list"]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "--import MODULE" in err and len(err.strip().splitlines()) == 1
+    assert main(["op.pt2", "--list", "--import", "no_such_library_here"]) == 2
+    assert "--import no_such_library_here failed" in capsys.readouterr().err
+    for name in ("op.pt2", "tree.pt2"):
+        assert main([name, "--list", "--json", "--import", ns]) == 0
+        assert '"status": "detected"' in capsys.readouterr().out

@@ -9,8 +9,10 @@ rewritten in place of a copy (no re-export) and saved with torch.export.save.
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -140,12 +142,7 @@ def load(model: str | None, inputs: Inputs | None, trust: bool):
         kind = what_is(p)
         if kind != "a torch.export archive":
             raise InputError(f"{p.name} is {kind}, not a torch.export archive")
-        try:
-            ep = torch.export.load(str(p))
-        except Exception as e:  # noqa: BLE001 - a damaged archive, or one naming ops nobody registered
-            first = (str(e).splitlines() or [""])[0]
-            raise InputError(f"cannot load {p.name} (a damaged or incompatible torch.export archive): {first}") from e
-        return ep, *inputs_for(ep, inputs), "pt2"
+        return (ep := load_program(p)), *inputs_for(ep, inputs), "pt2"
     if suffix in (".pt", ".pth"):
         return _from_torch_file(p, inputs, trust)
     raise InputError(f"unsupported model file '{p.name}': expected .pt2, .pt/.pth, .onnx or pkg.module:factory")
@@ -180,6 +177,63 @@ def check_inputs(ep: torch.export.ExportedProgram, inputs: Inputs) -> None:
                 if isinstance(w, int) and g != w:
                     raise InputError(f"{where}: {name} has size {g} on axis {axis}, the program was exported "
                                      f"with a fixed size {w} there")
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+MISSING = [(re.compile(r"failed to resolve (torch\.ops\.[\w.]+?)(?:\.default)? to an operator"),
+            "calls the custom op {0}, which no imported library registers"),
+           (re.compile(r"Deserializing ([\w.]+) in pytree is not registered"),
+            "returns a {0}, a type no imported library registers with torch's pytree")]
+
+
+def load_program(p: Path) -> torch.export.ExportedProgram:
+    """torch.export.load, with a one-line reason when it fails: the custom op or the pytree
+    type nobody imported (torch only logs those), else the archive is damaged."""
+    logger = logging.getLogger("torch.export")
+    handler, level, propagate = _Records(), logger.level, logger.propagate
+    saved = logger.handlers[:]
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.WARNING)
+    try:
+        return torch.export.load(str(p))
+    except Exception as e:  # noqa: BLE001 - a damaged archive, or one naming ops nobody registered
+        causes = [str(e)]
+        for r in handler.records:
+            c = r.exc_info[1] if r.exc_info else None
+            while c is not None:
+                causes.append(str(c))
+                c = c.__cause__ or c.__context__
+        for text in causes:
+            for pattern, words in MISSING:
+                m = pattern.search(text)
+                if m:
+                    raise InputError(f"{p.name} {words.format(m.group(1))}: pass --import MODULE (the library "
+                                     "that defines it) to import it first") from None
+        first = (causes[-1].strip().splitlines() or [""])[0]
+        raise InputError(f"cannot load {p.name} (a damaged or incompatible torch.export archive): {first}") from e
+    finally:
+        logger.handlers, logger.propagate = saved, propagate
+        logger.setLevel(level)
+
+
+def import_modules(names) -> None:
+    """`--import MODULE`: import libraries that register custom ops or pytree types a program needs."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in names or ():
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - ImportError, or the module's own failure
+            first = (str(e).splitlines() or [""])[0]
+            raise InputError(f"--import {name} failed: {type(e).__name__}: {first}") from e
 
 
 def inputs_for(ep, inputs):
