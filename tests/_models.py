@@ -18,6 +18,17 @@ class TinyAttention(torch.nn.Module):
         return (p @ v).transpose(1, 2).reshape(b, n, 16)
 
 
+class NoAttention(torch.nn.Module):
+    """A softmax over features, not attention: zero sites."""
+
+    def __init__(self, out: int = 16):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, out)
+
+    def forward(self, x):
+        return self.fc(x).softmax(-1)
+
+
 def save_tiny(folder, seq: int):
     """A saved .pt2 of TinyAttention (seed 0) on inputs of shape (2, seq, 16)."""
     torch.manual_seed(0)

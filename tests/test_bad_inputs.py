@@ -16,16 +16,7 @@ import pytest
 import torch
 
 from attnrewrite.cli import main
-from _models import TinyAttention
-
-
-class NoAttention(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(16, 16)
-
-    def forward(self, x):
-        return self.fc(x).softmax(-1)
+from _models import NoAttention, TinyAttention
 
 
 def _damaged(folder: Path, good: Path) -> None:

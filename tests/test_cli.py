@@ -9,18 +9,9 @@ import torch
 
 import attnrewrite
 from attnrewrite.cli import main
-from _models import TinyAttention  # noqa: E402
+from _models import NoAttention, TinyAttention  # noqa: E402
 
 HERE = os.path.dirname(__file__)
-
-
-class NoAttention(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = torch.nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.fc(x).softmax(-1)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +22,7 @@ def pt2(tmp_path_factory):
     path = d / "tiny.pt2"
     torch.export.save(ep, path)
     none = d / "none.pt2"
-    torch.export.save(torch.export.export(NoAttention().eval(), (torch.randn(2, 5, 16),)), none)
+    torch.export.save(torch.export.export(NoAttention(4).eval(), (torch.randn(2, 5, 16),)), none)
     return path, none
 
 
