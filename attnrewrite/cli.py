@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from . import pipeline
 from .frontends.export import import_modules, read_inputs
@@ -142,9 +143,15 @@ def run(argv: list[str]) -> int:
         return finish_listing(report, unmatched, args, out, err)
 
     output = output_path(args, fe, variant)
-    with err.status(f"rewriting into {variant} and checking…"):
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=err, transient=True) as bar:
+        task = bar.add_task(f"rewriting into {variant}", total=None)
+
+        def progress(stage: str, done: int, total: int | None) -> None:
+            bar.update(task, description=f"{variant}: {stage}", completed=done, total=total)
+
         result = pipeline.rewrite(fe, variant, options, sites=args.sites, check=not args.no_check,
-                                  tolerance=args.tolerance, timings=timings)
+                                  tolerance=args.tolerance, timings=timings, progress=progress)
     return finish_rewrite(result.report, output, lambda path: fe.save(result.program, path), args, out, err)
 
 

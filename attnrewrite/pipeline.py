@@ -192,7 +192,11 @@ def model_error(fe: FrontEnd, program, reference: list) -> float:
     return math.inf if math.isnan(e) else e
 
 
-def auto_tune(fe: FrontEnd, sites, mod, planned: dict, tolerance: float) -> dict:
+def _quiet_progress(stage: str, done: int, total: int | None) -> None:
+    """The default progress hook: says nothing. (The CLI passes one that draws a bar.)"""
+
+
+def auto_tune(fe: FrontEnd, sites, mod, planned: dict, tolerance: float, progress=_quiet_progress) -> dict:
     """Cheapest per-site parameters that keep the end-to-end rel_err within `tolerance`.
 
     Each site alone: the first rung of its ladder whose error (that site rewritten, the rest
@@ -204,7 +208,11 @@ def auto_tune(fe: FrontEnd, sites, mod, planned: dict, tolerance: float) -> dict
     by_id = {s.id: s for s in sites}
     reference = [fe.outputs(None, inputs) for inputs in fe.inputs]
 
+    trials = [0]
+
     def error(choice: dict) -> float:
+        trials[0] += 1
+        progress("auto-tuning (trial rewrites)", trials[0], None)
         return model_error(fe, fe.rewrite(sites, mod, choice)[0], reference)
 
     ladders, rung, solo = {}, {}, {}
@@ -234,8 +242,12 @@ def auto_tune(fe: FrontEnd, sites, mod, planned: dict, tolerance: float) -> dict
 # ---------------------------------------------------------------- rewrite + check
 
 def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=None, check: bool = True,
-            tolerance: float | None = None, timings: dict | None = None, require_sites: bool = True) -> Result:
-    """Rewrite the selected sites of `fe`'s program into `variant`; check the numbers unless check=False."""
+            tolerance: float | None = None, timings: dict | None = None, require_sites: bool = True,
+            progress=_quiet_progress) -> Result:
+    """Rewrite the selected sites of `fe`'s program into `variant`; check the numbers unless check=False.
+
+    `progress(stage, done, total)` is called as long steps advance (total None: open-ended).
+    """
     timings = dict(timings or {})
     opts = validate_options(variant, dict(options or {}), tolerance)
     mod = variant_module(variant)
@@ -249,11 +261,13 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
     needs_values = check or getattr(mod, "prepare", None) is not None or bool(opts.get("auto"))
     if found and needs_values and not fe.inputs:
         raise InputError(fe.inputs_problem or "no inputs to run the model on (pass --inputs)")
+    progress("capturing each site's inputs", 0, 1)
     captured = fe.capture(found, fe.inputs) if found and fe.inputs and needs_values else {}
+    progress("capturing each site's inputs", 1, 1)
     fill_causal(found, captured)
     planned, kept, unselected = plan(fe, found, mod, opts, sel, captured)
     if opts.get("auto") and planned:
-        planned = auto_tune(fe, found, mod, planned, tolerance)
+        planned = auto_tune(fe, found, mod, planned, tolerance, progress)
     program, not_lowered = fe.rewrite(found, mod, planned) if planned else (fe.program, {})
     timings["rewrite_s"] = time.perf_counter() - t
     kept.update(not_lowered)
@@ -268,7 +282,8 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
     check_block = None
     if check and found:
         t = time.perf_counter()
-        for s in found:
+        for i, s in enumerate(found):
+            progress("checking each site", i + 1, len(found))
             if s.status == "rewritten" and captured.get(s.id):
                 sc = fe.scalars(s)
                 if sc["dropout_p"]:
@@ -276,8 +291,10 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
                 else:
                     s.check = site_check(mod, sc, s.options, mod.op_args(s, s.options), captured[s.id])
         tol = tolerance if tolerance is not None else default_tolerance(mod.NAME, found)
-        pairs = [(n, a, b) for inputs in fe.inputs
-                 for (n, a), (_, b) in zip(fe.outputs(None, inputs), fe.outputs(program, inputs))]
+        pairs = []
+        for i, inputs in enumerate(fe.inputs):
+            progress("checking end to end", i + 1, len(fe.inputs))
+            pairs += [(n, a, b) for (n, a), (_, b) in zip(fe.outputs(None, inputs), fe.outputs(program, inputs))]
         check_block = end_to_end(pairs, tol)
         timings["check_s"] = time.perf_counter() - t
     report = build_report(model=fe.name, fmt=fe.fmt, variant=variant, options=opts, inputs_kind=fe.inputs_kind,
