@@ -144,7 +144,7 @@ def run(argv: list[str]) -> int:
 
     output = output_path(args, fe, variant)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, transient=True) as bar:
+                  TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task(f"rewriting into {variant}", total=None)
 
         def progress(stage: str, done: int, total: int | None) -> None:
