@@ -21,6 +21,9 @@ The normal form is built from the operands *as the products see them*: q' and k�
 are peeled back only through steps that provably keep the element mapping (lead-only
 views, a transpose of exactly the last two axes, scalar scales, the repeat_kv expand),
 so a permuted K is never mistaken for a transposed one.
+
+The step kinds, the order they must come in, the einsum equations and the two walks are
+the detectors' shared vocabulary (`vocab`); `FxKind` holds this graph kind's spellings.
 """
 from __future__ import annotations
 
@@ -34,12 +37,11 @@ from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..site import AttentionSite, dim_value
+from .vocab import (ADD, FILL, IGNORE, MASK_FLOOR, OTHER, PRODUCT, SCALE, SOFTCAP, VIEW, GraphKind,
+                    NoMatch, check_order, default_scale, einsum_pv, einsum_qk, is_mask_fill, is_softcap,
+                    mask_kind, rule_table)
 
 aten = torch.ops.aten
-
-
-class NoMatch(Exception):
-    """A candidate that is not attention; the message says why."""
 
 
 def _ops(*names):
@@ -77,7 +79,6 @@ FUSED = _ops("scaled_dot_product_attention.default",
              "_scaled_dot_product_cudnn_attention.default")
 SHAPE_ONLY = _ops("full_like.default", "empty_like.default", "zeros_like.default", "ones_like.default",
                   "_assert_tensor_metadata.default", "sym_size.int", "sym_numel.default")
-MASK_FLOOR = -1e4          # a fill value at or below this removes the key from the softmax
 
 
 # ----------------------------------------------------------------------------- records
@@ -302,106 +303,149 @@ def _param_like(node: Node, params: set) -> bool:
 
 
 # ----------------------------------------------------------------------------- scores
-CHAIN = CASTS | NOOPS | VIEWS | MULS | DIVS | INPLACE_SCALES | ADDS | SUBS | FILLS | WHERES | _ops("tanh.default")
 PRODUCERS = PRODUCTS | _ops("einsum.default", "baddbmm.default")
 
 
-def _reaches_product(node, depth=24) -> bool:
-    if not isinstance(node, Node) or node.op != "call_function" or depth == 0:
-        return False
-    if node.target in PRODUCERS:
-        return True
-    if node.target not in CHAIN:
-        return False
-    return any(_reaches_product(a, depth - 1) for a in node.args if isinstance(a, Node))
-
-
-def _score_arg(node: Node, candidates=(0, 1)) -> int:
-    hits = [i for i in candidates if i < len(node.args) and _reaches_product(node.args[i])]
-    if not hits:
-        raise NoMatch(f"{node.name} ({node.target}) does not lead back to a q·kᵀ product")
-    return hits[0]
-
-
 def _check_fill_value(val, constants, where: str):
+    """A fill fixed in the graph must remove its key; one computed at run time is trusted."""
     c = const_value(val, constants)
-    if c is not None and c > MASK_FLOOR:
+    if c is not None and not is_mask_fill(c):
         raise NoMatch(f"{where} sets scores to {c:g}: a fill above {MASK_FLOOR:g} is not a mask")
+
+
+def _pass(gk, n: Node):
+    """s = s.to(torch.float32) | s.clone() | s.contiguous(): the values are unchanged."""
+    return n.args[0], None
+
+
+def _view(gk, n: Node):
+    """s = s.view(B * H, Lq, Lk) | s.unsqueeze(1): replayed on the bias when it follows one."""
+    return n.args[0], (VIEW, _shape(n.args[0]), _shape(n), n)
+
+
+def _scale(gk, n: Node):
+    """s = s * c | c * s | s / c | s.mul_(c) | s.div_(c), c a float, 0-d tensor or SymFloat.
+
+    s = cap * tanh(s / cap) is read as a soft-cap (see _softcap).
+    """
+    t = n.target
+    i = gk.score_arg(n)
+    other = n.args[1 - i]
+    if t in INPLACE_SCALES and (i != 0 or len(n.args[0].users) != 1):
+        raise NoMatch(f"{n.name} scales in place a tensor that is read elsewhere")
+    if i == 1 and t in DIVS:
+        raise NoMatch(f"{n.name} divides by the scores")
+    if not _is_scalar(other):
+        raise NoMatch(f"{n.name} multiplies the scores by a tensor, not a scalar")
+    src = n.args[i]
+    if t in MULS and isinstance(src, Node) and src.op == "call_function" and src.target == aten.tanh.default:
+        return _softcap(gk, src, other)
+    return src, (SCALE, "mul" if t in MULS | INPLACE_MULS else "div", other)
+
+
+def _softcap(gk, tanh: Node, cap):
+    """s = cap * tanh(s / cap) | cap * tanh(s * (1 / cap)), both constants fixed in the graph."""
+    cap = const_value(cap, gk.constants)
+    inner = tanh.args[0]
+    if cap is None or not (isinstance(inner, Node) and inner.op == "call_function" and inner.target in MULS | DIVS):
+        raise NoMatch(f"{tanh.name}: tanh on the scores is not a soft-cap")
+    how = "div" if inner.target in DIVS else "mul"
+    c = const_value(inner.args[1], gk.constants)
+    if not is_softcap(cap, how, c):
+        raise NoMatch(f"{tanh.name}: tanh on the scores is not a soft-cap ({cap:g} * tanh(s {how} {c}))")
+    return inner.args[0], (SOFTCAP, cap)
+
+
+def _add(gk, n: Node):
+    """s = s + bias | bias + s | s - bias | s + alpha * bias: an additive mask or bias."""
+    t = n.target
+    i = gk.score_arg(n)
+    if i == 1 and t in SUBS:
+        raise NoMatch(f"{n.name} negates the scores")
+    alpha = n.kwargs.get("alpha", 1)
+    return n.args[i], (ADD, n.args[1 - i], -alpha if t in SUBS else alpha)
+
+
+def _masked_fill(gk, n: Node):
+    """s = s.masked_fill(drop, -inf): the keys where `drop` is true are removed."""
+    _check_fill_value(n.args[2], gk.constants, n.name)
+    return n.args[0], (FILL, n.args[1], n.args[2], True)
+
+
+def _where(gk, n: Node):
+    """s = where(keep, s, finfo.min) | where(drop, -inf, s): a boolean mask."""
+    i = gk.score_arg(n, (1, 2))
+    val = n.args[3 - i]
+    _check_fill_value(val, gk.constants, n.name)
+    return n.args[i], (FILL, n.args[0], val, i == 2)     # fill where cond (score in "else")
+
+
+def _bare_tanh(gk, n: Node):
+    """s = tanh(s) without the soft-cap's scales around it: not in the normal form."""
+    raise NoMatch(f"{n.name}: tanh on the scores without a soft-cap scale")
+
+
+class FxKind(GraphKind):
+    """The shared walks on an ATen FX graph: a value is the Node computing it."""
+    products = PRODUCERS
+    rules = rule_table(
+        (CASTS | NOOPS, _pass),
+        (VIEWS, _view),
+        (MULS | DIVS | INPLACE_SCALES, _scale),
+        (ADDS | SUBS, _add),
+        (FILLS, _masked_fill),
+        (WHERES, _where),
+        (_ops("tanh.default"), _bare_tanh),
+    )
+
+    def __init__(self, constants=None):
+        self.constants = constants
+
+    def producer(self, x):
+        return x if isinstance(x, Node) and x.op == "call_function" else None
+
+    def op(self, node):
+        return node.target
+
+    def inputs(self, node) -> list:
+        return [a for a in node.args if isinstance(a, Node)]
+
+    def readers(self, x) -> list:
+        return list(x.users)
+
+    def name(self, node) -> str:
+        return node.name
+
+    def origin(self, x) -> str:
+        return x if not isinstance(x, Node) else _kind(x)
+
+    def score_arg(self, node: Node, candidates=(0, 1)) -> int:
+        """The argument of a two-sided step holding the scores: the first leading back to q·kᵀ."""
+        hits = [i for i in candidates if i < len(node.args) and self.reaches_product(node.args[i])]
+        if not hits:
+            raise NoMatch(f"{node.name} ({node.target}) does not lead back to a q·kᵀ product")
+        return hits[0]
+
+    def classify_reader(self, u: Node, p: Node):
+        t = u.target if u.op == "call_function" else None
+        if (t in PRODUCTS and u.args[0] is p) or (t == aten.einsum.default and p in u.args[1]):
+            return PRODUCT                    # p @ v | einsum("bhqk,bhkd->bhqd", p, v)
+        if t in CASTS | NOOPS or (t in VIEWS and _view_keeps_last2(u)):
+            return [u]                        # p.to(dtype) | p.view(B * H, Lq, Lk)
+        if t == aten.native_dropout.default:
+            return [g for g in u.users if g.target is operator.getitem and g.args[1] == 0]
+        if t in DROPOUTS:
+            return [u]                        # dropout(p, 0.1, train)
+        if t in SHAPE_ONLY:
+            return IGNORE                     # reads only shape/metadata, not the values
+        if t in WHERES and u.args[2] is p and const_value(u.args[1]) == 0.0:
+            return [u]                        # the safe-softmax guard: where(dead_row, 0, p)
+        return OTHER
 
 
 def walk_scores(x: Node, constants) -> tuple[Node, list]:
     """From the softmax input back to the product; returns (product, forward steps)."""
-    steps = []
-    cur = x
-    for _ in range(64):
-        if not isinstance(cur, Node) or cur.op != "call_function":
-            raise NoMatch(f"scores come from {cur if not isinstance(cur, Node) else _kind(cur)}, not a q·kᵀ product")
-        t = cur.target
-        if t in PRODUCERS:
-            return cur, steps[::-1]
-        if t in CASTS | NOOPS:
-            cur = cur.args[0]
-        elif t in VIEWS:
-            steps.append(("view", _shape(cur.args[0]), _shape(cur), cur))
-            cur = cur.args[0]
-        elif t in MULS | DIVS | INPLACE_SCALES:
-            i = _score_arg(cur)
-            other = cur.args[1 - i]
-            if t in INPLACE_SCALES and (i != 0 or len(cur.args[0].users) != 1):
-                raise NoMatch(f"{cur.name} scales in place a tensor that is read elsewhere")
-            if i == 1 and t in DIVS:
-                raise NoMatch(f"{cur.name} divides by the scores")
-            if not _is_scalar(other):
-                raise NoMatch(f"{cur.name} multiplies the scores by a tensor, not a scalar")
-            src = cur.args[i]
-            if t in MULS and isinstance(src, Node) and src.op == "call_function" and src.target == aten.tanh.default:
-                cap = const_value(other, constants)
-                inner = src.args[0]
-                if cap is None or not (isinstance(inner, Node) and inner.op == "call_function"
-                                       and inner.target in MULS | DIVS):
-                    raise NoMatch(f"{src.name}: tanh on the scores is not a soft-cap")
-                c2 = const_value(inner.args[1], constants)
-                c2 = None if c2 is None else (c2 if inner.target in DIVS else 1.0 / c2 if c2 else None)
-                if c2 is None or not math.isclose(c2, cap, rel_tol=1e-6):
-                    raise NoMatch(f"{src.name}: tanh on the scores is not a soft-cap (scales {c2}, {cap})")
-                steps.append(("softcap", cap))
-                cur = inner.args[0]
-                continue
-            steps.append(("scale", "mul" if t in MULS | INPLACE_MULS else "div", other))
-            cur = src
-        elif t in ADDS | SUBS:
-            i = _score_arg(cur)
-            if i == 1 and t in SUBS:
-                raise NoMatch(f"{cur.name} negates the scores")
-            alpha = cur.kwargs.get("alpha", 1)
-            steps.append(("add", cur.args[1 - i], -alpha if t in SUBS else alpha))
-            cur = cur.args[i]
-        elif t in FILLS:
-            _check_fill_value(cur.args[2], constants, cur.name)
-            steps.append(("fill", cur.args[1], cur.args[2], True))
-            cur = cur.args[0]
-        elif t in WHERES:
-            i = _score_arg(cur, (1, 2))
-            val = cur.args[3 - i]
-            _check_fill_value(val, constants, cur.name)
-            steps.append(("fill", cur.args[0], val, i == 2))   # fill where cond (score in "else")
-            cur = cur.args[i]
-        elif t == aten.tanh.default:
-            raise NoMatch(f"{cur.name}: tanh on the scores without a soft-cap scale")
-        else:
-            raise NoMatch(f"scores come from {t}: not a q·kᵀ product, scale, mask, cast or soft-cap")
-    raise NoMatch("scores chain too long")
-
-
-def _parse_einsum(eq: str):
-    eq = eq.replace(" ", "")
-    if "..." in eq or "->" not in eq:
-        raise NoMatch(f"einsum '{eq}' uses an implicit output or ellipsis")
-    lhs, out = eq.split("->")
-    ops = lhs.split(",")
-    if len(ops) != 2:
-        raise NoMatch(f"einsum '{eq}' is not a two-operand product")
-    return ops[0], ops[1], out
+    return FxKind(constants).walk_back(x)
 
 
 def score_operands(prod: Node, steps: list, factors: list, constants):
@@ -413,26 +457,18 @@ def score_operands(prod: Node, steps: list, factors: list, constants):
             raise NoMatch(f"{prod.name}: a vector product is not q·kᵀ")
         if t == aten.baddbmm.default:
             beta, alpha = prod.kwargs.get("beta", 1), prod.kwargs.get("alpha", 1)
-            pre = [("scale", "mul", alpha)] if alpha != 1 else []
+            pre = [(SCALE, "mul", alpha)] if alpha != 1 else []
             if beta != 0:
-                pre.append(("add", prod.args[0], beta))
+                pre.append((ADD, prod.args[0], beta))
             steps[:0] = pre
         qr, qs = peel(a, factors, constants)
         kr, ks = peel(b, factors, constants)
         q = Operand(qr, _swap_perm(qr) if qs else None)
         k = Operand(kr, None if ks else _swap_perm(kr))      # k = (kᵀ)ᵀ
         return q, k
-    a, b, out = _parse_einsum(prod.args[0])
+    q_perm, k_perm = einsum_qk(prod.args[0])
     qa, ka = prod.args[1]
-    if len(out) < 2:
-        raise NoMatch(f"einsum '{prod.args[0]}' does not produce a score matrix")
-    iq, ik, batch = out[-2], out[-1], out[:-2]
-    c = (set(a) & set(b)) - set(out)
-    if len(c) != 1 or set(a) != set(batch) | {iq} | c or set(b) != set(batch) | {ik} | c:
-        raise NoMatch(f"einsum '{prod.args[0]}': axes do not line up as q·kᵀ")
-    c = c.pop()
-    return (Operand(qa, [a.index(x) for x in batch + iq + c]),
-            Operand(ka, [b.index(x) for x in batch + ik + c]))
+    return Operand(qa, q_perm), Operand(ka, k_perm)
 
 
 def _swap_perm(node: Node) -> list:
@@ -446,38 +482,13 @@ def follow_probs(sm: Node):
 
     Returns (product, P node it reads, dropout_p, dropout_active, other consumers).
     """
-    frontier, products, others = [sm], [], []
+    prod, p, followed, others = FxKind().follow_forward(sm)
     dropout_p, active = 0.0, False
-    while frontier:
-        n = frontier.pop()
-        for u in list(n.users):
-            t = u.target if u.op == "call_function" else None
-            if t in PRODUCTS and u.args[0] is n:
-                products.append((u, n))
-            elif t == aten.einsum.default and n in u.args[1]:
-                products.append((u, n))
-            elif t in CASTS | NOOPS or (t in VIEWS and _view_keeps_last2(u)):
-                frontier.append(u)
-            elif t in DROPOUTS:
-                p = float(u.args[1])
-                train = u.args[2] if len(u.args) > 2 else u.kwargs.get("train", True)
-                dropout_p, active = max(dropout_p, p), active or bool(train and p > 0)
-                if t == aten.native_dropout.default:
-                    frontier.extend(g for g in u.users if g.target is operator.getitem and g.args[1] == 0)
-                else:
-                    frontier.append(u)
-            elif t in SHAPE_ONLY:
-                continue                      # reads only shape/metadata, not the values
-            elif t in WHERES and u.args[2] is n and const_value(u.args[1]) == 0.0:
-                frontier.append(u)            # the safe-softmax guard: fully masked rows -> 0
-            else:
-                others.append(u)
-    if not products:
-        names = ", ".join(sorted({str(o.target) for o in others})) or "none"
-        raise NoMatch(f"probabilities are not contracted with a value tensor (consumers: {names})")
-    if len(products) > 1:
-        raise NoMatch("probabilities feed several products")
-    prod, p = products[0]
+    for u in followed:
+        if u.target in DROPOUTS:
+            rate = float(u.args[1])
+            train = u.args[2] if len(u.args) > 2 else u.kwargs.get("train", True)
+            dropout_p, active = max(dropout_p, rate), active or bool(train and rate > 0)
     return prod, p, dropout_p, active, others
 
 
@@ -490,17 +501,9 @@ def value_operand(prod: Node, p: Node):
     if prod.target in PRODUCTS:
         vr, vs = peel_no_scale(prod.args[1])
         return Operand(vr, _swap_perm(vr) if vs else None), plead, None
-    a, b, out = _parse_einsum(prod.args[0])
     pi = list(prod.args[1]).index(p)
-    pl, wl = (a, b) if pi == 0 else (b, a)
-    vnode = prod.args[1][1 - pi]
-    key, dv = pl[-1], (set(wl) - set(pl))
-    if len(dv) != 1 or set(wl) != set(pl[:-2]) | {key} | dv or set(out) != set(pl[:-1]) | dv:
-        raise NoMatch(f"einsum '{prod.args[0]}': probabilities are not contracted over the key axis")
-    dv = dv.pop()
-    canon = pl[:-1] + dv
-    perm = [canon.index(x) for x in out]
-    return (Operand(vnode, [wl.index(x) for x in pl[:-2] + key + dv]), plead,
+    v_perm, perm = einsum_pv(prod.args[0], pi)
+    return (Operand(prod.args[1][1 - pi], v_perm), plead,
             None if perm == list(range(len(perm))) else perm)
 
 
@@ -552,28 +555,28 @@ def peel_no_scale(node: Node):
 
 
 def _fold_steps(site: FxSite, steps: list, factors: list, constants) -> None:
-    """Split the score chain into scale (static float + dynamic nodes), softcap and bias steps."""
+    """Split the score chain into scale (static float + dynamic nodes), softcap and bias steps.
+
+    Steps after the first mask are replayed on the bias (a scale there scales it too).
+    """
+    check_order(steps)
     for f, how in factors:
         _apply_scale(site, f, how, constants, with_bias=False)
     for st in steps:
         kind = st[0]
-        if kind == "scale":
-            if site.softcap:
-                raise NoMatch("a scale after the soft-cap is outside the normal form")
+        if kind == SCALE:
             _apply_scale(site, st[2], st[1], constants, with_bias=True)
             if site.bias_steps:
                 site.bias_steps.append(st)
-        elif kind == "softcap":
-            if site.bias_steps or site.softcap:
-                raise NoMatch("a mask before the soft-cap is outside the normal form")
+        elif kind == SOFTCAP:
             site.softcap = st[1]
-        elif kind == "add":
+        elif kind == ADD:
             site.bias_steps.append(st)
             site.mask_kinds.add("additive")
-        elif kind == "fill":
+        elif kind == FILL:
             site.bias_steps.append(st)
             site.mask_kinds.add("boolean")
-        elif kind == "view" and site.bias_steps:
+        elif kind == VIEW and site.bias_steps:
             site.bias_steps.append(st)
 
 
@@ -608,7 +611,7 @@ def match_fused(node: Node) -> FxSite:
     if scale is None:
         if not isinstance(qs[-1], int):
             raise NoMatch(f"{node.name}: default scale of a symbolic head_dim")
-        scale = 1.0 / math.sqrt(qs[-1])
+        scale = default_scale(qs[-1])
     site = FxSite(out=out, anchor=node, q=Operand(q), k=Operand(k), v=Operand(v), lead=qs[:-2],
                   pv_lead=qs[:-2], mask=mask, causal=causal, dropout_p=float(nk.get("dropout_p", 0.0)))
     site.dropout_active = site.dropout_p > 0
@@ -645,7 +648,7 @@ def _describe(fx: FxSite, idx: int, name: str) -> AttentionSite:
     lq = qs[-2]
     lk = ks[-2]
     dtype = str(_val(fx.q.node).dtype).replace("torch.", "")
-    mask = "none" if not fx.mask_kinds else ("additive" if "additive" in fx.mask_kinds else "boolean")
+    mask = mask_kind("additive" in fx.mask_kinds, "boolean" in fx.mask_kinds)
     s = AttentionSite(
         id=idx, name=name, source="sdpa" if fx.anchor.target in FUSED else "decomposed",
         batch=dim_value(batch), heads=dim_value(heads), kv_heads=dim_value(kv_heads),

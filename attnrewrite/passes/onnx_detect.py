@@ -28,10 +28,12 @@ reason (`--list --verbose` prints it for every candidate left unmatched):
 Shapes come from onnxruntime's symbolic shape inference (symbolic dims keep their
 names), falling back to onnx's own. Weights are never needed: large initializers are
 replaced by typed graph inputs on a light copy before inference.
+
+The step kinds, the order they must come in, the einsum equations and the two walks are
+the detectors' shared vocabulary (`vocab`); `OnnxKind` holds this graph kind's spellings.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,13 +41,11 @@ import onnx
 from onnx import numpy_helper
 
 from ..site import AttentionSite
+from .vocab import (ADD, FILL, IGNORE, MASK_FLOOR, OTHER, PRODUCT, SCALE, SOFTCAP, GraphKind, NoMatch,
+                    check_order, default_scale, einsum_pv, einsum_qk, is_mask_fill, is_softcap,
+                    mask_kind, rule_table)
 
-MASK_FLOOR = -1e4          # a Where fill at or below this removes the key from the softmax
 MS = "com.microsoft"
-
-
-class NoMatch(Exception):
-    """A candidate that is not attention (or not one we can describe); says why."""
 
 
 @dataclass
@@ -249,101 +249,151 @@ def infer(model: onnx.ModelProto) -> onnx.ModelProto | None:
 PASS_CASTS = ("Cast", "Identity")
 
 
-def _reaches_product(g: Graph, name: str, depth: int = 12) -> bool:
-    """True when `name` is computed from a MatMul/Einsum through score-like ops."""
-    frontier, seen = [name], set()
-    while frontier and depth:
-        nxt = []
-        for v in frontier:
-            n = g.producer.get(v)
-            if n is None or v in seen:
-                continue
-            seen.add(v)
-            if n.op_type in ("MatMul", "Einsum"):
-                return True
-            if n.op_type in ("Cast", "Add", "Sub", "Mul", "Div", "Where", "Tanh", "Identity"):
-                nxt.extend(n.input[:3])
-        frontier, depth = nxt, depth - 1
-    return False
-
-
 def _is_fill(g: Graph, name: str) -> bool:
+    """A constant fill that removes its key (unknown values are not fills here)."""
     c = g.scalar(name)
-    return c is not None and c <= MASK_FLOOR
+    return c is not None and is_mask_fill(c)
+
+
+def _pass(gk, n):
+    """s = Cast(s, to=FLOAT) | Identity(s): the values are unchanged."""
+    return n.input[0], None
+
+
+def _add(gk, n):
+    """s = Add(s, bias) | Add(bias, s): an additive bias, or a boolean mask when spelled
+    bias = Where(keep, 0, -inf) | Where(drop, -inf, 0)."""
+    g = gk.g
+    a, b = (gk.reaches_product(i) for i in n.input)
+    if a == b:
+        raise NoMatch(f"{n.name}: cannot tell scores from bias in Add")
+    x, bias = (n.input[0], n.input[1]) if a else (n.input[1], n.input[0])
+    w = g.op(bias, "Where")
+    if w is not None and g.scalar(w.input[1]) == 0.0 and _is_fill(g, w.input[2]):
+        return x, (FILL, w.input[0], w.input[2], False)        # Where(keep, 0, -inf)
+    if w is not None and g.scalar(w.input[2]) == 0.0 and _is_fill(g, w.input[1]):
+        return x, (FILL, w.input[0], w.input[1], True)         # Where(drop, -inf, 0)
+    return x, (ADD, bias, 1.0)
+
+
+def _sub(gk, n):
+    """s = Sub(s, bias)."""
+    if gk.reaches_product(n.input[0]) and not gk.reaches_product(n.input[1]):
+        return n.input[0], (ADD, n.input[1], -1.0)
+    raise NoMatch(f"{n.name}: Sub does not subtract a bias from the scores")
+
+
+def _scale(gk, n):
+    """s = Mul(s, c) | Mul(c, s) | Div(s, c), c a constant scalar.
+
+    s = Mul(Tanh(Div(s, cap)), cap) is read as a soft-cap.
+    """
+    g, op = gk.g, n.op_type
+    c = g.scalar(n.input[1])
+    if c is not None:
+        t = n.input[0]
+    elif op == "Mul" and g.scalar(n.input[0]) is not None:
+        c, t = g.scalar(n.input[0]), n.input[1]
+    else:
+        raise NoMatch(f"{n.name}: scores {op} by a non-scalar")
+    tanh = g.op(t, "Tanh")
+    if op == "Mul" and tanh is not None:          # cap * tanh(s / cap)
+        inner = g.op(tanh.input[0], "Div", "Mul")
+        ic = g.scalar(inner.input[1]) if inner is not None else None
+        if ic is None:
+            raise NoMatch(f"{n.name}: unsupported soft-cap form")
+        if not is_softcap(c, inner.op_type.lower(), ic):
+            raise NoMatch(f"{n.name}: tanh soft-cap with mismatched constants")
+        return inner.input[0], (SOFTCAP, c)
+    if c == 1.0:
+        return t, None                            # Mul(s, 1): no scale
+    return t, (SCALE, op.lower(), c)
+
+
+def _where(gk, n):
+    """s = Where(keep, s, -inf) | Where(drop, -inf, s): a boolean mask."""
+    cond, a, b = n.input
+    if _is_fill(gk.g, b) and not _is_fill(gk.g, a):
+        return a, (FILL, cond, b, False)
+    if _is_fill(gk.g, a):
+        return b, (FILL, cond, a, True)
+    raise NoMatch(f"{n.name}: Where fill is not a mask value (≤ {MASK_FLOOR:g})")
+
+
+def _bare_tanh(gk, n):
+    """s = Tanh(s) without the soft-cap's scales around it: not in the normal form."""
+    raise NoMatch(f"{n.name}: tanh on the scores without a soft-cap scale")
+
+
+class OnnxKind(GraphKind):
+    """The shared walks on an ONNX graph: a value is a name, computed by at most one node."""
+    products = frozenset({"MatMul", "Einsum"})
+    rules = rule_table(
+        (PASS_CASTS, _pass),
+        (("Add",), _add),
+        (("Sub",), _sub),
+        (("Mul", "Div"), _scale),
+        (("Where",), _where),
+        (("Tanh",), _bare_tanh),
+    )
+
+    def __init__(self, g: Graph):
+        self.g = g
+
+    def producer(self, x):
+        return self.g.producer.get(x)
+
+    def op(self, node):
+        return node.op_type
+
+    def inputs(self, node) -> list:
+        return list(node.input)
+
+    def readers(self, x) -> list:
+        return self.g.consumers(x)
+
+    def name(self, node) -> str:
+        return node.name
+
+    def origin(self, x) -> str:
+        return f"graph input {x!r}"
+
+    def classify_reader(self, u, p: str):
+        if u.op_type in self.products and u.input[0] == p:
+            return PRODUCT                        # MatMul(p, v) | Einsum("bhqk,bhkd->bhqd", p, v)
+        if u.op_type == "Where" and u.input[2] == p:
+            isnan = self.g.op(u.input[0], "IsNaN")
+            if isnan is not None and isnan.input[0] == p:
+                return [u.output[0]]              # Where(IsNaN(p), 0, p): the NaN guard
+        if u.op_type in PASS_CASTS or (u.op_type == "Dropout" and len(u.input) < 3):
+            return [u.output[0]]                  # Cast(p) | Dropout(p, ratio) at inference
+        if u.op_type == "IsNaN":
+            return IGNORE                         # read by the NaN guard above
+        return OTHER
 
 
 def walk_scores(g: Graph, x: str, site: OnnxSite):
     """From the softmax input back to the product; collects scale, soft-cap and masks.
 
-    Walking backwards, a scale met so far multiplies everything added further up, so
-    each bias is recorded with the product of the factors seen before it.
+    Read from the softmax backwards, a scale met so far multiplies everything added
+    further up, so each bias is recorded with the product of the factors seen before it.
     """
-    factor, capped = 1.0, False
-    while True:
-        n = g.producer.get(x)
-        if n is None:
-            raise NoMatch(f"scores come from graph input {x!r}, not a product")
-        op = n.op_type
-        if op in ("MatMul", "Einsum"):
-            return n, factor
-        if op in PASS_CASTS:
-            x = n.input[0]
-        elif op == "Add":
-            a, b = (_reaches_product(g, i) for i in n.input)
-            if a == b:
-                raise NoMatch(f"{n.name}: cannot tell scores from bias in Add")
-            x, bias = (n.input[0], n.input[1]) if a else (n.input[1], n.input[0])
-            if capped:
-                raise NoMatch(f"{n.name}: bias added inside the soft-cap")
-            w = g.op(bias, "Where")
-            if w is not None and g.scalar(w.input[1]) == 0.0 and _is_fill(g, w.input[2]):
-                site.keeps.append((w.input[0], True))            # Where(keep, 0, -inf)
-            elif w is not None and g.scalar(w.input[2]) == 0.0 and _is_fill(g, w.input[1]):
-                site.keeps.append((w.input[0], False))           # Where(drop, -inf, 0)
-            else:
-                site.biases.append((bias, factor))
-        elif op == "Sub" and _reaches_product(g, n.input[0]) and not _reaches_product(g, n.input[1]):
-            if capped:
-                raise NoMatch(f"{n.name}: bias added inside the soft-cap")
-            site.biases.append((n.input[1], -factor))
-            x = n.input[0]
-        elif op in ("Mul", "Div"):
-            c = g.scalar(n.input[1])
-            if c is not None:
-                t = n.input[0]
-            elif op == "Mul" and g.scalar(n.input[0]) is not None:
-                c, t = g.scalar(n.input[0]), n.input[1]
-            else:
-                raise NoMatch(f"{n.name}: scores {op} by a non-scalar")
-            if op == "Div":
-                c = 1.0 / c
-            tanh = g.op(t, "Tanh")
-            if op == "Mul" and tanh is not None:          # cap * tanh(s / cap)
-                inner = g.op(tanh.input[0], "Div", "Mul")
-                ic = g.scalar(inner.input[1]) if inner is not None else None
-                if ic is None or capped or factor != 1.0:
-                    raise NoMatch(f"{n.name}: unsupported soft-cap form")
-                ic = 1.0 / ic if inner.op_type == "Div" else ic
-                if not math.isclose(ic * c, 1.0, rel_tol=1e-5):
-                    raise NoMatch(f"{n.name}: tanh soft-cap with mismatched constants")
-                site.softcap, capped, x = c, True, inner.input[0]
-                continue
-            factor *= c
-            x = t
-        elif op == "Where":
-            cond, a, b = n.input
-            if _is_fill(g, b) and not _is_fill(g, a):
-                site.keeps.append((cond, True))
-                x = a
-            elif _is_fill(g, a):
-                site.keeps.append((cond, False))
-                x = b
-            else:
-                raise NoMatch(f"{n.name}: Where fill is not a mask value (≤ {MASK_FLOOR:g})")
-            if capped:
-                raise NoMatch(f"{n.name}: mask applied inside the soft-cap")
-        else:
-            raise NoMatch(f"scores pass through {op} ({n.name}) before reaching a product")
+    prod, steps = OnnxKind(g).walk_back(x)
+    check_order(steps)
+    factor = 1.0
+    for st in reversed(steps):
+        kind = st[0]
+        if kind == SCALE:
+            if st[1] == "div" and st[2] == 0:
+                raise NoMatch("division of the scores by zero")
+            factor *= st[2] if st[1] == "mul" else 1.0 / st[2]
+        elif kind == SOFTCAP:
+            site.softcap = st[1]
+        elif kind == ADD:
+            site.biases.append((st[1], st[2] * factor))
+        elif kind == FILL:
+            site.keeps.append((st[1], not st[3]))
+    return prod, factor
 
 
 def peel_scale(g: Graph, x: str) -> tuple[str, float]:
@@ -422,35 +472,11 @@ def peel_repeat_kv(g: Graph, x: str) -> str:
     return (repeat_kv_source(g, r.input[0], g.shape(x)) if r is not None else None) or x
 
 
-def _parse_einsum(eq: str):
-    eq = eq.replace(" ", "")
-    if "..." in eq or "->" not in eq:
-        return None
-    lhs, out = eq.split("->")
-    ins = lhs.split(",")
-    if len(ins) != 2 or any(len(set(s)) != len(s) for s in [*ins, out]):
-        return None
-    return ins[0], ins[1], out
-
-
 def _einsum_scores(g: Graph, n, site: OnnxSite) -> tuple[str, str, int]:
     """q, k from Einsum("bhqd,bhkd->bhqk")-like scores: perms to (B, H, L, D)."""
-    p = _parse_einsum(attr(n, "equation", b"").decode() if isinstance(attr(n, "equation"), bytes)
-                      else attr(n, "equation", ""))
-    if p is None or len(p[2]) != 4:
+    qp, kp = einsum_qk(_eq(n))
+    if len(qp) != 4:
         raise NoMatch(f"{n.name}: einsum equation is not a rank-4 q·kᵀ")
-    a, b, o = p
-    d = [c for c in a if c in b and c not in o]
-    if len(d) != 1 or len(a) != 4 or len(b) != 4:
-        raise NoMatch(f"{n.name}: einsum does not contract exactly one axis")
-    bb, hh, qq, kk = o
-    if qq not in a or qq in b or kk not in b or kk in a or bb not in a + b or hh not in a + b:
-        raise NoMatch(f"{n.name}: einsum axes do not line up as q·kᵀ")
-    try:
-        qp = [a.index(c) for c in (bb, hh, qq, d[0])]
-        kp = [b.index(c) for c in (bb, hh, kk, d[0])]
-    except ValueError:
-        raise NoMatch(f"{n.name}: einsum batch/head axes missing on one side") from None
     site.q_perm = None if qp == [0, 1, 2, 3] else qp
     site.k_perm = None if kp == [0, 1, 2, 3] else kp
     return n.input[0], n.input[1], 4
@@ -458,24 +484,8 @@ def _einsum_scores(g: Graph, n, site: OnnxSite) -> tuple[str, str, int]:
 
 def follow_probs(g: Graph, p: str):
     """From the softmax output forward to the P·V product (casts, dropout, NaN guard)."""
-    other = []
-    for _ in range(8):
-        users = g.consumers(p)
-        nxt = None
-        for u in users:
-            if u.op_type in ("MatMul", "Einsum") and u.input[0] == p:
-                return u, other + [x for x in users if x is not u and x.op_type != "IsNaN"]
-        for u in users:
-            if u.op_type == "Where" and u.input[2] == p and g.op(u.input[0], "IsNaN") is not None \
-                    and g.op(u.input[0], "IsNaN").input[0] == p:
-                nxt = u
-            elif u.op_type in ("Cast", "Identity") or (u.op_type == "Dropout" and len(u.input) < 3):
-                nxt = nxt or u
-        if nxt is None:
-            break
-        other += [u for u in users if u is not nxt and u.op_type != "IsNaN"]
-        p = nxt.output[0]
-    raise NoMatch("softmax output does not reach a MatMul with values")
+    prod, _, _, others = OnnxKind(g).follow_forward(p)
+    return prod, others
 
 
 def is_weight(g: Graph, name: str) -> bool:
@@ -520,19 +530,10 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
     site.rank = rank
     site.scale = factor * fq * fk
     if pv.op_type == "Einsum":
-        pe = _parse_einsum(_eq(pv))
-        so = _parse_einsum(_eq(prod))[2] if prod.op_type == "Einsum" else "bhqk"
-        if pe is None or len(pe[0]) != 4 or len(pe[1]) != 4 or len(pe[2]) != 4:
+        vp, op_ = einsum_pv(_eq(pv), 0)
+        if len(vp) != 4:
             raise NoMatch(f"{pv.name}: einsum equation is not a rank-4 p·v")
-        pa, vb, o = pe
-        ren = dict(zip(so, pa))             # scores letters -> this einsum's letters
-        bb, hh, qq, kk = (ren[c] for c in so)
-        dd = [c for c in vb if c not in pa]
-        if kk in o or len(dd) != 1 or set(o) != {bb, hh, qq, dd[0]} or kk not in vb:
-            raise NoMatch(f"{pv.name}: einsum axes do not line up as p·v")
-        vp = [vb.index(c) for c in (bb, hh, kk, dd[0])]
         site.v_perm = None if vp == [0, 1, 2, 3] else vp
-        op_ = [[bb, hh, qq, dd[0]].index(c) for c in o]
         site.out_perm = None if op_ == [0, 1, 2, 3] else op_
         site.v = pv.input[1]
     else:
@@ -707,8 +708,8 @@ def describe(g: Graph, os_: OnnxSite, idx: int, node) -> AttentionSite:
         d = hidden // h if isinstance(hidden, int) and isinstance(h, int) and h else None
     scale = os_.scale
     if scale is None and isinstance(d, int):
-        scale = 1.0 / math.sqrt(d)
-    mask = "additive" if os_.biases else ("boolean" if os_.keeps else "none")
+        scale = default_scale(d)
+    mask = mask_kind(bool(os_.biases), bool(os_.keeps))
     if os_.kind in ("mha", "msattention") and _present(node, 4 if os_.kind == "mha" else 3):
         mask = "boolean" if not os_.biases else "additive"
     if os_.kind in ("mha", "msattention", "gqa") and _present(node, {"mha": 5, "msattention": 5, "gqa": 10}[os_.kind]):
