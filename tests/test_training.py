@@ -53,8 +53,9 @@ def test_backward_ops_are_registered():
     for mod in VARIANTS.values():
         assert base.BACKWARD_OPS[mod.OP_NAME] is mod.backward_op
         assert mod.backward_op is getattr(torch.ops.attnrewrite, f"{mod.OP_NAME}_backward").default
-        seed = mod.op._schema.arguments[-1]
+        seed, out_map = mod.op._schema.arguments[-2:]
         assert seed.name == "dropout_seed" and seed.has_default_value()
+        assert out_map.name == "out_map" and out_map.has_default_value()
 
 
 def test_cases_are_not_exact():
@@ -249,3 +250,23 @@ def test_saved_pt2_with_active_dropout_trains_and_replays_its_mask(tmp_path, var
         fd = (f(w0 + eps * d) - f(w0 - eps * d)) / (2 * eps)
         w.copy_(w0)
     assert abs(fd.item() - (ga * d).sum().item()) <= 2e-2 * max(1.0, abs(fd.item()))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_out_map_is_applied_per_head_and_differentiated(name):
+    """The optional per-head output map (calibration): out·X_h per head, and its gradient."""
+    mod = VARIANTS[name]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    x = torch.randn(2, 4, 4, dtype=torch.float64)
+    params = mod.op_args(None, base.parse_params(name, mod.PARAMS, {})) if name != "preconditioned" \
+        else ("output-norm", [1.0, 1.0])
+    plain = mod.op(q, k, v, None, 0.5, 0.0, False, 0.0, *params)
+    mapped = mod.op(q, k, v, None, 0.5, 0.0, False, 0.0, *params, out_map=x.flatten().tolist())
+    assert torch.allclose(mapped, torch.einsum("bhqd,hde->bhqe", plain, x), atol=1e-12)
+    f = lambda q, k, v: mod.op(q, k, v, None, 0.5, 0.0, False, 0.0, *params, out_map=x.flatten().tolist())
+    if name != "preconditioned":          # output-norm's normaliser is constant in its gradient on purpose
+        assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=True)
+    g1 = torch.autograd.grad(mapped.sum(), (q, k, v))
+    g2 = torch.autograd.grad(torch.einsum("bhqd,hde->bhqe", plain, x).sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(g1, g2))

@@ -92,6 +92,16 @@ def safe_softmax(s: torch.Tensor) -> torch.Tensor:
 
 
 SEED = "Tensor? dropout_seed=None"
+OUT_MAP = "float[]? out_map=None"     # a per-head Dv×Dv map applied to the output (calibration), row-major
+
+
+def apply_out_map(out: torch.Tensor, out_map, transpose: bool = False) -> torch.Tensor:
+    """out (B, H, Lq, Dv) times each head's Dv×Dv map (its transpose: for the backward); None: as is."""
+    if not out_map:
+        return out
+    h, dv = out.shape[1], out.shape[-1]
+    x = torch.tensor(out_map, dtype=compute_dtype(out.dtype), device=out.device).view(h, dv, dv)
+    return torch.matmul(out.to(x.dtype), x.transpose(-1, -2) if transpose else x).to(out.dtype)
 BACKWARD_OPS: dict = {}     # op name -> its `<name>_backward` op
 
 
@@ -138,34 +148,37 @@ def _autograd():
 def define_attention_op(name: str, reference, extra_schema: str = ""):
     """Register `attnrewrite::<name>` and `attnrewrite::<name>_backward`; return the forward op.
 
-    Forward: (normal form, extra_schema, dropout_seed) -> out. Backward:
-    (grad, normal form, extra_schema, dropout_seed) -> (dq, dk, dv), shaped as q, k, v
+    Forward: (normal form, extra_schema, dropout_seed, out_map) -> out. Backward:
+    (grad, normal form, extra_schema, dropout_seed, out_map) -> (dq, dk, dv), shaped as q, k, v
     (k and v with their own head count); also in BACKWARD_OPS[name].
     `reference(q, k, v, mask, scale, softcap, causal, dropout_p, *params)` is the
     implementation of both on every device until a kernel is registered for them.
     """
     params = f", {extra_schema}" if extra_schema else ""
-    _lib.define(f"{name}({NORMAL_FORM}{params}, {SEED}) -> Tensor")
-    _lib.define(f"{name}_backward(Tensor grad, {NORMAL_FORM}{params}, {SEED}) -> (Tensor, Tensor, Tensor)")
+    _lib.define(f"{name}({NORMAL_FORM}{params}, {SEED}, {OUT_MAP}) -> Tensor")
+    _lib.define(f"{name}_backward(Tensor grad, {NORMAL_FORM}{params}, {SEED}, {OUT_MAP}) "
+                "-> (Tensor, Tensor, Tensor)")
     qualname = f"{NAMESPACE}::{name}"
     ops = getattr(torch.ops, NAMESPACE)
     fwd, bwd = getattr(ops, name).default, getattr(ops, f"{name}_backward").default
     n_args = len(fwd._schema.arguments)
 
     def split(args):
-        """(the reference's arguments, dropout_p, dropout_seed); the dispatcher leaves out a
-        trailing argument equal to its default."""
+        """(the reference's arguments, dropout_p, dropout_seed, out_map); the dispatcher leaves
+        out trailing arguments equal to their defaults."""
         args = (*args, *[None] * (n_args - len(args)))
-        return args[:-1], args[7], args[-1]
+        return args[:-2], args[7], args[-2], args[-1]
 
     def forward(*args):
-        args, dropout_p, seed = split(args)
+        args, dropout_p, seed, out_map = split(args)
         with _rng(dropout_p, seed, args[0].device):
-            return reference(*args).contiguous()           # the layout the fake implementation states
+            out = apply_out_map(reference(*args), out_map)
+        return out.contiguous()                            # the layout the fake implementation states
 
     def backward_reference(grad, *args):
-        args, dropout_p, seed = split(args)
+        args, dropout_p, seed, out_map = split(args)
         _require_seed(qualname, dropout_p, seed)
+        grad = apply_out_map(grad, out_map, transpose=True)   # through the map first
         with _rng(dropout_p, seed, args[0].device), _autograd():
             leaves = [t.detach().requires_grad_() for t in args[:3]]
             out = reference(*leaves, *args[3:])
@@ -181,16 +194,16 @@ def define_attention_op(name: str, reference, extra_schema: str = ""):
         lambda grad, q, k, v, *args: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
 
     def setup_context(ctx, inputs, output):
-        *args, seed = inputs
-        ctx.rest = args[4:]                                    # scale, softcap, causal, dropout_p, params
+        *args, seed, out_map = inputs
+        ctx.rest, ctx.out_map = args[4:], out_map              # scale, softcap, causal, dropout_p, params
         ctx.save_for_backward(*args[:4], seed)
 
     def backward(ctx, grad):
         q, k, v, mask, seed = ctx.saved_tensors
         _require_seed(qualname, ctx.rest[3], seed)
-        grads = bwd(grad, q, k, v, mask, *ctx.rest, seed)
+        grads = bwd(grad, q, k, v, mask, *ctx.rest, seed, ctx.out_map)
         return (*[g if need else None for g, need in zip(grads, ctx.needs_input_grad)],
-                None, *[None] * len(ctx.rest), None)
+                None, *[None] * len(ctx.rest), None, None)
 
     torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_lib)
     BACKWARD_OPS[name] = bwd
