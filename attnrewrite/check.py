@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .site import MASK_FLOOR
+from .variants.base import apply_out_map, is_causal_mask  # noqa: F401 - is_causal_mask re-exported
 
 
 def compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
@@ -33,25 +33,13 @@ def worst(stats: list[dict]) -> dict:
             "cosine": min(s["cosine"] for s in stats)}
 
 
-def is_causal_mask(mask: torch.Tensor | None) -> bool:
-    """True when every key after the (bottom-right) diagonal is removed, for every row."""
-    if mask is None or mask.dim() < 2 or mask.shape[-2] < 2:
-        return False
-    lq, lk = mask.shape[-2], mask.shape[-1]
-    removed = ~mask if mask.dtype == torch.bool else mask <= MASK_FLOOR
-    upper = torch.ones(lq, lk, dtype=torch.bool).triu(lk - lq + 1)
-    if not upper.any():
-        return False
-    removed = removed.expand(*removed.shape[:-2], lq, lk)
-    return bool(removed[..., upper].all()) and not bool(removed[..., ~upper].all())
-
-
 def site_check(variant, scalars: dict, options: dict, op_args: tuple, runs: list[dict]) -> dict:
     """The variant's reference on each captured run vs the original output; diagnostics on the first."""
     sc, cap, causal = scalars["scale"], scalars["softcap"], scalars["causal"]
     stats = []
     for r in runs:
-        got = variant.reference(r["q"], r["k"], r["v"], r["mask"], sc, cap, causal, 0.0, *op_args)
+        got = apply_out_map(variant.reference(r["q"], r["k"], r["v"], r["mask"], sc, cap, causal, 0.0, *op_args),
+                            options.get("out_map"))
         stats.append(compare(r["out"], got))
     first = runs[0]
     diag = variant.diagnostics(first["q"], first["k"], first["v"], first["mask"], sc, cap, causal, options)

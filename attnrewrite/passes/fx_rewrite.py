@@ -185,8 +185,10 @@ def emit_site(graph: Graph, fx: D.FxSite, variant, options: dict, site) -> dict:
     dropout = float(fx.dropout_p if fx.dropout_active else 0.0)
     args = (q, k, v, mask, float(fx.scale), float(fx.softcap), bool(fx.causal), dropout,
             *variant.op_args(site, options))
-    seed = {"dropout_seed": e(aten.randint.low, 0, 1 << 62, [])} if dropout else {}
-    o4 = e(variant.op, *args, **seed)
+    extra = {"dropout_seed": e(aten.randint.low, 0, 1 << 62, [])} if dropout else {}
+    if options.get("out_map"):                 # a calibrated per-head output map
+        extra["out_map"] = list(options["out_map"])
+    o4 = e(variant.op, *args, **extra)
     # back to the product's own layout
     ov = D._val(fx.out)
     plead = list(fx.pv_lead)

@@ -314,6 +314,12 @@ def lower_site(b: Builder, site: AttentionSite, variant, options: dict) -> str:
     q, k, v, mask = normal_form(b, site)
     # the flag the lowering must apply: causal masks found in the graph are already in `mask`
     y = lower(b, replace(site, causal=site.graph.causal), q, k, v, mask, options)
+    if options.get("out_map"):                 # a calibrated per-head Dv×Dv output map: y·X_h per head
+        if not isinstance(site.heads, int):
+            raise Unsupported("a calibrated output map needs a known head count")
+        dv = int(round(math.sqrt(len(options["out_map"]) / site.heads)))
+        x = np.asarray(options["out_map"], dtype=np.float64).reshape(1, site.heads, dv, dv)
+        y = b.op("MatMul", y, b.const(x, b.dtype(y)))
     return finish(b, site, y)
 
 

@@ -85,6 +85,19 @@ def masked_scores(q, k, scale: float, softcap: float, mask, causal: bool) -> tor
     return s if bias is None else s + bias
 
 
+def is_causal_mask(mask: torch.Tensor | None) -> bool:
+    """True when every key after the (bottom-right) diagonal is removed, for every row."""
+    if mask is None or mask.dim() < 2 or mask.shape[-2] < 2:
+        return False
+    lq, lk = mask.shape[-2], mask.shape[-1]
+    removed = ~mask if mask.dtype == torch.bool else mask <= MASK_FLOOR
+    upper = torch.ones(lq, lk, dtype=torch.bool).triu(lk - lq + 1)
+    if not upper.any():
+        return False
+    removed = removed.expand(*removed.shape[:-2], lq, lk)
+    return bool(removed[..., upper].all()) and not bool(removed[..., ~upper].all())
+
+
 def safe_softmax(s: torch.Tensor) -> torch.Tensor:
     """softmax over the key axis; rows with no finite score give zeros (and zero gradients), never NaN."""
     dead = s.amax(dim=-1, keepdim=True) == -math.inf

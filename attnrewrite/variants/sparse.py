@@ -57,9 +57,8 @@ import torch.nn.functional as F
 from onnx import helper
 from torch.utils.checkpoint import checkpoint
 
-from ..check import is_causal_mask
 from ..passes import onnx_rewrite as R
-from .base import BACKWARD_OPS, Param, compute_dtype, define_attention_op, expand_kv
+from .base import BACKWARD_OPS, Param, compute_dtype, define_attention_op, expand_kv, is_causal_mask
 
 NAME = "sparse"
 OP_NAME = "sparse_attention"
