@@ -22,10 +22,13 @@ def detect(obj, example_inputs=None) -> list[AttentionSite]:
 
 
 def rewrite(obj, variant: str = "exact", example_inputs=None, check: bool = True, sites=None,
-            tolerance: float | None = None, **options) -> Result:
+            tolerance: float | None = None, calibrate: int = 0, **options) -> Result:
     """Rewrite the selected sites of `obj` into `variant`; check the numbers unless check=False.
 
     `options` are the variant's parameters (`auto=True` with a `tolerance` picks them per site).
+    `calibrate=N` fits a per-head output map per site on N calibration input sets, disjoint
+    from the ones the check evaluates on (given sets are split: the first N calibrate).
     """
     fe = pipeline.open_model(obj, example_inputs)
-    return pipeline.rewrite(fe, variant, options, sites=sites, check=check, tolerance=tolerance)
+    return pipeline.rewrite(fe, variant, options, sites=sites, check=check, tolerance=tolerance,
+                            calibrate=calibrate)

@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="variant parameter, for every selected site")
     p.add_argument("--sites", help="site ids, names, globs or ranges (0-3), comma-separated")
     p.add_argument("--tolerance", type=float, help="end-to-end rel_err gate")
+    p.add_argument("--calibrate", type=int, default=0, metavar="N",
+                   help="fit a per-head output map per site on N calibration input sets (disjoint from the "
+                        "check's: the first N of --inputs, else N synthesised)")
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     p.add_argument("--no-check", action="store_true", help="skip the numeric check")
@@ -123,8 +126,10 @@ def run(argv: list[str]) -> int:
     variant = args.variant.replace("-", "_") if args.variant else None
     listing = args.list or variant is None
     options = parse_options(args.options)
-    if listing and (options or args.output):
-        raise UsageError("--set and -o need --variant")
+    if listing and (options or args.output or args.calibrate):
+        raise UsageError("--set, -o and --calibrate need --variant")
+    if args.calibrate < 0:
+        raise UsageError("--calibrate N needs N ≥ 0")
     if variant:
         pipeline.validate_options(variant, options, args.tolerance)
     if args.output and Path(args.output).exists() and not args.overwrite and not listing:
@@ -151,7 +156,8 @@ def run(argv: list[str]) -> int:
             bar.update(task, description=f"{variant}: {stage}", completed=done, total=total)
 
         result = pipeline.rewrite(fe, variant, options, sites=args.sites, check=not args.no_check,
-                                  tolerance=args.tolerance, timings=timings, progress=progress)
+                                  tolerance=args.tolerance, timings=timings, calibrate=args.calibrate,
+                                  progress=progress)
     return finish_rewrite(result.report, output, lambda path: fe.save(result.program, path), args, out, err)
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .calibrate import fit_out_map
 from .check import default_tolerance, end_to_end, is_causal_mask, site_check
 from .frontends.base import FrontEnd
 from .frontends.dynamo import DynamoFrontEnd
@@ -243,9 +244,11 @@ def auto_tune(fe: FrontEnd, sites, mod, planned: dict, tolerance: float, progres
 
 def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=None, check: bool = True,
             tolerance: float | None = None, timings: dict | None = None, require_sites: bool = True,
-            progress=_quiet_progress) -> Result:
+            calibrate: int = 0, progress=_quiet_progress) -> Result:
     """Rewrite the selected sites of `fe`'s program into `variant`; check the numbers unless check=False.
 
+    `calibrate=N`: fit each rewritten site's per-head output map on N calibration input sets
+    (kept apart from the inputs the check evaluates on; see calibrate.py).
     `progress(stage, done, total)` is called as long steps advance (total None: open-ended).
     """
     timings = dict(timings or {})
@@ -268,6 +271,9 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
     planned, kept, unselected = plan(fe, found, mod, opts, sel, captured)
     if opts.get("auto") and planned:
         planned = auto_tune(fe, found, mod, planned, tolerance, progress)
+    calibration = None
+    if calibrate and planned:
+        calibration = _calibrate(fe, found, mod, planned, calibrate, progress)
     program, not_lowered = fe.rewrite(found, mod, planned) if planned else (fe.program, {})
     timings["rewrite_s"] = time.perf_counter() - t
     kept.update(not_lowered)
@@ -278,7 +284,8 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
             s.status = "kept"
             s.add_reason(kept[s.id])
         elif s.id in planned:
-            s.status, s.options = "rewritten", dict(planned[s.id])
+            s.status = "rewritten"
+            s.options = {k: v for k, v in planned[s.id].items() if k != "out_map"}
     check_block = None
     if check and found:
         t = time.perf_counter()
@@ -289,7 +296,9 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
                 if sc["dropout_p"]:
                     s.check = {"unchecked": "dropout active"}
                 else:
-                    s.check = site_check(mod, sc, s.options, mod.op_args(s, s.options), captured[s.id])
+                    s.check = site_check(mod, sc, planned[s.id], mod.op_args(s, s.options), captured[s.id])
+                    if calibration and s.id in calibration["sites"]:
+                        s.check["diagnostics"]["calibration"] = calibration["sites"][s.id]
         tol = tolerance if tolerance is not None else default_tolerance(mod.NAME, found)
         pairs = []
         for i, inputs in enumerate(fe.inputs):
@@ -299,4 +308,22 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
         timings["check_s"] = time.perf_counter() - t
     report = build_report(model=fe.name, fmt=fe.fmt, variant=variant, options=opts, inputs_kind=fe.inputs_kind,
                           sites=found, check=check_block, timings=timings)
+    if calibration:
+        report["calibration"] = {"sets": calibrate, "inputs": calibration["source"]}
     return Result(program=program, sites=found, report=report)
+
+
+def _calibrate(fe: FrontEnd, sites, mod, planned: dict, n: int, progress) -> dict:
+    """Fit every planned site's output map on n calibration input sets; adds "out_map" to its options."""
+    sets, source = fe.calibration_inputs(n)
+    progress("capturing calibration inputs", 0, 1)
+    runs = fe.capture(sites, sets)
+    stats = {}
+    for i, s in enumerate(sites):
+        progress("calibrating each site", i + 1, len(sites))
+        if s.id not in planned or not runs.get(s.id):
+            continue
+        out_map, stats[s.id] = fit_out_map(mod, fe.scalars(s), mod.op_args(s, planned[s.id]), runs[s.id])
+        if out_map is not None:
+            planned[s.id] = {**planned[s.id], "out_map": out_map}
+    return {"source": source, "sites": stats}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from ..io import InputError
 from ..site import AttentionSite
 
 
@@ -59,6 +60,26 @@ class FrontEnd:
     def save(self, program, path: Path) -> list[Path]:
         """Write `program` atomically; returns the files written."""
         raise NotImplementedError(f"a {self.fmt} program cannot be saved to a file")
+
+    def synthesise(self, seed: int) -> list:
+        """One more input set drawn from the program's input types with `seed` (a list of one set)."""
+        raise InputError(f"calibration inputs cannot be made for a {self.fmt} program")
+
+    def calibration_inputs(self, n: int) -> tuple[list, str]:
+        """(n input sets disjoint from the evaluation inputs, where they came from).
+
+        Given input sets are split: the first n calibrate, the rest stay in `inputs` for the
+        check. Otherwise n sets are synthesised with seeds 1..n (the evaluation set is seed 0
+        or the program's own example).
+        """
+        if self.inputs_kind == "given":
+            if len(self.inputs) <= n:
+                raise InputError(f"calibrating on {n} given input set(s) needs at least {n + 1}: "
+                                 "the rest are kept apart to evaluate on")
+            calibration, self.inputs = self.inputs[:n], self.inputs[n:]
+            return calibration, f"given input sets 1-{n} (evaluation: the other {len(self.inputs)})"
+        sets = [s for seed in range(1, n + 1) for s in self.synthesise(seed)]
+        return sets, f"synthesised with seeds 1-{n} (evaluation: the {self.inputs_kind} inputs)"
 
     def output_path(self, variant: str) -> Path | None:
         """Where the CLI writes the rewritten program by default (None: nowhere)."""

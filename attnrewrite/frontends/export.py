@@ -65,7 +65,7 @@ def read_inputs(path: str) -> Inputs:
     return normalise_inputs(obj)
 
 
-def synthesise_inputs(ep: torch.export.ExportedProgram) -> Inputs:
+def synthesise_inputs(ep: torch.export.ExportedProgram, seed: int = 0) -> Inputs:
     """Inputs from the program's input specs: ids below the embedding size, masks of ones."""
     sig = ep.graph_signature
     vocab = {}
@@ -73,7 +73,7 @@ def synthesise_inputs(ep: torch.export.ExportedProgram) -> Inputs:
         if n.op == "call_function" and n.target == torch.ops.aten.embedding.default:
             w, idx = n.args[0], n.args[1]
             vocab[idx.name] = min(vocab.get(idx.name, 1 << 62), int(w.meta["val"].shape[0]))
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     values = {}
     for n in ep.graph.nodes:
         if n.op != "placeholder" or n.name not in sig.user_inputs:
@@ -383,6 +383,9 @@ class ExportFrontEnd(FxFrontEnd):
         spec = None if model is None else str(model)
         ep, inputs, kind, fmt = load(spec, inputs, trust)
         return cls(ep, inputs, kind, fmt=fmt, name=spec or "demo: all-MiniLM-L6-v2 (pretrained)", source=spec)
+
+    def synthesise(self, seed: int) -> list:
+        return synthesise_inputs(self.program, seed)
 
     def flat_inputs(self, input_set) -> list:
         args, kwargs = input_set

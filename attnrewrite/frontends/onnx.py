@@ -276,6 +276,9 @@ class OnnxFrontEnd(FrontEnd):
             return cls(model, inputs)
         return cls(load_model(model), inputs, name=str(model), source=str(model))
 
+    def synthesise(self, seed: int) -> list:
+        return synthesise_inputs(self.program, seed)
+
     def find_sites(self):
         sites, unmatched, _ = onnx_detect.find_sites(self.program, self._inferred)
         return sites, unmatched
