@@ -27,7 +27,7 @@ from . import pipeline
 from .frontends.export import import_modules, read_inputs
 from .frontends.onnx import OnnxFrontEnd, external_files
 from .io import InputError, atomic_write, check_writable
-from .report import render_table
+from .report import plot, render_table
 from .variants import VARIANTS
 
 
@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit a per-head output map per site on N calibration input sets (disjoint from the "
                         "check's: the first N of --inputs, else N synthesised)")
     p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG of each site's cost before/after beside its error")
     p.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     p.add_argument("--no-check", action="store_true", help="skip the numeric check")
     p.add_argument("--force", action="store_true", help="write the output even if the check fails")
@@ -171,6 +172,8 @@ def finish_rewrite(report: dict, output, save, args, out, err) -> int:
     _emit(report, args, out)
     if args.report:
         _write_report(Path(args.report), report)
+    if args.plot:
+        atomic_write(Path(args.plot), lambda tmp: plot(report, tmp))
     if passed is False:
         err.print("check failed: " + ("written anyway (--force)" if write else "nothing written (--force writes it)"))
         return 1
@@ -191,6 +194,8 @@ def finish_listing(report: dict, unmatched: list, args, out, err) -> int:
         err.print("hint: pass --variant {exact,…} to rewrite these sites")
     if args.report:
         _write_report(Path(args.report), report)
+    if args.plot:
+        atomic_write(Path(args.plot), lambda tmp: plot(report, tmp))
     return 0
 
 

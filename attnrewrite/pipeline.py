@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .calibrate import fit_out_map
+from .cost import site_cost
 from .check import default_tolerance, end_to_end, is_causal_mask, site_check
 from .frontends.base import FrontEnd
 from .frontends.dynamo import DynamoFrontEnd
@@ -142,8 +143,32 @@ def listing(fe: FrontEnd, *, timings: dict | None = None) -> tuple[dict, list]:
     timings = dict(timings or {})
     sites, unmatched = detect(fe, timings=timings)
     report = build_report(model=fe.name, fmt=fe.fmt, variant=None, options={}, inputs_kind=fe.inputs_kind,
-                          sites=sites, timings=timings)
+                          sites=sites, timings=timings, cost=costs(sites, "exact", {}, fe.sizes(sites)))
     return report, unmatched
+
+
+def costs(sites, variant: str, planned: dict, sizes: dict) -> dict:
+    """The report's cost block: per site before (exact) and after (the variant, where rewritten)."""
+    per_site, totals = {}, {"before": [], "after": []}
+    for s in sites:
+        before = site_cost(s, "exact", {}, sizes)
+        after = site_cost(s, variant, planned[s.id], sizes) if s.id in planned and s.status == "rewritten" \
+            else before
+        if before is None or after is None:
+            continue
+        per_site[s.id] = {"before": _brief_cost(before), "after": _brief_cost(after)}
+        totals["before"].append(per_site[s.id]["before"])
+        totals["after"].append(per_site[s.id]["after"])
+    total = {k: {key: (max if key == "peak_extra_bytes" else sum)(c[key] for c in v) if v else 0
+                 for key in COST_KEYS} for k, v in totals.items()}
+    return {"sites": per_site, "total": total}
+
+
+COST_KEYS = ("flops", "bytes", "peak_extra_bytes", "depth")
+
+
+def _brief_cost(c: dict) -> dict:
+    return {k: c[k] for k in COST_KEYS}
 
 
 # ---------------------------------------------------------------- plan
@@ -307,7 +332,8 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
         check_block = end_to_end(pairs, tol)
         timings["check_s"] = time.perf_counter() - t
     report = build_report(model=fe.name, fmt=fe.fmt, variant=variant, options=opts, inputs_kind=fe.inputs_kind,
-                          sites=found, check=check_block, timings=timings)
+                          sites=found, check=check_block, timings=timings,
+                          cost=costs(found, mod.NAME, planned, fe.sizes(found)))
     if calibration:
         report["calibration"] = {"sets": calibrate, "inputs": calibration["source"]}
     return Result(program=program, sites=found, report=report)

@@ -4,9 +4,13 @@ from __future__ import annotations
 import math
 from importlib.metadata import PackageNotFoundError, version
 
+import matplotlib
 import torch
 from rich.console import Console
 from rich.table import Table
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file-only backend
 
 SCHEMA = 1
 
@@ -42,10 +46,17 @@ def _clean(x):
 
 
 def build_report(*, model, fmt, variant, options, inputs_kind, sites, check=None, timings=None,
-                 output=None) -> dict:
+                 output=None, cost=None) -> dict:
+    """The report; `cost` ({"sites": {id: {"before", "after"}}, "total": {"before", "after"}}) adds
+    each site's and the model's cost block."""
     rep = {"schema": SCHEMA, "tool": tool_versions(), "model": model, "format": fmt,
            "variant": variant, "options": options, "output": output, "inputs": inputs_kind,
            "sites": [s.to_dict() for s in sites]}
+    if cost is not None:
+        for site in rep["sites"]:
+            if site["id"] in cost["sites"]:
+                site["cost"] = cost["sites"][site["id"]]
+        rep["cost"] = cost["total"]
     if check is not None:
         rep["check"] = check
     rep["timings"] = {k: round(v, 4) for k, v in (timings or {}).items()}
@@ -58,6 +69,15 @@ def _fmt(x) -> str:
     if isinstance(x, float):
         return f"{x:.3g}"
     return str(x)
+
+
+def _cost_cells(cost: dict | None, rewriting: bool) -> list[str]:
+    if not cost:
+        return ["-", "-"]
+    before, after = cost["before"], cost["after"]
+    if not rewriting:
+        return [f"{before['flops'] / 1e9:.3g}", str(before["depth"])]
+    return [f"{before['flops'] / 1e9:.3g}→{after['flops'] / 1e9:.3g}", f"{before['depth']}→{after['depth']}"]
 
 
 def _brief(d: dict, sep: str) -> str:
@@ -80,6 +100,10 @@ def render_table(report: dict, console=None) -> None:
     for col in ("id", "name", "source", "B", "H", "Hkv", "Lq", "Lk", "D", "dtype", "scale",
                 "mask", "causal", "status"):
         t.add_column(col, overflow="fold")
+    costed = "cost" in report
+    if costed:
+        t.add_column("GFLOP" + (" before→after" if report.get("variant") else ""))
+        t.add_column("depth")
     if checked:
         t.add_column("site rel_err")
         t.add_column("cosine")
@@ -87,6 +111,8 @@ def render_table(report: dict, console=None) -> None:
         row = [str(s["id"]), s["name"], s["source"], _fmt(s["batch"]), _fmt(s["heads"]), _fmt(s["kv_heads"]),
                _fmt(s["q_len"]), _fmt(s["kv_len"]), _fmt(s["head_dim"]), s["dtype"], _fmt(s["scale"]),
                s["mask"], "yes" if s["causal"] else "no", s["status"]]
+        if costed:
+            row += _cost_cells(s.get("cost"), bool(report.get("variant")))
         if checked:
             c = s.get("check") or {}
             row += [_fmt(c.get("rel_err")), _fmt(c.get("cosine"))]
@@ -99,6 +125,15 @@ def render_table(report: dict, console=None) -> None:
         diag = _brief((s.get("check") or {}).get("diagnostics") or {}, " ")
         if chosen or diag:
             console.print(f"  site {s['id']}: " + " · ".join(x for x in (chosen, diag) if x))
+    if costed:
+        tb, ta = report["cost"]["before"], report["cost"]["after"]
+        if report.get("variant"):
+            console.print(f"  cost (forward, all sites): {tb['flops'] / 1e9:.3g} → {ta['flops'] / 1e9:.3g} GFLOP, "
+                          f"{tb['bytes'] / 2 ** 20:.3g} → {ta['bytes'] / 2 ** 20:.3g} MiB moved, "
+                          f"depth {tb['depth']} → {ta['depth']}")
+        else:
+            console.print(f"  cost (forward, all sites): {tb['flops'] / 1e9:.3g} GFLOP, "
+                          f"{tb['bytes'] / 2 ** 20:.3g} MiB moved, depth {tb['depth']}")
     if checked:
         c = report["check"]
         for o in c["outputs"]:
@@ -107,3 +142,24 @@ def render_table(report: dict, console=None) -> None:
         verdict = {True: "PASSED", False: "FAILED", None: "not gated"}[c["passed"]]
         tol = f" (tolerance {c['tolerance']:g})" if c["tolerance"] is not None else ""
         console.print(f"  end-to-end rel_err {c['rel_err']:.3g}{tol}: {verdict}")
+
+
+def plot(report: dict, path) -> None:
+    """A PNG: per site, forward GFLOP before/after (log scale) beside the site's rel_err."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.6))
+    sites = [s for s in report["sites"] if s.get("cost")]
+    ids = [s["id"] for s in sites]
+    before = [s["cost"]["before"]["flops"] / 1e9 for s in sites]
+    after = [s["cost"]["after"]["flops"] / 1e9 for s in sites]
+    w = 0.4
+    ax1.bar([i - w / 2 for i in ids], before, w, label="before (exact)")
+    ax1.bar([i + w / 2 for i in ids], after, w, label=f"after ({report.get('variant') or 'exact'})")
+    ax1.set(yscale="log", xlabel="site", ylabel="forward GFLOP", title="cost per site", xticks=ids)
+    ax1.legend()
+    errs = [(s.get("check") or {}).get("rel_err") for s in sites]
+    ax2.bar(ids, [e if isinstance(e, (int, float)) else 0 for e in errs], color="tab:red")
+    ax2.set(xlabel="site", ylabel="rel_err vs original", title="error per site", xticks=ids)
+    fig.suptitle(str(report.get("model") or "model"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
+    plt.close(fig)

@@ -20,6 +20,9 @@ from ..io import InputError
 from ..site import AttentionSite
 
 
+SIZE_FIELDS = ("batch", "heads", "kv_heads", "q_len", "kv_len", "head_dim")
+
+
 class FrontEnd:
     fmt: str = ""              # the report's "format": pt2, torchscript, pickle, factory, module, demo, onnx, dynamo
     name: str = ""             # the report's "model"
@@ -44,6 +47,28 @@ class FrontEnd:
     def scalars(self, site: AttentionSite) -> dict:
         """The op's scalar arguments for `site`: scale, softcap, causal, dropout_p."""
         raise NotImplementedError
+
+    def sizes(self, sites: list[AttentionSite]) -> dict:
+        """Values for the symbolic sizes the sites report ("s0" → 24), read from the first input
+        set's shapes at each site; {} when nothing is symbolic or there are no inputs."""
+        symbolic = [s for s in sites if any(isinstance(getattr(s, f), str) for f in SIZE_FIELDS)]
+        if not symbolic or not self.inputs:
+            return {}
+        try:
+            runs = self.capture(symbolic, self.inputs[:1])
+        except InputError:
+            return {}
+        out = {}
+        for s in symbolic:
+            r = (runs.get(s.id) or [None])[0]
+            if r is None:
+                continue
+            q, k = r["q"], r["k"]
+            for field, value in zip(SIZE_FIELDS, (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
+                                                  q.shape[3])):
+                if isinstance(getattr(s, field), str):
+                    out[getattr(s, field)] = int(value)
+        return out
 
     def keep_reason(self, site: AttentionSite) -> str | None:
         """Why this front end can never rewrite `site` (None: it can)."""
