@@ -1,0 +1,103 @@
+"""Calibration: the fit itself, disjoint calibration/evaluation inputs, and every front end."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import attnrewrite
+from attnrewrite.calibrate import fit_out_map
+from attnrewrite.io import InputError
+from _models import TinyAttention
+
+
+class Planted:
+    """A stand-in variant whose output is fixed: the fit sees exactly Ô."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def reference(self, q, *args):
+        return self.out[q]
+
+
+SCALARS = {"scale": 1.0, "softcap": 0.0, "causal": False}
+
+
+def test_a_planted_linear_error_is_recovered_exactly():
+    torch.manual_seed(0)
+    approx = [torch.randn(2, 3, 40, 8, dtype=torch.float64) for _ in range(3)]
+    x_true = torch.eye(8, dtype=torch.float64) + 0.3 * torch.randn(3, 8, 8, dtype=torch.float64)
+    runs = [{"q": i, "k": None, "v": None, "mask": None, "out": torch.einsum("bhqd,hde->bhqe", a, x_true)}
+            for i, a in enumerate(approx)]
+    out_map, stats = fit_out_map(Planted(approx), SCALARS, (), runs)
+    assert stats["lambda"] == 0.0 and stats["rel_err_after"] < 1e-9 < stats["rel_err_before"]
+    assert torch.allclose(torch.tensor(out_map, dtype=torch.float64).view(3, 8, 8), x_true, atol=1e-8)
+
+
+def test_no_map_when_there_is_nothing_to_repair_or_too_little_data():
+    torch.manual_seed(0)
+    approx = [torch.randn(1, 2, 64, 8, dtype=torch.float64) for _ in range(2)]
+    runs = [{"q": i, "k": None, "v": None, "mask": None, "out": approx[i].clone()} for i in range(2)]
+    out_map, stats = fit_out_map(Planted(approx), SCALARS, (), runs)      # already exact
+    assert out_map is None and "no map improves" in stats["skipped"]
+    out_map, stats = fit_out_map(Planted([a[:, :, :4] for a in approx]), SCALARS, (),
+                                 [{**r, "out": r["out"][:, :, :4]} for r in runs])
+    assert out_map is None and "calibration tokens" in stats["skipped"]
+
+
+def _sets(n_sets, n=48):
+    g = torch.Generator().manual_seed(7)
+    return [{"args": (torch.randn(2, n, 16, generator=g),)} for _ in range(n_sets)]
+
+
+def program():
+    torch.manual_seed(0)
+    return torch.export.export(TinyAttention().eval(), (torch.randn(2, 48, 16),))
+
+
+def test_given_inputs_are_split_and_the_report_says_which_were_which():
+    ep = program()
+    r = attnrewrite.rewrite(ep, "sparse", example_inputs=_sets(4), calibrate=3, mode="topk", k=4)
+    assert r.report["calibration"] == {"sets": 3, "inputs": "given input sets 1-3 (evaluation: the other 1)"}
+    diag = r.sites[0].check["diagnostics"]["calibration"]
+    assert diag["tokens"] == 3 * 2 * 48
+    assert "out_map" not in r.sites[0].options                      # not echoed into the report
+    with pytest.raises(InputError, match="needs at least 4"):
+        attnrewrite.rewrite(ep, "sparse", example_inputs=_sets(3), calibrate=3, mode="topk", k=4)
+
+
+def test_calibration_is_in_the_program_and_helps_on_held_out_inputs():
+    ep = program()
+    sets = _sets(5)
+    base = attnrewrite.rewrite(ep, "sparse", example_inputs=sets[4:], mode="topk", k=3)
+    cal = attnrewrite.rewrite(ep, "sparse", example_inputs=sets, calibrate=4, mode="topk", k=3)
+    diag = cal.sites[0].check["diagnostics"]["calibration"]
+    assert diag["held_out_rel_err_with"] < diag["held_out_rel_err_without"]
+    assert cal.report["check"]["rel_err"] < base.report["check"]["rel_err"]       # same evaluation set
+    calls = [n for n in cal.program.graph.nodes if n.op == "call_function" and "attnrewrite" in str(n.target)]
+    assert len(calls[0].kwargs["out_map"]) == 2 * 8 * 8
+    # the saved program computes what the check measured
+    x = sets[4]["args"][0]
+    got = cal.program.module()(x)
+    want = ep.module()(x)
+    err = ((got - want).norm() / want.norm()).item()
+    assert abs(err - cal.report["check"]["rel_err"]) < 1e-6
+
+
+def test_onnx_front_end_calibrates_with_synthesised_inputs(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyAttention().eval(), (torch.randn(2, 48, 16),), str(path), input_names=["x"],
+                          dynamo=False, opset_version=17)
+    r = attnrewrite.rewrite(str(path), "sparse", calibrate=3, mode="topk", k=3)
+    assert r.report["calibration"]["inputs"].startswith("synthesised with seeds 1-3")
+    s = r.sites[0]
+    assert s.status == "rewritten" and "rel_err_after" in s.check["diagnostics"]["calibration"]
+    # the lowering's map matches the reference's: the per-site check compares ORT's output with the reference
+    assert any(n.op_type == "MatMul" and any(i.startswith("attnrewrite") or "const" in i for i in n.input)
+               for n in r.program.graph.node)
+    assert r.report["check"]["rel_err"] < 10
