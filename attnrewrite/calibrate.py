@@ -9,9 +9,9 @@ as one tall least-squares problem, [Ô_h; √λ I] X ≈ [O_h; √λ I], solved 
 precondition LSQR (`attnrewrite.lstsq`); the op then returns Ô·X_h per head (its `out_map`).
 The pull towards the identity matters: with a few hundred calibration tokens an
 unregularised fit (λ = 0) halves the error on those tokens and doubles it on others. λ is
-chosen per site on held-out calibration data (the last calibration input set, or every
-fifth token when there is only one), then the map is refitted on all of it; a site whose
-held-out error no λ improves on keeps no map. Every site is fitted on the inputs the
+chosen per site by cross-validation over the calibration input sets (each held out in turn;
+every fifth token when there is only one set), then the map is refitted on all of it; a site
+whose held-out error no λ improves on keeps no map. Every site is fitted on the inputs the
 *original* model fed it (teacher forcing), so the fits are independent. The inputs the
 result is evaluated on are never among the calibration inputs (the pipeline keeps them apart).
 """
@@ -58,20 +58,35 @@ def fit_out_map(variant, scalars: dict, op_args: tuple, runs: list[dict]) -> tup
     tokens = a.shape[1]
     if tokens < 4 * dv:
         return None, {"skipped": f"{tokens} calibration tokens for a {dv}-wide head (need ≥ {4 * dv})"}
-    if len(per_set) > 1:                                          # hold out the last input set
-        cut = a.shape[1] - per_set[-1][0].shape[1]
-        fit_rows, held = slice(0, cut), slice(cut, None)
+    sizes = [p[0].shape[1] for p in per_set]
+    if len(per_set) > 1:                                          # each input set held out in turn
+        bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        folds = [torch.arange(bounds[i], bounds[i + 1]) for i in range(len(sizes))]
     else:                                                         # or every fifth token
-        idx = torch.arange(tokens)
-        fit_rows, held = idx[idx % 5 != 4], idx[idx % 5 == 4]
-    scale = (a[:, fit_rows].square().sum() / a[:, fit_rows].shape[1]).item()
-    best_lam, best = None, _rel(a[:, held], b[:, held])           # λ = ∞: no map at all
+        folds = [torch.arange(tokens)[torch.arange(tokens) % 5 == 4]]
+    fold_fits = []
+    for held in folds:
+        keep = torch.ones(tokens, dtype=torch.bool)
+        keep[held] = False
+        fit_rows = keep.nonzero().squeeze(1)
+        scale = (a[:, fit_rows].square().sum() / len(fit_rows)).item()
+        fold_fits.append((fit_rows, held, scale))
+
+    def held_out_error(lam):                                      # None: no map at all
+        num = den = 0.0
+        for fit_rows, held, scale in fold_fits:
+            pred = a[:, held] if lam is None else a[:, held] @ _fit(a[:, fit_rows], b[:, fit_rows], lam * scale)[0]
+            num += (pred - b[:, held]).square().sum().item()
+            den += b[:, held].square().sum().item()
+        return (num / den) ** 0.5 if den else 0.0
+
+    best_lam, best = None, held_out_error(None)
     none_err = best
     for lam in LAMBDAS:
-        x, _ = _fit(a[:, fit_rows], b[:, fit_rows], lam * scale)
-        err = _rel(a[:, held] @ x, b[:, held])
+        err = held_out_error(lam)
         if err < best:
             best_lam, best = lam, err
+    scale = (a.square().sum() / tokens).item()
     stats = {"tokens": tokens, "held_out_rel_err_without": none_err, "held_out_rel_err_with": best,
              "lambda": best_lam}
     if best_lam is None:
