@@ -207,7 +207,8 @@ def sketch_qr(A, B, *, sketch="countsketch", oversample=4, seed=0):
     """Q, R = qr(S·A) and S·B for the sketch the solver uses; also (kind, s) actually used.
 
     A (m × n) and B (m × k) in float64. s = ⌈oversample·n⌉; if m ≤ s the sketch is the
-    identity (kind "identity", s = m). Raises ValueError if R is singular to working precision.
+    identity (kind "identity", s = m). Raises ValueError if A or B is not finite, or if R is
+    singular to working precision.
     """
     if sketch not in ("countsketch", "srht"):
         raise ValueError(f"sketch must be 'countsketch' or 'srht', got {sketch!r}")
@@ -220,6 +221,8 @@ def sketch_qr(A, B, *, sketch="countsketch", oversample=4, seed=0):
     else:
         gen = torch.Generator(device=A.device).manual_seed(seed)
         SA, SB = (_countsketch if sketch == "countsketch" else _srht)(A, B, s, gen)
+    if not (bool(torch.isfinite(SA).all()) and bool(torch.isfinite(SB).all())):   # a NaN/inf anywhere reaches S·A, S·B
+        raise ValueError("A and B must be finite (found NaN or inf)")
     Q, R = torch.linalg.qr(SA)
     d = R.diagonal().abs()
     if not bool(d.min() > n * torch.finfo(F64).eps * d.max()):
