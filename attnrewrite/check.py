@@ -58,8 +58,13 @@ def end_to_end(pairs: list[tuple[str, torch.Tensor, torch.Tensor]], tolerance: f
 
 
 def default_tolerance(variant_name: str, sites) -> float | None:
-    """exact: 1e-4 (1e-2 when any site is half precision); approximate variants: not gated."""
+    """exact: 1e-4 (1e-2 when any site computes in half precision); approximate variants: not gated.
+
+    A site computes in half precision when its q is half, or when any step of it is (its
+    `compute_dtype`: fp32 q and k with `p.half() @ v.half()` is rounded to fp16 there).
+    """
     if variant_name != "exact":
         return None
-    half = any(str(s.dtype) in ("float16", "bfloat16") for s in sites)
+    half = any(str(d) in ("float16", "bfloat16")
+               for s in sites for d in (s.dtype, getattr(s, "compute_dtype", None)))
     return 1e-2 if half else 1e-4

@@ -14,7 +14,7 @@ from typing import Any
 MASK_FLOOR = -1e4   # an additive bias or fill at or below this removes the key (HF uses finfo.min)
 
 REPORT_FIELDS = ("id", "name", "source", "batch", "heads", "kv_heads", "q_len", "kv_len",
-                 "head_dim", "dtype", "scale", "softcap", "causal", "mask", "dropout",
+                 "head_dim", "dtype", "compute_dtype", "scale", "softcap", "causal", "mask", "dropout",
                  "status", "reason", "options")
 
 
@@ -41,7 +41,8 @@ class AttentionSite:
     q_len: int | str | None = None
     kv_len: int | str | None = None
     head_dim: int | str | None = None
-    dtype: str = "float32"
+    dtype: str = "float32"           # q's dtype
+    compute_dtype: str | None = None  # the lowest precision the site computes in (None: as dtype)
     scale: float | str | None = None
     softcap: float | None = None
     causal: bool = False

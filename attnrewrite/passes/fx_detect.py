@@ -17,10 +17,18 @@ with the reason (which `--list --verbose` prints for every softmax left unmatche
       p = softmax(s, -1) [casts, dropout, safe-softmax guard, lead-only views]
       o = matmul|bmm|einsum(p, v')
 
+  Every step may be written in place (`s.masked_fill_(m, -inf)`, `s.div_(c)`,
+  `s.tanh_()`, `F.dropout(p, inplace=True)`), and a view may be a permute that only
+  moves axes of size 1 (core ATen's einsum).
+
 The normal form is built from the operands *as the products see them*: q' and kᵀ'
 are peeled back only through steps that provably keep the element mapping (lead-only
-views, a transpose of exactly the last two axes, scalar scales, the repeat_kv expand),
-so a permuted K is never mistaken for a transposed one.
+views, a transpose of exactly the last two axes, size-1 axes added, dropped or moved,
+scalar scales, the repeat_kv expand), so a permuted K is never mistaken for a
+transposed one (see "layouts").
+
+Each site records the lowest precision it computes in (`compute_dtype`): fp32 q and k
+with `p.half() @ v.half()` compute P·v in fp16, which sets the exact check's tolerance.
 
 The step kinds, the order they must come in, the einsum equations and the two walks are
 the detectors' shared vocabulary (`vocab`); `FxKind` holds this graph kind's spellings.
@@ -58,19 +66,19 @@ SOFTMAX = _ops("softmax.int", "_softmax.default", "_safe_softmax.default")
 PRODUCTS = _ops("matmul.default", "bmm.default", "mm.default")
 CASTS = _ops("_to_copy.default", "to.dtype", "to.dtype_layout", "to.device", "type_as.default")
 NOOPS = _ops("clone.default", "contiguous.default", "alias.default", "detach.default")
-VIEWS = _ops("view.default", "reshape.default", "_unsafe_view.default", "unsqueeze.default",
-             "squeeze.dim", "squeeze.dims", "squeeze.default", "flatten.using_ints",
-             "unflatten.int", "expand.default")
+SQUEEZES = _ops("unsqueeze.default", "squeeze.dim", "squeeze.dims", "squeeze.default")
+RESHAPES = SQUEEZES | _ops("view.default", "reshape.default", "_unsafe_view.default", "flatten.using_ints",
+                          "unflatten.int")
+EXPAND = aten.expand.default
+VIEWS = RESHAPES | {EXPAND}
+PERMUTES = _ops("permute.default", "transpose.int", "t.default")
 MULS = _ops("mul.Tensor", "mul.Scalar")
 DIVS = _ops("div.Tensor", "div.Scalar")
-# In-place scalings of the scores (Falcon: `scores.div_(sqrt(d))`); walk_scores accepts
-# them only on a score tensor nothing else reads, so the mutation is invisible.
-INPLACE_MULS = _ops("mul_.Tensor", "mul_.Scalar")
-INPLACE_SCALES = INPLACE_MULS | _ops("div_.Tensor", "div_.Scalar")
 ADDS = _ops("add.Tensor", "add.Scalar")
 SUBS = _ops("sub.Tensor", "sub.Scalar")
 FILLS = _ops("masked_fill.Scalar", "masked_fill.Tensor")
 WHERES = _ops("where.self", "where.ScalarOther", "where.ScalarSelf", "where.Scalar")
+TANH = aten.tanh.default
 DROPOUTS = _ops("dropout.default", "native_dropout.default")
 FUSED = _ops("scaled_dot_product_attention.default",
              "_scaled_dot_product_flash_attention_for_cpu.default",
@@ -79,6 +87,36 @@ FUSED = _ops("scaled_dot_product_attention.default",
              "_scaled_dot_product_cudnn_attention.default")
 SHAPE_ONLY = _ops("full_like.default", "empty_like.default", "zeros_like.default", "ones_like.default",
                   "_assert_tensor_metadata.default", "sym_size.int", "sym_numel.default")
+PRODUCERS = PRODUCTS | _ops("einsum.default", "baddbmm.default")
+# Ops that always return a new tensor (never an alias of an input): an in-place step
+# writing into one that nothing else reads changes nothing anyone can see.
+FRESH = PRODUCERS | MULS | DIVS | ADDS | SUBS | FILLS | WHERES | SOFTMAX | \
+    _ops("tanh.default", "_to_copy.default", "clone.default")
+
+
+def _in_place_twins(ops) -> dict:
+    """{in-place twin: op} for the ops that have one: mul.Tensor → mul_.Tensor, tanh → tanh_."""
+    out = {}
+    for op in ops:
+        packet = getattr(aten, op.overloadpacket.__name__ + "_", None)
+        twin = getattr(packet, op._overloadname, None) if packet is not None else None
+        if twin is not None:
+            out[twin] = op
+    return out
+
+
+# Every op the score chain accepts is also accepted in place (`s.masked_fill_(~m, -inf)`,
+# Falcon's `s.div_(sqrt(d))`, `s.tanh_()`), read by the same rule as long as the tensor
+# written is the scores themselves. Casts, views other than (un)squeeze/transpose, and
+# where have no in-place twin in ATen; softmax has none either. The probabilities' steps
+# get theirs too (`F.dropout(p, inplace=True)` is `dropout_`).
+IN_PLACE = _in_place_twins(CASTS | NOOPS | VIEWS | PERMUTES | MULS | DIVS | ADDS | SUBS | FILLS | WHERES
+                           | DROPOUTS | {TANH})
+
+
+def _base(n: Node):
+    """The out-of-place op of `n` (mul_.Tensor → mul.Tensor); its own target otherwise."""
+    return IN_PLACE.get(n.target, n.target)
 
 
 # ----------------------------------------------------------------------------- records
@@ -116,6 +154,7 @@ class FxSite:
     dropout_active: bool = False
     mask_kinds: set = field(default_factory=set)
     others: list = field(default_factory=list)   # other consumers of the probabilities
+    compute_dtype: torch.dtype | None = None     # the lowest precision the site computes in
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -126,6 +165,11 @@ def _val(n):
 def _shape(n):
     v = _val(n)
     return list(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def _dtype(n):
+    v = _val(n)
+    return v.dtype if isinstance(v, torch.Tensor) else None
 
 
 def _same(a, b) -> bool:
@@ -193,60 +237,149 @@ def module_path(node: Node) -> str:
     return node.name
 
 
-# ----------------------------------------------------------------------------- operands
-def _view_keeps_last2(n: Node) -> bool:
-    """A view-like step that only regroups leading axes (element mapping preserved)."""
-    i, o = _shape(n.args[0]), _shape(n)
-    if i is None or o is None or len(i) < 2 or len(o) < 2:
+# ----------------------------------------------------------------------------- layouts
+# A product reads a tensor whose last two axes mean something (Lq, D for q; D, Lk for kᵀ;
+# Lq, Lk for the probabilities; Lk, Dv for v) and whose other axes are batch-like. Walking
+# from that tensor back to where it was made (or from the softmax forward to the P·v
+# product), a step is safe when it keeps that meaning: it may regroup the leading axes,
+# swap the two meaningful ones (operands only), and add, drop or move axes of size 1.
+#
+# An axis statically of size 1 holds no data, so only the others ("data axes") are
+# tracked: unsqueeze/squeeze and a permute keeping the order of the data axes then
+# reorder nothing, a chain of permutes counts by what it does as a whole, and a reshape
+# counts by the data axes it keeps last. Core ATen spells `einsum("bhqd,bhkd->bhqk", q, k)`
+#
+#     bmm(view(permute(unsqueeze(q, 4), [0, 1, 2, 4, 3]), [B*H, Lq, D]), ...)      (B*H, Lq, Lk)
+#     view(permute(view(s, [B, H, Lq, 1, Lk]), [0, 1, 2, 4, 3]), [B, H, Lq, Lk])
+#
+# which is this. A meaningful axis of size 1 (Lq = 1 while decoding) is tracked only by
+# where the size-1 axis must sit when the product reads the tensor: (…, 1, D) for q.
+def _is_one(d) -> bool:
+    return _same(d, 1)
+
+
+def _data_axes(shape) -> list:
+    """The axes not statically of size 1."""
+    return [i for i, d in enumerate(shape) if not _is_one(d)]
+
+
+def _pattern(shape) -> tuple | None:
+    """Which of the last two axes are of size 1: (False, False) for (…, Lq, D), (True, False) for (…, 1, D)."""
+    return tuple(_is_one(d) for d in shape[-2:]) if shape is not None and len(shape) >= 2 else None
+
+
+def _regroups_lead(i, o, m: int) -> bool:
+    """A reshape i → o keeping the last `m` data axes and only regrouping the ones before.
+
+    view(x, [B*H, L, D]) of (B, H, L, D) or of (B, H, L, D, 1) does (m = 2);
+    view(x, [B, H*L, D]) does not.
+    """
+    if i is None or o is None:
         return False
-    if n.target == aten.expand.default:
-        return _same_shape(i, o)
-    return _same_shape(i[-2:], o[-2:]) and _same(_numel(i[:-2]), _numel(o[:-2]))
+    i, o = [i[a] for a in _data_axes(i)], [o[a] for a in _data_axes(o)]
+    return len(i) >= m and len(o) >= m and _same_shape(i[len(i) - m:], o[len(o) - m:]) \
+        and _same(_numel(i[:len(i) - m]), _numel(o[:len(o) - m]))
 
 
-def _swaps_last2(n: Node) -> bool | None:
-    """True: transposes exactly the last two axes; False: identity; None: anything else."""
-    nd = len(_shape(n))
-    if n.target == aten.transpose.int:
-        d = sorted(a % nd for a in n.args[1:3])
-        return True if d == [nd - 2, nd - 1] else (False if d[0] == d[1] else None)
-    if n.target == aten.permute.default:
-        p = [a % nd for a in n.args[1]]
-        if p == list(range(nd)):
-            return False
-        if p == list(range(nd - 2)) + [nd - 1, nd - 2]:
-            return True
-        return None
-    if n.target == aten.t.default:
-        return True
+def _perm_of(n: Node, nd: int) -> list | None:
+    """The permutation a permute/transpose/t node applies (output axis j reads input axis p[j])."""
+    t = _base(n)
+    if t == aten.permute.default:
+        return [a % nd for a in n.args[1]]
+    if t == aten.transpose.int:
+        p = list(range(nd))
+        d0, d1 = (a % nd for a in n.args[1:3])
+        p[d0], p[d1] = p[d1], p[d0]
+        return p
+    if t == aten.t.default:
+        return list(range(nd))[::-1] if nd == 2 else list(range(nd))
     return None
 
 
-def peel(node: Node, factors: list, constants) -> tuple[Node, bool]:
-    """Walk back from a product operand through mapping-preserving steps.
+def _axis_map(n: Node) -> list | None:
+    """How a step moves the data axes, or None when it is not a pure reordering.
 
-    Returns (root, swapped): the operand equals `root` with its last two axes swapped
-    when `swapped`, leading axes regrouped, times the scalar `factors` collected.
+    Returns σ: output data axis r is input data axis σ[r]. Reorderings are permute,
+    transpose and t; and, as the identity, unsqueeze/squeeze (they add or drop size-1
+    axes), clone, contiguous, alias, detach and an expand to the same shape.
     """
+    x = n.args[0] if n.args else None
+    i, o = _shape(x) if isinstance(x, Node) else None, _shape(n)
+    if i is None or o is None:
+        return None
+    ai, ao = _data_axes(i), _data_axes(o)
+    t = _base(n)
+    if t in NOOPS | SQUEEZES or (t == EXPAND and _same_shape(i, o)):
+        return list(range(len(ai))) if len(ai) == len(ao) else None
+    if t in PERMUTES:
+        p = _perm_of(n, len(i))
+        rank = {a: r for r, a in enumerate(ai)}
+        return [rank[a] for a in p if a in rank]
+    return None
+
+
+def _identity(p) -> bool:
+    return p == list(range(len(p)))
+
+
+def _swap2(p) -> bool:
+    n = len(p)
+    return n >= 2 and p == list(range(n - 2)) + [n - 1, n - 2]
+
+
+# ----------------------------------------------------------------------------- operands
+def _peel(node: Node, factors: list | None) -> tuple[Node, bool]:
+    """Walk back from a product operand through steps that keep its layout (see layouts).
+
+    Returns (root, swapped): the operand equals `root` with its last two axes swapped when
+    `swapped`, leading axes regrouped and size-1 axes added, dropped or moved, times the
+    scalar `factors` collected (None: stop at scalar scales, they stay on the tensor).
+    A run of permutes may pass through other orders, as long as it ends at the operand's
+    own or its transpose; the root is the furthest point where it does and whose last two
+    axes are the meaningful ones; the factors collected beyond it are dropped again.
+    """
+    pat = _pattern(_shape(node))
+    m = pat.count(False) if pat is not None else 0
+    if m == 0:
+        return node, False
+    pi = list(range(len(_data_axes(_shape(node)))))     # rest point's data axis r is node's pi[r]
     swapped = False
+    best = (node, swapped, len(factors or ()))
     for _ in range(32):
-        if node.op != "call_function":
-            break
-        t = node.target
-        if peel_kv_repeat(node) is not None:
+        if node.op != "call_function" or node.target in IN_PLACE or peel_kv_repeat(node) is not None:
             break      # stop at repeat_kv's (B, H, L, D) view so the GQA root is found
-        if t in VIEWS | NOOPS and _view_keeps_last2(node):
-            node = node.args[0]
-        elif t in _ops("transpose.int", "permute.default", "t.default") and _swaps_last2(node) is not None:
-            swapped ^= _swaps_last2(node)
-            node = node.args[0]
-        elif t in MULS | DIVS and isinstance(node.args[0], Node) and _is_scalar(node.args[1]) \
-                and _same_shape(_shape(node.args[0]), _shape(node)):
+        t = node.target
+        sigma = _axis_map(node)
+        if sigma is not None:
+            pi = [sigma[r] for r in pi]
+        elif t in RESHAPES and _identity(pi) and _regroups_lead(_shape(node.args[0]), _shape(node), m):
+            pi = list(range(len(_data_axes(_shape(node.args[0])))))
+        elif factors is not None and t in MULS | DIVS and isinstance(node.args[0], Node) \
+                and _is_scalar(node.args[1]) and _same_shape(_shape(node.args[0]), _shape(node)):
             factors.append((node.args[1], "mul" if t in MULS else "div"))
-            node = node.args[0]
         else:
             break
-    return node, swapped
+        node = node.args[0]
+        if m == 2 and _swap2(pi):
+            swapped, pi = not swapped, list(range(len(pi)))
+        if _identity(pi) and _pattern(_shape(node)) in (pat, pat[::-1]):
+            best = (node, swapped, len(factors or ()))
+    root, swapped, kept = best
+    if factors is not None:
+        del factors[kept:]
+    if m == 1:      # one data axis: the size-1 one may sit on either side of it
+        swapped = _pattern(_shape(root)) != pat
+    return root, swapped
+
+
+def peel(node: Node, factors: list, constants=None) -> tuple[Node, bool]:
+    """_peel collecting scalar scales into `factors` (q and kᵀ of the score product)."""
+    return _peel(node, factors)
+
+
+def peel_no_scale(node: Node) -> tuple[Node, bool]:
+    """_peel that stops at scalar scales (used where a scale must stay on its tensor: v)."""
+    return _peel(node, None)
 
 
 def peel_kv_repeat(node: Node) -> Node | None:
@@ -303,8 +436,6 @@ def _param_like(node: Node, params: set) -> bool:
 
 
 # ----------------------------------------------------------------------------- scores
-PRODUCERS = PRODUCTS | _ops("einsum.default", "baddbmm.default")
-
 
 def _check_fill_value(val, constants, where: str):
     """A fill fixed in the graph must remove its key; one computed at run time is trusted."""
@@ -314,12 +445,24 @@ def _check_fill_value(val, constants, where: str):
 
 
 def _pass(gk, n: Node):
-    """s = s.to(torch.float32) | s.clone() | s.contiguous(): the values are unchanged."""
+    """s = s.to(torch.float32) | s.clone() | s.contiguous() | s.detach_(): the values are unchanged."""
     return n.args[0], None
 
 
 def _view(gk, n: Node):
-    """s = s.view(B * H, Lq, Lk) | s.unsqueeze(1): replayed on the bias when it follows one."""
+    """s = s.view(B * H, Lq, Lk) | s.unsqueeze(1) | s.unsqueeze_(1): replayed on the bias when it follows one."""
+    return n.args[0], (VIEW, _shape(n.args[0]), _shape(n), n)
+
+
+def _permute(gk, n: Node):
+    """s = s.permute(0, 1, 2, 4, 3) of (B, H, Lq, 1, Lk) | s.transpose(1, 2) of (B, 1, H, Lk):
+    only a size-1 axis moves, so it is a view in effect (core ATen einsum, see layouts).
+
+    Anything else reorders the scores: s.transpose(-2, -1) is softmax over the queries.
+    """
+    sigma = _axis_map(n)
+    if sigma is None or not _identity(sigma):
+        raise NoMatch(f"{n.name} reorders the axes of the scores")
     return n.args[0], (VIEW, _shape(n.args[0]), _shape(n), n)
 
 
@@ -328,28 +471,27 @@ def _scale(gk, n: Node):
 
     s = cap * tanh(s / cap) is read as a soft-cap (see _softcap).
     """
-    t = n.target
+    t = _base(n)
     i = gk.score_arg(n)
     other = n.args[1 - i]
-    if t in INPLACE_SCALES and (i != 0 or len(n.args[0].users) != 1):
-        raise NoMatch(f"{n.name} scales in place a tensor that is read elsewhere")
     if i == 1 and t in DIVS:
         raise NoMatch(f"{n.name} divides by the scores")
     if not _is_scalar(other):
         raise NoMatch(f"{n.name} multiplies the scores by a tensor, not a scalar")
     src = n.args[i]
-    if t in MULS and isinstance(src, Node) and src.op == "call_function" and src.target == aten.tanh.default:
+    if t in MULS and isinstance(src, Node) and src.op == "call_function" and _base(src) == TANH:
         return _softcap(gk, src, other)
-    return src, (SCALE, "mul" if t in MULS | INPLACE_MULS else "div", other)
+    return src, (SCALE, "mul" if t in MULS else "div", other)
 
 
 def _softcap(gk, tanh: Node, cap):
-    """s = cap * tanh(s / cap) | cap * tanh(s * (1 / cap)), both constants fixed in the graph."""
+    """s = cap * tanh(s / cap) | cap * tanh(s * (1 / cap)) | s.div_(cap).tanh_().mul_(cap),
+    both constants fixed in the graph."""
     cap = const_value(cap, gk.constants)
     inner = tanh.args[0]
-    if cap is None or not (isinstance(inner, Node) and inner.op == "call_function" and inner.target in MULS | DIVS):
+    if cap is None or not (isinstance(inner, Node) and inner.op == "call_function" and _base(inner) in MULS | DIVS):
         raise NoMatch(f"{tanh.name}: tanh on the scores is not a soft-cap")
-    how = "div" if inner.target in DIVS else "mul"
+    how = "div" if _base(inner) in DIVS else "mul"
     c = const_value(inner.args[1], gk.constants)
     if not is_softcap(cap, how, c):
         raise NoMatch(f"{tanh.name}: tanh on the scores is not a soft-cap ({cap:g} * tanh(s {how} {c}))")
@@ -357,8 +499,9 @@ def _softcap(gk, tanh: Node, cap):
 
 
 def _add(gk, n: Node):
-    """s = s + bias | bias + s | s - bias | s + alpha * bias: an additive mask or bias."""
-    t = n.target
+    """s = s + bias | bias + s | s - bias | s + alpha * bias | s.add_(bias) | s.sub_(bias):
+    an additive mask or bias."""
+    t = _base(n)
     i = gk.score_arg(n)
     if i == 1 and t in SUBS:
         raise NoMatch(f"{n.name} negates the scores")
@@ -367,7 +510,7 @@ def _add(gk, n: Node):
 
 
 def _masked_fill(gk, n: Node):
-    """s = s.masked_fill(drop, -inf): the keys where `drop` is true are removed."""
+    """s = s.masked_fill(drop, -inf) | s.masked_fill_(drop, -inf): the keys where `drop` is true are removed."""
     _check_fill_value(n.args[2], gk.constants, n.name)
     return n.args[0], (FILL, n.args[1], n.args[2], True)
 
@@ -381,25 +524,39 @@ def _where(gk, n: Node):
 
 
 def _bare_tanh(gk, n: Node):
-    """s = tanh(s) without the soft-cap's scales around it: not in the normal form."""
+    """s = tanh(s) | s.tanh_() without the soft-cap's scales around it: not in the normal form."""
     raise NoMatch(f"{n.name}: tanh on the scores without a soft-cap scale")
 
 
+def _with_twins(*rows):
+    """rule_table rows, each op's in-place twin (IN_PLACE) added to the row of its op."""
+    return [(set(ops) | {tw for tw, op in IN_PLACE.items() if op in ops}, read) for ops, read in rows]
+
+
 class FxKind(GraphKind):
-    """The shared walks on an ATen FX graph: a value is the Node computing it."""
+    """The shared walks on an ATen FX graph: a value is the Node computing it.
+
+    In-place steps (`s.masked_fill_(m, -inf)`) are read by the rule of their op, provided
+    the tensor they write is the scores (`score_arg` 0); a step writing into its other
+    operand (`bias.add_(s)`) is refused. Whether anyone else sees the write is the
+    rewrite's business (fx_rewrite keeps such a step).
+    """
     products = PRODUCERS
-    rules = rule_table(
+    rules = rule_table(*_with_twins(
         (CASTS | NOOPS, _pass),
         (VIEWS, _view),
-        (MULS | DIVS | INPLACE_SCALES, _scale),
+        (PERMUTES, _permute),
+        (MULS | DIVS, _scale),
         (ADDS | SUBS, _add),
         (FILLS, _masked_fill),
         (WHERES, _where),
-        (_ops("tanh.default"), _bare_tanh),
-    )
+        ({TANH}, _bare_tanh),
+    ))
 
     def __init__(self, constants=None):
         self.constants = constants
+        self.layout: dict = {}       # forward walk: value -> axis map from the probabilities (None: theirs)
+        self.pattern = (False, False)
 
     def producer(self, x):
         return x if isinstance(x, Node) and x.op == "call_function" else None
@@ -420,27 +577,59 @@ class FxKind(GraphKind):
         return x if not isinstance(x, Node) else _kind(x)
 
     def score_arg(self, node: Node, candidates=(0, 1)) -> int:
-        """The argument of a two-sided step holding the scores: the first leading back to q·kᵀ."""
+        """The argument of a two-sided step holding the scores: the first leading back to q·kᵀ.
+
+        An in-place step must hold them in the tensor it writes (argument 0).
+        """
         hits = [i for i in candidates if i < len(node.args) and self.reaches_product(node.args[i])]
         if not hits:
             raise NoMatch(f"{node.name} ({node.target}) does not lead back to a q·kᵀ product")
+        if node.target in IN_PLACE and hits[0] != 0:
+            raise NoMatch(f"{node.name} writes the scores in place into another tensor ({node.target})")
         return hits[0]
 
+    def start_forward(self, p: Node) -> None:
+        """Before follow_forward(p): the probabilities' own layout is the reference."""
+        self.pattern = _pattern(_shape(p))
+        self.layout = {p: None}
+
     def classify_reader(self, u: Node, p: Node):
-        t = u.target if u.op == "call_function" else None
+        """What `u` does with the probabilities `p` (see GraphKind).
+
+        Steps that keep the values are followed: casts, clone, dropout, the safe-softmax
+        guard, lead-only views and any run of permutes/(un)squeezes; the P·v product must
+        read them in their own layout (a run of permutes that ends where it started).
+        """
+        t = _base(u) if u.op == "call_function" else None
+        pi = self.layout.get(p)
+        if u.op == "call_function" and u.target in IN_PLACE and u.args[0] is not p:
+            return OTHER                      # writes the probabilities into another tensor
         if (t in PRODUCTS and u.args[0] is p) or (t == aten.einsum.default and p in u.args[1]):
-            return PRODUCT                    # p @ v | einsum("bhqk,bhkd->bhqd", p, v)
-        if t in CASTS | NOOPS or (t in VIEWS and _view_keeps_last2(u)):
-            return [u]                        # p.to(dtype) | p.view(B * H, Lq, Lk)
+            if pi is None and _pattern(_shape(p)) == self.pattern:
+                return PRODUCT                # p @ v | einsum("bhqk,bhkd->bhqd", p, v)
+            return OTHER                      # p reordered: p.transpose(-2, -1) @ v
+        sigma = _axis_map(u) if t in PERMUTES | SQUEEZES | NOOPS | {EXPAND} else None
+        if sigma is not None:                 # p.permute(...) | p.unsqueeze(4) | p.clone()
+            new = sigma if pi is None else [pi[r] for r in sigma]
+            return self._follow([u], None if _identity(new) else new)
+        if t in RESHAPES and pi is None and _regroups_lead(_shape(p), _shape(u), self.pattern.count(False)):
+            return self._follow([u], None)    # p.view(B * H, Lq, Lk)
+        if t in CASTS:
+            return self._follow([u], pi)      # p.to(dtype)
         if t == aten.native_dropout.default:
-            return [g for g in u.users if g.target is operator.getitem and g.args[1] == 0]
+            return self._follow([g for g in u.users if g.target is operator.getitem and g.args[1] == 0], pi)
         if t in DROPOUTS:
-            return [u]                        # dropout(p, 0.1, train)
+            return self._follow([u], pi)      # dropout(p, 0.1, train) | dropout_(p, 0.1, train)
         if t in SHAPE_ONLY:
             return IGNORE                     # reads only shape/metadata, not the values
         if t in WHERES and u.args[2] is p and const_value(u.args[1]) == 0.0:
-            return [u]                        # the safe-softmax guard: where(dead_row, 0, p)
+            return self._follow([u], pi)      # the safe-softmax guard: where(dead_row, 0, p)
         return OTHER
+
+    def _follow(self, nodes: list, pi) -> list:
+        for n in nodes:
+            self.layout[n] = pi
+        return nodes
 
 
 def walk_scores(x: Node, constants) -> tuple[Node, list]:
@@ -482,10 +671,12 @@ def follow_probs(sm: Node):
 
     Returns (product, P node it reads, dropout_p, dropout_active, other consumers).
     """
-    prod, p, followed, others = FxKind().follow_forward(sm)
+    kind = FxKind()
+    kind.start_forward(sm)
+    prod, p, followed, others = kind.follow_forward(sm)
     dropout_p, active = 0.0, False
     for u in followed:
-        if u.target in DROPOUTS:
+        if _base(u) in DROPOUTS:
             rate = float(u.args[1])
             train = u.args[2] if len(u.args) > 2 else u.kwargs.get("train", True)
             dropout_p, active = max(dropout_p, rate), active or bool(train and rate > 0)
@@ -505,6 +696,106 @@ def value_operand(prod: Node, p: Node):
     v_perm, perm = einsum_pv(prod.args[0], pi)
     return (Operand(prod.args[1][1 - pi], v_perm), plead,
             None if perm == list(range(len(perm))) else perm)
+
+
+def _lowest_precision(dtypes) -> torch.dtype | None:
+    """The floating dtype with the fewest mantissa bits: bfloat16 < float16 < float32 < float64."""
+    floats = [d for d in dtypes if isinstance(d, torch.dtype) and d.is_floating_point]
+    return max(floats, key=lambda d: torch.finfo(d).eps, default=None)
+
+
+def _path(start: Node, end: Node, limit: int = 4096) -> list | None:
+    """The nodes on a path from `start` to `end` (both included), in graph order; None
+    when `end` is more than `limit` nodes after `start`."""
+    span, n = [start], start
+    while n is not end and len(span) < limit:
+        n = n.next
+        if n.op == "root":
+            return None
+        span.append(n)
+    if span[-1] is not end:
+        return None
+    after = {start}
+    for n in span[1:]:
+        if any(a in after for a in n.all_input_nodes):
+            after.add(n)
+    before = {end}
+    for n in reversed(span):
+        if n in before:
+            before.update(n.all_input_nodes)
+    return [n for n in span if n in after and n in before]
+
+
+def _path_dtypes(start: Node, end: Node) -> list:
+    """The dtypes of every value on a path from `start` to `end`.
+
+    q·kᵀ in float32, `p.half() @ v.half()`: [float32, ..., float16, float16].
+    """
+    path = _path(start, end)
+    return [_dtype(n) for n in (path if path is not None else (start, end))]
+
+
+# ----------------------------------------------------------------------------- in place
+def written(n: Node) -> list:
+    """The arguments an op writes in place: [s] for `s.masked_fill_(m, v)`, [] for a pure op."""
+    schema = getattr(n.target, "_schema", None)
+    if n.op != "call_function" or schema is None or not schema.is_mutable:
+        return []
+    return [a for a, arg in zip(n.args, schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
+
+
+def aliases_self(n: Node) -> bool:
+    """The op returns its first argument or a view of it: `s.mul_(c)`, `s.view(...)`."""
+    schema = getattr(n.target, "_schema", None)
+    if n.op != "call_function" or schema is None or not schema.returns or not schema.arguments:
+        return False
+    ret, arg = schema.returns[0].alias_info, schema.arguments[0].alias_info
+    return ret is not None and arg is not None and bool(set(ret.before_set) & set(arg.before_set))
+
+
+def precedes(a: Node, b: Node, limit: int = 100_000) -> bool:
+    """`a` runs before `b` in the graph."""
+    n = a
+    for _ in range(limit):
+        n = n.next
+        if n is b:
+            return True
+        if n.op == "root":
+            return False
+    return False
+
+
+def _check_no_hidden_write(prod: Node, pv: Node) -> None:
+    """NoMatch when a value between the q·kᵀ and P·v products is written in place by an op
+    off the path (through another name or a view) before the path reads it again::
+
+        s3 = s.view(B * H, L, L);  s.masked_fill_(~m, -inf);  softmax(s3)
+
+    The walks follow what each node reads, so such a write (here the mask) would be
+    missed. A write after the last read (`p = softmax(s); s.zero_()`) changes nothing.
+    """
+    path = _path(prod, pv)
+    if path is None:
+        return
+    on_path, bases = set(path), set()
+    for x in path:                        # the tensor each value on the path is (a view of)
+        while aliases_self(x) and isinstance(x.args[0], Node):
+            x = x.args[0]
+        bases.add(x)
+    for base in bases:
+        group, stack = {base}, [base]     # every name of that tensor: views, in-place results
+        while stack:
+            x = stack.pop()
+            for u in x.users:
+                if u not in group and aliases_self(u) and u.args[0] is x:
+                    group.add(u)
+                    stack.append(u)
+        readers = [r for g in group for r in g.users if r in on_path]
+        for g in group:
+            for u in g.users:
+                if u not in on_path and any(w is g for w in written(u)) and any(precedes(u, r) for r in readers):
+                    raise NoMatch(f"{u.name} ({u.target}) writes in place into {g.name}, "
+                                  "which the attention reads under another name")
 
 
 # ----------------------------------------------------------------------------- rules
@@ -527,31 +818,16 @@ def match_decomposed(sm: Node, params: set, constants) -> FxSite:
         raise NoMatch(f"{prod.name}: contraction axes do not line up ({qs[-1]} vs {ks[-1]})")
     if not _same(ks[-2], vs_[-2]):
         raise NoMatch(f"{pv.name}: key length {ks[-2]} != value length {vs_[-2]}")
+    _check_no_hidden_write(prod, pv)
     site = FxSite(out=pv, anchor=sm, q=q, k=k, v=v, lead=xs[:-2], pv_lead=pv_lead, out_perm=out_perm,
                   dropout_p=dropout_p, dropout_active=active)
+    site.compute_dtype = _lowest_precision([_dtype(n) for n in (q.node, k.node, v.node)] + _path_dtypes(prod, pv))
     _fold_steps(site, steps, factors, constants)
     for op in (site.k, site.v):
         if op.perm is None:
             op.kv_root = peel_kv_repeat(op.node)
     site.others = others
     return site
-
-
-def peel_no_scale(node: Node):
-    """peel() that stops at scalar scales (used where a scale must stay on its tensor)."""
-    swapped = False
-    for _ in range(32):
-        if node.op == "call_function" and peel_kv_repeat(node) is not None:
-            break      # as in peel(): keep repeat_kv's 4-D view as the root
-        if node.op == "call_function" and node.target in VIEWS | NOOPS and _view_keeps_last2(node):
-            node = node.args[0]
-        elif node.op == "call_function" and node.target in _ops("transpose.int", "permute.default", "t.default") \
-                and _swaps_last2(node) is not None:
-            swapped ^= _swaps_last2(node)
-            node = node.args[0]
-        else:
-            break
-    return node, swapped
 
 
 def _fold_steps(site: FxSite, steps: list, factors: list, constants) -> None:
@@ -615,6 +891,7 @@ def match_fused(node: Node) -> FxSite:
     site = FxSite(out=out, anchor=node, q=Operand(q), k=Operand(k), v=Operand(v), lead=qs[:-2],
                   pv_lead=qs[:-2], mask=mask, causal=causal, dropout_p=float(nk.get("dropout_p", 0.0)))
     site.dropout_active = site.dropout_p > 0
+    site.compute_dtype = _lowest_precision([_dtype(n) for n in (q, k, v, out)])
     if isinstance(scale, (int, float)):
         site.scale = float(scale)
     else:
@@ -641,18 +918,20 @@ def _describe(fx: FxSite, idx: int, name: str) -> AttentionSite:
     kroot = fx.k.kv_root
     if kroot is not None:
         kv_heads = _shape(kroot)[1]
-    elif len(ks) == len(qs) and len(ks) >= 3 and _same(ks[-3], 1) and not _same(qs[-3], 1):
+    elif len(ks) == len(qs) and len(ks) >= 3 and _same(ks[-3], 1) and not _same(qs[-3], 1) \
+            and not _same(_numel(ks[:-2]), _numel(qs[:-2])):      # not just a size-1 axis in another place
         kv_heads = 1
     elif fx.anchor.target in FUSED and len(ks) == 4:
         kv_heads = ks[1]
     lq = qs[-2]
     lk = ks[-2]
     dtype = str(_val(fx.q.node).dtype).replace("torch.", "")
+    compute = str(fx.compute_dtype).replace("torch.", "") if fx.compute_dtype is not None else dtype
     mask = mask_kind("additive" in fx.mask_kinds, "boolean" in fx.mask_kinds)
     s = AttentionSite(
         id=idx, name=name, source="sdpa" if fx.anchor.target in FUSED else "decomposed",
         batch=dim_value(batch), heads=dim_value(heads), kv_heads=dim_value(kv_heads),
-        q_len=dim_value(lq), kv_len=dim_value(lk), head_dim=dim_value(qs[-1]), dtype=dtype,
+        q_len=dim_value(lq), kv_len=dim_value(lk), head_dim=dim_value(qs[-1]), dtype=dtype, compute_dtype=compute,
         scale=fx.scale if not fx.scale_nodes else "dynamic", softcap=fx.softcap or None,
         causal=fx.causal, mask=mask, dropout=fx.dropout_p, graph=fx)
     if fx.others:

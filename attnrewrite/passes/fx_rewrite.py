@@ -132,7 +132,7 @@ def _bias(e: Emitter, fx: D.FxSite, dtype) -> Node | None:
                 b = e(aten.expand.default, b, [e.size(d, [node.args[0]]) for d in shape_in])
             if not b.meta["val"].is_contiguous():
                 b = e(aten.clone.default, b, memory_format=torch.contiguous_format)
-            b = e(node.target, b, *node.args[1:], **node.kwargs)
+            b = e(D.IN_PLACE.get(node.target, node.target), b, *node.args[1:], **node.kwargs)   # s.unsqueeze_(1)
     return b
 
 
@@ -228,24 +228,52 @@ def copy_with_sites(gm: GraphModule, sites) -> tuple[GraphModule, dict]:
 
 
 _ASSERTS = {aten._assert_tensor_metadata.default}
-_FRESH = D.PRODUCERS | D.MULS | D.DIVS | D.ADDS | D.SUBS     # always return a new tensor
+
+
+def _may_alias(n: Node) -> bool:
+    """`n`'s result may share memory with its first argument (a view, an in-place op, a no-op cast)."""
+    return D.aliases_self(n) or n.target in D.VIEWS | D.PERMUTES | D.NOOPS | D.CASTS
+
+
+def _unobserved(m, writer: Node) -> bool:
+    """Nobody but `writer` can see a write into `m`.
+
+    `m` must be a fresh tensor (an op that never aliases its inputs, fx_detect.FRESH), or
+    reach one through in-place steps and views, each read by the next (mm → mul_ →
+    masked_fill_, the writer). Other readers may only read it before the write and make
+    their own copy (`s.sum(-1)` before `s.masked_fill_`); one reading it after the write,
+    or holding a view of it that is read (`flat = s.view(...)` taken before), sees the write.
+    """
+    for _ in range(64):
+        if not isinstance(m, Node) or m.op != "call_function":
+            return False
+        for u in m.users:
+            if u is writer or (u.op == "call_function" and not u.users and not u.is_impure()):
+                continue      # the writer itself, or a dead reader (a view nobody reads)
+            if u.op != "call_function" or _may_alias(u) or not D.precedes(u, writer):
+                return False
+        if m.target in D.FRESH:
+            return True
+        if not D.aliases_self(m):
+            return False
+        writer, m = m, m.args[0]
+    return False
 
 
 def _removable(n: Node) -> bool:
     """A dead node whose removal changes nothing but the work done.
 
     Beyond pure ops: random ops (dropout, sdpa's dropout_p: their outputs are unread),
-    and an in-place op (Falcon's `scores.div_(c)`) whose mutated input is a fresh tensor
-    that only it reads, so no one can observe the mutation.
+    and an in-place op (Falcon's `scores.div_(c)`, CompVis' `scores.masked_fill_(~m, -inf)`)
+    whose every written input no one else can observe (`_unobserved`). An in-place op on
+    scores someone else reads (returned, or through an alias) stays, and so does its write.
     """
     if not n.is_impure(impure_random=False):
         return True
-    schema = getattr(n.target, "_schema", None)
-    if schema is None or not schema.is_mutable or n.target in _ASSERTS:
+    if n.target in _ASSERTS:
         return False
-    written = [a for a, arg in zip(n.args, schema.arguments) if arg.alias_info is not None and arg.alias_info.is_write]
-    return bool(written) and all(isinstance(m, Node) and m.op == "call_function" and m.target in _FRESH
-                                 and set(m.users) == {n} for m in written)
+    written = D.written(n)
+    return bool(written) and all(_unobserved(m, n) for m in written)
 
 
 def _erase_dead(graph: Graph, node: Node) -> None:
