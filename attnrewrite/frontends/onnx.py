@@ -12,6 +12,7 @@ names, dicts of arrays, or synthesised from the graph's input types.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -49,7 +50,13 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 def validate(model: onnx.ModelProto, path: Path | None = None) -> None:
     """InputError when the graph is not a valid ONNX graph (cycles, dangling inputs, unknown
-    standard ops, an opset this onnx does not know, no graph at all)."""
+    standard ops, an opset this onnx does not know, no graph at all).
+
+    Contrib ops are not errors: onnx.checker skips domains it does not know (com.microsoft),
+    and the ops onnxruntime adds to the standard domain (SimplifiedLayerNormalization, as
+    its transformer optimizer and Phi/Llama exports write it) are checked as opaque nodes
+    (`checkable`); an op neither onnx nor onnxruntime knows still is one.
+    """
     name = path.name if path else "the model"
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{name} holds no graph")
@@ -58,10 +65,91 @@ def validate(model: onnx.ModelProto, path: Path | None = None) -> None:
         if o.domain in ("", "ai.onnx") and o.version > newest:
             raise InputError(f"{name} uses opset {o.version}; this onnx knows opsets up to {newest}")
     try:
-        onnx.checker.check_model(str(path) if path is not None else model)
+        if runtime_only_ops(model):
+            onnx.checker.check_model(checkable(model))
+        else:
+            onnx.checker.check_model(str(path) if path is not None else model)
     except Exception as e:  # noqa: BLE001 - ValidationError and friends: the user's model
         first = (str(e).strip().splitlines() or [""])[0]
         raise InputError(f"{name} is not a valid ONNX model: {first}") from e
+
+
+OPAQUE_DOMAIN = "attnrewrite.opaque"      # where `checkable` puts ops only onnxruntime knows
+
+
+@functools.cache
+def _runtime_standard_ops() -> frozenset:
+    """The ops onnxruntime registers in the standard domain (its own beside onnx's)."""
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+        return frozenset(s.name for s in C.get_all_operator_schema() if s.domain in ("", "ai.onnx"))
+    except Exception:  # noqa: BLE001 - a build without the schema list: the ones exporters write
+        return frozenset({"SimplifiedLayerNormalization"})
+
+
+@functools.cache
+def _onnx_knows(op: str, opset: int) -> bool:
+    try:
+        onnx.defs.get_schema(op, opset, "")
+        return True
+    except Exception:  # noqa: BLE001 - SchemaError: no such op at this opset
+        return False
+
+
+def _graphs(g: onnx.GraphProto):
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _graphs(sub)
+
+
+def runtime_only_ops(model: onnx.ModelProto) -> set[str]:
+    """Standard-domain ops of `model` that onnx has no schema for at its opset but
+    onnxruntime runs (its contrib ops in the standard domain, e.g. SimplifiedLayerNormalization)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    found = set()
+    for g in _graphs(model.graph):
+        for n in g.node:
+            if n.domain in ("", "ai.onnx") and not _onnx_knows(n.op_type, opset) \
+                    and n.op_type in _runtime_standard_ops():
+                found.add(n.op_type)
+    return found
+
+
+def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A weightless copy of `model` for onnx.checker's structural check: large weights become
+    typed inputs, and ops only onnxruntime knows (`runtime_only_ops`) move to an opaque
+    domain the checker does not look into — their edges (defined before use, no dangling
+    names, one producer per value) are still checked."""
+    m = onnx_detect.light_copy(model)
+    m.functions.extend(model.functions)
+    m.graph.sparse_initializer.extend(model.graph.sparse_initializer)
+    ops = runtime_only_ops(model)
+    if ops:
+        for g in _graphs(m.graph):
+            for n in g.node:
+                if n.domain in ("", "ai.onnx") and n.op_type in ops:
+                    n.domain = OPAQUE_DOMAIN
+        m.opset_import.append(helper.make_opsetid(OPAQUE_DOMAIN, 1))
+    return m
+
+
+def check_rewritten(original: onnx.ModelProto, rewritten: onnx.ModelProto, inferred=None) -> None:
+    """onnx.checker on what the rewrite changed, not on what it was given.
+
+    The whole graph gets the structural check (`checkable`: contrib nodes are opaque);
+    the nodes the rewrite added get the full check, types and shapes inferred strictly
+    (`onnx_rewrite.changed_subgraph`). A broken lowering fails either; a pre-existing
+    com.microsoft or onnxruntime-only op fails neither. RuntimeError names the problem.
+    """
+    try:
+        onnx.checker.check_model(checkable(rewritten))
+        sub = onnx_rewrite.changed_subgraph(original, rewritten, inferred)
+        if sub is not None:
+            onnx.checker.check_model(sub, full_check=True)
+    except Exception as e:  # noqa: BLE001 - a bug in a lowering, reported as such
+        raise RuntimeError(f"rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from e
 
 
 def external_files(model_path: Path, model: onnx.ModelProto | None = None) -> set[Path]:
@@ -310,10 +398,7 @@ class OnnxFrontEnd(FrontEnd):
 
     def rewrite(self, sites, variant, choice):
         new, kept = onnx_rewrite.rewrite_model(self.program, sites, variant, choice, self._inferred)
-        try:
-            onnx.checker.check_model(new, full_check=True)
-        except Exception as e:  # noqa: BLE001 - a bug in a lowering, reported as such
-            raise RuntimeError(f"rewritten model fails onnx.checker: {str(e).splitlines()[0]}") from e
+        check_rewritten(self.program, new, self._inferred)
         return new, kept
 
     def outputs(self, program, feeds):

@@ -8,11 +8,24 @@ reason (`--list --verbose` prints it for every candidate left unmatched):
 
       s = MatMul(q' [* c | / c], kᵀ' [* c | / c])      # dynamo: c = sqrt(scale) on both
       s = Einsum("bhqd,bhkd->bhqk", q, k)              # any letters/orders, rank 4
-      s = s * c | s / c | Cast(s)                       # scalar scales anywhere
+      s = s * c | s / c | Cast(s)                       # scalar scales anywhere, c folded from
+                                                        # Sqrt(Cast(Shape(v)[-1])) + ConstantOfShape([])
       s = cap * Tanh(s / cap)                           # soft-cap
       s = s + bias | Where(keep, s, -inf) | Where(drop, -inf, s)    # masks, any mix
+      s = Reshape(s, (B, H, Lq, Lk))                    # once, of (B·H, Lq, Lk) scores
       p = Softmax(s, axis=-1) [Cast, Dropout, Where(IsNaN(p), 0, p)]
+      p = Reshape(p, (B·H, Lq, Lk))                     # merged back for a bmm with v
       o = MatMul(p, v') | Einsum("bhqk,bhkd->bhqd", p, v)
+
+  In `s + bias` the scores are the side that reaches a q·kᵀ product — a MatMul/Einsum
+  whose operands are both computed (`OnnxKind.qk_like`): baddbmm's
+  Add(Mul(MatMul(q, kᵀ), alpha), Mul(alibi, beta)) and a bias made by x·W are told
+  apart whatever their order. A fill is -inf or finite (finfo.min); a finite one does
+  not commute with the other masks, so the chain's masks are then kept in order
+  (`OnnxSite.mask_steps`) and replayed by the rewrite. Scores computed per (B·H) and
+  split by a Reshape mark q/k (and v, the output, the masks added before the split)
+  `flat`; the rewrite splits them by the head count, unless they were merged straight
+  from (B, H, L, D) values (`unmerge_heads`), which are then used as they are.
 
   kᵀ' is turned back into k by composing its Transpose perm with a swap of the last two
   axes (so k is exactly the operand the product saw, whatever the perm was); dynamo's
@@ -26,7 +39,10 @@ reason (`--list --verbose` prints it for every candidate left unmatched):
   `keep` set to the reason and are left as they are.
 
 Shapes come from onnxruntime's symbolic shape inference (symbolic dims keep their
-names), falling back to onnx's own. Weights are never needed: large initializers are
+names), falling back to onnx's own; where neither has a value's shape (onnx's stops at
+contrib ops), `Graph.shape` reads it from the graph (`structural_shape`: a Reshape's
+constant shape, a Transpose's perm, shape-preserving ops such as RotaryEmbedding and
+SimplifiedLayerNormalization). Weights are never needed: large initializers are
 replaced by typed graph inputs on a light copy before inference.
 
 The step kinds, the order they must come in, the einsum equations and the two walks are
@@ -34,6 +50,7 @@ the detectors' shared vocabulary (`vocab`); `OnnxKind` holds this graph kind's s
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +58,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..site import AttentionSite
-from .vocab import (ADD, FILL, IGNORE, MASK_FLOOR, OTHER, PRODUCT, SCALE, SOFTCAP, GraphKind, NoMatch,
+from .vocab import (ADD, FILL, IGNORE, MASK_FLOOR, OTHER, PRODUCT, SCALE, SOFTCAP, VIEW, GraphKind, NoMatch,
                     check_order, default_scale, einsum_pv, einsum_qk, is_mask_fill, is_softcap,
                     mask_kind, rule_table)
 
@@ -68,6 +85,15 @@ class OnnxSite:
     causal: bool = False
     biases: list = field(default_factory=list)    # (value, coefficient): added to the scores
     keeps: list = field(default_factory=list)     # (value, keep_when_true): boolean masks
+    # a fill with a finite value (finfo.min) in the chain: the masks in forward order, each
+    # ("add", value, coefficient) | ("fill", cond, fill value, fill_when_true) | ("scale", c),
+    # replayed on a zero bias (a -inf fill commutes with the rest, a finite one does not)
+    mask_steps: list = field(default_factory=list)
+    # heads merged into the first axis, (B·H, L, D), on part of the site: split by `flat_heads`
+    flat_heads: int | None = None
+    flat: set = field(default_factory=set)        # roles in that layout: "q", "k", "v", "out"
+    flat_masks: set = field(default_factory=set)  # mask/bias values added before the split
+    scores: str = ""                # the softmax input: (B, H, Lq, Lk) for a decomposed site
     # fused ops: the op's own inputs/attributes
     inputs: list = field(default_factory=list)
     attrs: dict = field(default_factory=dict)
@@ -99,13 +125,24 @@ class Graph:
                 self.types[v.name] = v.type.tensor_type
         for t in g.initializer:
             self.types.setdefault(t.name, onnx.helper.make_tensor_type_proto(t.data_type, list(t.dims)).tensor_type)
+        self._structural = None        # ({name: dims}, {name: elem type}) where inference has none
 
-    def shape(self, name: str) -> list | None:
-        """Dims as ints (static) or strings (symbolic); None entries for unknown ones."""
+    def inferred_shape(self, name: str) -> list | None:
+        """The shape inference gave (or the graph declares); None when it has none."""
         t = self.types.get(name)
         if t is None or not t.HasField("shape"):
             return None
         return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+    def shape(self, name: str) -> list | None:
+        """Dims as ints (static) or strings (symbolic); None entries for unknown ones.
+
+        Where inference has no shape (it stops at ops it does not know, e.g. com.microsoft
+        RotaryEmbedding when onnxruntime's symbolic inference gave up), the shape read
+        from the graph's structure (`structural_shape`), often only its rank.
+        """
+        s = self.inferred_shape(name)
+        return s if s is not None else self.structure()[0].get(name)
 
     def rank(self, name: str) -> int | None:
         s = self.shape(name)
@@ -113,7 +150,29 @@ class Graph:
 
     def elem_type(self, name: str) -> int:
         t = self.types.get(name)
-        return t.elem_type if t is not None else 0
+        if t is not None and t.elem_type:
+            return t.elem_type
+        return self.structure()[1].get(name, 0)
+
+    def structure(self) -> tuple[dict, dict]:
+        """Shapes and element types read from the graph itself, for values inference left
+        without them; one pass in graph (topological) order, filled in on first use."""
+        if self._structural is None:
+            self._structural = shapes, types = {}, {}
+            for n in self.graph.node:
+                if not n.output or not n.output[0]:
+                    continue
+                o = n.output[0]
+                if self.inferred_shape(o) is None:
+                    dims = structural_shape(self, n)
+                    if dims is not None:
+                        shapes[o] = dims
+                t = self.types.get(o)
+                if t is None or not t.elem_type:
+                    et = structural_type(self, n)
+                    if et:
+                        types[o] = et
+        return self._structural
 
     def const(self, name: str):
         """The numpy value of an initializer or Constant node output, else None."""
@@ -147,10 +206,18 @@ class Graph:
             s = s[attr(n, "start", 0):attr(n, "end", len(s))]     # unknown dims stay None
             return np.array([d if isinstance(d, int) else None for d in s], dtype=object)
         args = [self.fold(i, depth - 1) if i else None for i in n.input]
+        if op == "ConstantOfShape":       # torch.full([], x) from the TorchScript exporter: ConstantOfShape([]) + x
+            shape, value = args[0], attr(n, "value")
+            if shape is None or shape.dtype == object or shape.size > 1 or (shape.size == 1 and shape[0] != 1):
+                return None               # only a scalar (or one-element) fill is a small constant
+            fill = numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
+            return np.full([int(s) for s in shape.ravel()], fill.ravel()[0], dtype=fill.dtype)
+        if op == "Concat" and args and all(a is not None and a.ndim <= 1 for a in args):
+            return _known(np.concatenate([a.astype(object).ravel() for a in args]))   # a Reshape's dynamic shape
         if any(a is None for a in args[:1 if op in self.UNARY else 2]):
             return None
         a = args[0]
-        if a.dtype == object and op not in ("Gather", "Slice"):
+        if a.dtype == object and op not in ("Gather", "Slice", "Squeeze", "Unsqueeze"):
             return None
         if op in self.UNARY:
             fn = self.UNARY[op]
@@ -193,6 +260,136 @@ def _known(a):
     if a.dtype != object:
         return a
     return a.astype(np.int64) if all(x is not None for x in a.ravel()) else a
+
+
+# ---------------------------------------------------------------- structural shapes
+
+STD_DOMAINS = ("", "ai.onnx", "com.microsoft")
+# output 0 has input 0's shape (and type): elementwise, normalisations, rotary embeddings
+SAME_SHAPE = frozenset({
+    "Identity", "Cast", "CastLike", "Softmax", "LogSoftmax", "Dropout", "Relu", "LeakyRelu", "Elu", "Selu",
+    "Celu", "Gelu", "FastGelu", "BiasGelu", "QuickGelu", "Tanh", "Sigmoid", "HardSigmoid", "Softplus",
+    "Mish", "Erf", "Sqrt", "Neg", "Exp", "Log", "Abs", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
+    "Clip", "IsNaN", "IsInf", "Not", "Trilu", "LayerNormalization", "SimplifiedLayerNormalization",
+    "RMSNormalization", "SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "RotaryEmbedding"})
+BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Mod", "Where", "And", "Or", "Xor", "Equal", "Less",
+                       "LessOrEqual", "Greater", "GreaterOrEqual", "Max", "Min", "Sum", "PRelu"})
+BOOL_OUT = frozenset({"Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor", "Not",
+                      "IsNaN", "IsInf"})
+INT64_OUT = frozenset({"Shape", "Size", "NonZero", "ArgMax", "ArgMin"})
+TYPE_OF_INPUT0 = SAME_SHAPE | BROADCAST | frozenset({
+    "Transpose", "Reshape", "MatMul", "Einsum", "Unsqueeze", "Squeeze", "Expand", "Concat", "Slice",
+    "Gather", "GatherElements", "Tile", "Flatten", "Range", "ReduceSum", "ReduceMean", "ReduceMax",
+    "ReduceMin", "CumSum", "Gemm"})
+
+
+def _broadcast(shapes: list) -> list:
+    """numpy broadcasting of dims lists (ints, symbols, None for unknown)."""
+    rank = max(len(s) for s in shapes)
+    out = []
+    for i in range(rank):
+        dims = [s[i - rank + len(s)] for s in shapes if i - rank + len(s) >= 0]
+        big = {d for d in dims if isinstance(d, int) and d != 1}
+        rest = {d for d in dims if d != 1}
+        if big:
+            out.append(big.pop() if len(big) == 1 else None)
+        elif not rest:
+            out.append(1)
+        else:
+            out.append(rest.pop() if len(rest) == 1 and None not in rest else None)
+    return out
+
+
+def structural_shape(g: "Graph", n) -> list | None:
+    """Output 0's dims read from the node and its inputs' dims, or None.
+
+    Rank first: a Reshape by a constant shape of four entries is rank 4 (0 copies a dim,
+    -1 is solved when the rest are known), a Transpose has its perm's length, MatMul
+    broadcasts the batch axes, shape-preserving ops (RotaryEmbedding, the layer norms,
+    elementwise) keep input 0's; dims nothing proves are None.
+    """
+    op = n.op_type
+    if n.domain not in STD_DOMAINS or not n.input:
+        return None
+    x = g.shape(n.input[0]) if n.input[0] else None
+    if op in SAME_SHAPE:       # (a RotaryEmbedding exported as a function puts its result last)
+        return None if op == "RotaryEmbedding" and len(n.output) > 1 else x
+    if op in BROADCAST:
+        shapes = [g.shape(i) for i in n.input if i]
+        return None if any(s is None for s in shapes) else _broadcast(shapes)
+    if op == "Transpose":
+        perm = attr(n, "perm")
+        if perm is None:
+            return None if x is None else x[::-1]
+        return [x[p] for p in perm] if x is not None and len(x) == len(perm) else [None] * len(perm)
+    if op == "Reshape" and len(n.input) > 1:
+        target = g.fold(n.input[1])
+        if target is None or target.ndim != 1:
+            ts = g.shape(n.input[1])
+            return [None] * ts[0] if ts and len(ts) == 1 and isinstance(ts[0], int) else None
+        out = []
+        for i, d in enumerate(target.tolist()):
+            if d is None or d == -1:
+                out.append(None)
+            elif d == 0 and not attr(n, "allowzero", 0):
+                out.append(x[i] if x is not None and i < len(x) else None)
+            else:
+                out.append(int(d))
+        if out.count(None) == 1 and -1 in target.tolist() and x is not None \
+                and all(isinstance(d, int) for d in x) and all(isinstance(d, int) for d in out if d is not None):
+            known = int(np.prod([d for d in out if d is not None]))
+            if known and int(np.prod(x)) % known == 0:
+                out[out.index(None)] = int(np.prod(x)) // known
+        return out
+    if op == "MatMul" and len(n.input) == 2:
+        y = g.shape(n.input[1])
+        if x is None or y is None or len(x) < 2 or len(y) < 2:
+            return None
+        return _broadcast([x[:-2], y[:-2]]) + [x[-2], y[-1]] if len(x) > 2 or len(y) > 2 else [x[-2], y[-1]]
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = g.const(n.input[1]) if len(n.input) > 1 and n.input[1] else attr(n, "axes")
+        if x is None or axes is None:
+            return None
+        axes = [int(a) for a in np.ravel(axes)]
+        if op == "Squeeze":
+            axes = {a % len(x) for a in axes}
+            return [d for i, d in enumerate(x) if i not in axes]
+        out, rank = list(x), len(x) + len(axes)
+        for a in sorted(a % rank for a in axes):
+            out.insert(a, 1)
+        return out
+    if op == "Einsum":
+        eq = attr(n, "equation", b"")
+        eq = eq.decode() if isinstance(eq, bytes) else eq
+        rhs = eq.replace(" ", "").partition("->")[2]
+        return [None] * len(rhs) if "->" in eq and "..." not in rhs else None
+    return None
+
+
+def structural_type(g: "Graph", n) -> int:
+    """Output 0's element type read from the node (0 when it cannot be told)."""
+    op = n.op_type
+    if n.domain not in STD_DOMAINS:
+        return 0
+    if op == "Cast":
+        return attr(n, "to", 0)
+    if op == "CastLike" and len(n.input) > 1:
+        return g.elem_type(n.input[1])
+    if op in BOOL_OUT:
+        return onnx.TensorProto.BOOL
+    if op in INT64_OUT:
+        return onnx.TensorProto.INT64
+    if op == "Where" and len(n.input) == 3:
+        return g.elem_type(n.input[1]) or g.elem_type(n.input[2])
+    if op == "Constant":
+        v = attr(n, "value")
+        return v.data_type if v is not None else 0
+    if op == "ConstantOfShape":
+        v = attr(n, "value")
+        return v.data_type if v is not None else onnx.TensorProto.FLOAT
+    if op in TYPE_OF_INPUT0 and n.input and n.input[0]:
+        return g.elem_type(n.input[0])
+    return 0
 
 
 def attr(node, name, default=None):
@@ -262,17 +459,26 @@ def _pass(gk, n):
 
 def _add(gk, n):
     """s = Add(s, bias) | Add(bias, s): an additive bias, or a boolean mask when spelled
-    bias = Where(keep, 0, -inf) | Where(drop, -inf, 0)."""
+    bias = Where(keep, 0, -inf) | Where(drop, -inf, 0) (or finfo.min), the fill step then
+    carrying the bias it adds: with a finite fill it is replayed as that bias, since
+    s + Where(keep, 0, min) + pad is -inf where both mask a key and min where one does.
+
+        s = Add(Mul(MatMul(q, kᵀ), alpha), Mul(alibi, beta))     baddbmm: s is the left side
+        s = Add(MatMul(pos, W), s)                                a bias made by a weight product
+
+    The scores are the side that reaches a q·kᵀ product (`OnnxKind.qk_like`), wherever it is.
+    """
     g = gk.g
     a, b = (gk.reaches_product(i) for i in n.input)
     if a == b:
-        raise NoMatch(f"{n.name}: cannot tell scores from bias in Add")
+        raise NoMatch(f"{n.name}: cannot tell scores from bias in Add "
+                      f"({'both sides reach' if a else 'neither side reaches'} a q·kᵀ product)")
     x, bias = (n.input[0], n.input[1]) if a else (n.input[1], n.input[0])
     w = g.op(bias, "Where")
     if w is not None and g.scalar(w.input[1]) == 0.0 and _is_fill(g, w.input[2]):
-        return x, (FILL, w.input[0], w.input[2], False)        # Where(keep, 0, -inf)
+        return x, (FILL, w.input[0], w.input[2], False, bias)  # Where(keep, 0, -inf)
     if w is not None and g.scalar(w.input[2]) == 0.0 and _is_fill(g, w.input[1]):
-        return x, (FILL, w.input[0], w.input[1], True)         # Where(drop, -inf, 0)
+        return x, (FILL, w.input[0], w.input[1], True, bias)   # Where(drop, -inf, 0)
     return x, (ADD, bias, 1.0)
 
 
@@ -320,6 +526,42 @@ def _where(gk, n):
     raise NoMatch(f"{n.name}: Where fill is not a mask value (≤ {MASK_FLOOR:g})")
 
 
+def _head_split(src, out) -> bool:
+    """(B·H, Lq, Lk) → (B, H, Lq, Lk): rank 3 to 4, the last two dims kept, H a known int.
+
+    Reshape keeps the row-major order, so with the last two dims unchanged the first axis
+    can only be split as n = b·H + h (the layout torch's view(B, H, Lq, Lk) reads).
+    """
+    return (src is not None and out is not None and len(src) == 3 and len(out) == 4
+            and same_dim(src[1], out[2]) and same_dim(src[2], out[3]) and isinstance(out[1], int) and out[1] > 0)
+
+
+def _head_merge(src, out) -> bool:
+    """(B, H, Lq, Lk) → (B·H, Lq, Lk): the inverse of `_head_split`."""
+    return _head_split(out, src)
+
+
+def _same_shape(src, out) -> bool:
+    return src is not None and out is not None and len(src) == len(out) and all(map(same_dim, src, out))
+
+
+def _view(gk, n):
+    """s = Reshape(s, (B, H, Lq, -1)) of (B·H, Lq, Lk) scores: the head split after a
+    bmm/baddbmm product (Bloom's ALiBi); a Reshape that keeps the shape is no step.
+
+        s = Add(Mul(MatMul(q3, kᵀ3), alpha), Mul(alibi3, beta))     # baddbmm, (B·H, Lq, Lk)
+        s = Reshape(s, (B, H, Lq, -1)) + mask4                        # the split, then 4-D masks
+    """
+    g = gk.g
+    src, out = g.shape(n.input[0]), g.shape(n.output[0])
+    if _same_shape(src, out):
+        return n.input[0], None
+    if _head_split(src, out):
+        return n.input[0], (VIEW, src, out, n)
+    raise NoMatch(f"{n.name}: Reshape of the scores {src} → {out} is not a "
+                  "(B·H, Lq, Lk) → (B, H, Lq, Lk) head split")
+
+
 def _bare_tanh(gk, n):
     """s = Tanh(s) without the soft-cap's scales around it: not in the normal form."""
     raise NoMatch(f"{n.name}: tanh on the scores without a soft-cap scale")
@@ -336,9 +578,20 @@ class OnnxKind(GraphKind):
         (("Where",), _where),
         (("Tanh",), _bare_tanh),
     )
+    views = rule_table((("Reshape",), _view))
 
     def __init__(self, g: Graph):
         self.g = g
+
+    def qk_like(self, node) -> bool:
+        """A MatMul/Einsum whose two operands are computed (traced back through scalar
+        scales, transposes, reshapes and casts, neither is a constant weight): q·kᵀ can
+        be, x·W (a bias projected by a weight) cannot.
+
+            Add(Mul(MatMul(q, kᵀ), a), Mul(bias, b))     the left side reaches the scores
+            Add(scores, MatMul(pos_table, W))             the right side does not
+        """
+        return not any(is_weight(self.g, peel_scale(self.g, i)[0]) for i in node.input[:2])
 
     def producer(self, x):
         return self.g.producer.get(x)
@@ -367,6 +620,10 @@ class OnnxKind(GraphKind):
                 return [u.output[0]]              # Where(IsNaN(p), 0, p): the NaN guard
         if u.op_type in PASS_CASTS or (u.op_type == "Dropout" and len(u.input) < 3):
             return [u.output[0]]                  # Cast(p) | Dropout(p, ratio) at inference
+        if u.op_type == "Reshape" and u.input[0] == p:
+            src, out = self.g.shape(p), self.g.shape(u.output[0])
+            if _same_shape(src, out) or _head_merge(src, out):
+                return [u.output[0]]              # Reshape(p, (B·H, Lq, Lk)) before a bmm with v
         if u.op_type == "IsNaN":
             return IGNORE                         # read by the NaN guard above
         return OTHER
@@ -377,10 +634,21 @@ def walk_scores(g: Graph, x: str, site: OnnxSite):
 
     Read from the softmax backwards, a scale met so far multiplies everything added
     further up, so each bias is recorded with the product of the factors seen before it.
+
+    A head split (VIEW) of (B·H, Lq, Lk) scores into (B, H, Lq, Lk) may appear once; the
+    masks added before it are in the merged layout and are marked `flat`. When a fill is
+    finite (where(keep, s, finfo.min)), the masks are also kept in order (`mask_steps`):
+    where(keep, s, min) + pad ≠ s + where(keep, 0, -inf) + pad on a row whose keys are
+    all masked (left padding: the original spreads it over the filled keys).
     """
     prod, steps = OnnxKind(g).walk_back(x)
     check_order(steps)
-    factor = 1.0
+    views = [st for st in steps if st[0] == VIEW]
+    if len(views) > 1:
+        raise NoMatch("the scores are reshaped more than once")
+    if views:
+        site.flat_heads = int(views[0][2][1])
+    factor, flat, seen = 1.0, False, {}
     for st in reversed(steps):
         kind = st[0]
         if kind == SCALE:
@@ -389,10 +657,33 @@ def walk_scores(g: Graph, x: str, site: OnnxSite):
             factor *= st[2] if st[1] == "mul" else 1.0 / st[2]
         elif kind == SOFTCAP:
             site.softcap = st[1]
-        elif kind == ADD:
-            site.biases.append((st[1], st[2] * factor))
-        elif kind == FILL:
-            site.keeps.append((st[1], not st[3]))
+        elif kind == VIEW:
+            flat = True
+        elif kind in (ADD, FILL):
+            for value in [st[1]] + list(st[4:]):
+                if seen.setdefault(value, flat) != flat:
+                    raise NoMatch(f"{value} masks the scores both before and after their head split")
+                if flat:
+                    site.flat_masks.add(value)
+            if kind == ADD:
+                site.biases.append((st[1], st[2] * factor))
+            else:
+                site.keeps.append((st[1], not st[3]))
+    fills = [g.scalar(st[2]) for st in steps if st[0] == FILL]
+    if any(math.isfinite(v) for v in fills):
+        masked = False
+        for st in steps:
+            if st[0] == ADD:
+                masked = True
+                site.mask_steps.append(("add", st[1], st[2]))
+            elif st[0] == FILL and len(st) > 4:      # an added Where(keep, 0, min): the bias it is
+                masked = True
+                site.mask_steps.append(("add", st[4], 1.0))
+            elif st[0] == FILL:
+                masked = True
+                site.mask_steps.append(("fill", st[1], g.scalar(st[2]), st[3]))
+            elif st[0] == SCALE and masked:
+                site.mask_steps.append(("scale", st[2] if st[1] == "mul" else 1.0 / st[2]))
     return prod, factor
 
 
@@ -483,9 +774,26 @@ def _einsum_scores(g: Graph, n, site: OnnxSite) -> tuple[str, str, int]:
 
 
 def follow_probs(g: Graph, p: str):
-    """From the softmax output forward to the P·V product (casts, dropout, NaN guard)."""
-    prod, _, _, others = OnnxKind(g).follow_forward(p)
-    return prod, others
+    """From the softmax output forward to the P·V product (casts, dropout, NaN guard, a
+    head merge): (product, the probabilities value it reads, other consumers)."""
+    prod, x, _, others = OnnxKind(g).follow_forward(p)
+    return prod, x, others
+
+
+def unmerge_heads(g: Graph, x: str, heads: int) -> str | None:
+    """x4 when `x` = Reshape(x4) merges x4's (B, H) into its first axis, H = `heads`.
+
+        q3 = Reshape(Transpose(q4, [0, 2, 1, 3]), (B·H, L, D))     → Transpose(...), (B, H, L, D)
+
+    Reshape keeps the row-major order, so (B, H, L, D) → (B·H, L, D) → split by H is x4.
+    """
+    r = g.op(x, "Reshape")
+    if r is None:
+        return None
+    src, out = g.shape(r.input[0]), g.shape(x)
+    ok = (src is not None and out is not None and len(src) == 4 and len(out) == 3
+          and src[1] == heads and same_dim(src[2], out[1]) and same_dim(src[3], out[2]))
+    return r.input[0] if ok else None
 
 
 def is_weight(g: Graph, name: str) -> bool:
@@ -506,9 +814,9 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
     axis = attr(sm, "axis", -1 if g.opset >= 13 else 1)
     if not (axis == -1 or (r is not None and axis == r - 1)):
         raise NoMatch(f"softmax over axis {axis}, not the last (key) axis")
-    site = OnnxSite("decomposed", sm.name, "", "")
+    site = OnnxSite("decomposed", sm.name, "", "", scores=x)
     prod, factor = walk_scores(g, x, site)
-    pv, others = follow_probs(g, sm.output[0])
+    pv, px, others = follow_probs(g, sm.output[0])
     if prod.op_type == "Einsum":
         q, kt, rank = _einsum_scores(g, prod, site)
         q, fq = peel_scale(g, q)
@@ -527,6 +835,19 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
     for role, val in (("query", site.q), ("key", site.k)):
         if is_weight(g, val):
             raise NoMatch(f"{prod.name}: the {role} is a constant weight (a pooling/classifier softmax)")
+    if site.flat_heads is not None:                    # (B·H, L, D) product, split scores
+        if rank != 3:
+            raise NoMatch(f"{prod.name}: a head split of scores of rank {rank}")
+        site.flat |= {"q", "k"}
+        rank = 4
+    pv_rank = g.rank(px)
+    if rank == 4 and pv_rank == 3:                     # probabilities merged back for a bmm with v
+        if site.flat_heads is None:
+            sh = g.shape(x)
+            if not sh or len(sh) != 4 or not isinstance(sh[1], int):
+                raise NoMatch(f"{pv.name}: probabilities merged into (B·H, Lq, Lk) with an unknown head count")
+            site.flat_heads = sh[1]
+        site.flat |= {"v", "out"}
     site.rank = rank
     site.scale = factor * fq * fk
     if pv.op_type == "Einsum":
@@ -538,11 +859,17 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
         site.v = pv.input[1]
     else:
         site.v = pv.input[1]
-        if g.rank(site.v) not in (None, rank):
-            raise NoMatch(f"{pv.name}: values of rank {g.rank(site.v)}, scores of rank {rank}")
-    if site.k_perm is None:
+        want = 3 if "v" in site.flat else rank
+        if g.rank(site.v) not in (None, want):
+            raise NoMatch(f"{pv.name}: values of rank {g.rank(site.v)}, scores of rank {want}")
+    for role in ("q", "k", "v"):                       # (B·H, L, D) straight from (B, H, L, D): use that
+        four = unmerge_heads(g, getattr(site, role), site.flat_heads) if role in site.flat else None
+        if four is not None and getattr(site, role + "_perm") is None:
+            setattr(site, role, four)
+            site.flat.discard(role)
+    if site.k_perm is None and "k" not in site.flat:
         site.k = peel_repeat_kv(g, site.k)
-    if site.v_perm is None:
+    if site.v_perm is None and "v" not in site.flat:
         site.v = peel_repeat_kv(g, site.v)
     site.out, site.out_node = pv.output[0], pv.name
     if others:                  # e.g. returned weights: the rewrite replaces P·V, they stay
@@ -687,7 +1014,12 @@ def describe(g: Graph, os_: OnnxSite, idx: int, node) -> AttentionSite:
     source = {"decomposed": "onnx-decomposed", "attention": "onnx-attention"}.get(os_.kind, "onnx-contrib")
     b = h = hkv = lq = lk = d = None
     dtype = _DT.get(g.elem_type(os_.q or node.input[0]), "float32")
-    if os_.kind == "decomposed" or (os_.kind == "attention" and os_.rank == 4):
+    if os_.kind == "decomposed" and {"q", "k"} & os_.flat:     # (B·H, L, D) q or k: dims from the scores
+        b, h, lq, lk = (g.shape(os_.scores) or [None] * 4)[:4]
+        hkv = h
+        sq = g.shape(os_.q)
+        d = sq[-1] if sq else None
+    elif os_.kind == "decomposed" or (os_.kind == "attention" and os_.rank == 4):
         b, h, lq, d = _dims_bhsd(g, os_.q, os_.q_perm, os_.rank)
         _, hkv, lk, _ = _dims_bhsd(g, os_.k, os_.k_perm, os_.rank)
         if os_.rank == 3:

@@ -124,9 +124,13 @@ def _hidden(g: Graph, name: str):
     return s[-1] if s and isinstance(s[-1], int) else None
 
 
-def _combine_mask(b: Builder, keeps: list, biases: list, like: str):
-    """One mask for the normal form: boolean when only boolean masks, else additive."""
-    keeps = [k if keep else b.op("Not", k) for k, keep in keeps]
+def _combine_mask(b: Builder, keeps: list, biases: list, like: str, convert=None):
+    """One mask for the normal form: boolean when only boolean masks, else additive.
+
+    `convert(value)` brings a mask value to the (B, H, Lq, Lk) layout (identity if None).
+    """
+    convert = convert or (lambda x: x)
+    keeps = [convert(k) if keep else b.op("Not", convert(k)) for k, keep in keeps]
     keep = None
     for k in keeps:
         k = b.cast(k, TensorProto.BOOL)
@@ -136,13 +140,49 @@ def _combine_mask(b: Builder, keeps: list, biases: list, like: str):
     dt = b.dtype(like)
     total = None
     for v, coef in biases:
-        v = b.cast(v, dt)
+        v = b.cast(convert(v), dt)
         if coef != 1.0:
             v = b.op("Mul", v, b.scalar_like(coef, v))
         total = v if total is None else b.op("Add", total, v)
     if keep is not None:
         total = b.op("Add", total, b.op("Where", keep, b.scalar_like(0.0, like), b.scalar_like(-math.inf, like)))
     return total
+
+
+def _replay_mask(b: Builder, steps: list, like: str, convert) -> str:
+    """The additive mask of a chain with finite fills, its steps replayed in order on a zero bias.
+
+        where(keep, s, min) + pad      →  s + (where(keep, 0, min) + pad)
+
+    exact wherever s + min rounds to min (|s| < 2^103 in float32): a row whose keys are all
+    masked keeps the original's spread over min + 0 versus min + min = -inf.
+    """
+    dt = b.dtype(like)
+    m = None
+    for st in steps:
+        if st[0] == "add":
+            v = b.cast(convert(st[1]), dt)
+            if st[2] != 1.0:
+                v = b.op("Mul", v, b.scalar_like(st[2], like))
+            m = v if m is None else b.op("Add", m, v)
+        elif st[0] == "fill":
+            cond, val = b.cast(convert(st[1]), TensorProto.BOOL), b.scalar_like(st[2], like)
+            base = m if m is not None else b.scalar_like(0.0, like)
+            m = b.op("Where", cond, val, base) if st[3] else b.op("Where", cond, base, val)
+        elif m is not None:                                   # a scale after the first mask
+            m = b.op("Mul", m, b.scalar_like(st[1], like))
+    return m
+
+
+def split_heads(b: Builder, x: str, heads: int) -> str:
+    """(B·H, L, D) → (B, H, L, D), n = b·H + h (the inverse of a row-major merge)."""
+    return b.op("Reshape", x, b.op("Concat", b.ints(-1, heads), b.shape_of(x, 1, 3), axis=0,
+                                   dtype=TensorProto.INT64))
+
+
+def merge_heads(b: Builder, y: str) -> str:
+    """(B, H, L, D) → (B·H, L, D)."""
+    return b.op("Reshape", y, b.op("Concat", b.ints(-1), b.shape_of(y, 2, 4), axis=0, dtype=TensorProto.INT64))
 
 
 def normal_form(b: Builder, site: AttentionSite):
@@ -160,7 +200,18 @@ def normal_form(b: Builder, site: AttentionSite):
             q, k, v = b.transpose(q, s.q_perm), b.transpose(k, s.k_perm), b.transpose(v, s.v_perm)
             if s.rank == 3:
                 q, k, v = (b.op("Unsqueeze", x, b.ints(0)) for x in (q, k, v))
-        return q, k, v, _combine_mask(b, s.keeps, s.biases, q)
+        convert = None
+        if s.kind == "decomposed" and s.flat_heads is not None:
+            q, k, v = (split_heads(b, x, s.flat_heads) if r in s.flat else x for r, x in (("q", q), ("k", k), ("v", v)))
+            if s.flat_masks:
+                bh = b.op("Mul", b.shape_of(q, 0, 1), b.ints(s.flat_heads), dtype=TensorProto.INT64)
+                rows = b.op("Concat", bh, b.ints(1, 1), axis=0, dtype=TensorProto.INT64)
+
+                def convert(x, rows=rows):               # (B·H | 1, Lq | 1, Lk | 1) → (B, H, ·, ·)
+                    return split_heads(b, b.op("Expand", x, rows), s.flat_heads) if x in s.flat_masks else x
+        if s.kind == "decomposed" and s.mask_steps:
+            return q, k, v, _replay_mask(b, s.mask_steps, q, convert or (lambda x: x))
+        return q, k, v, _combine_mask(b, s.keeps, s.biases, q, convert)
     n = s.inputs
     h, hkv = s.heads, s.kv_heads
     if s.kind == "msattention":
@@ -220,6 +271,8 @@ def finish(b: Builder, site: AttentionSite, y: str) -> str:
     s: OnnxSite = site.graph
     if s.kind == "decomposed":
         y = b.transpose(y, s.out_perm)
+        if "out" in s.flat:
+            return merge_heads(b, y)
         return b.op("Squeeze", y, b.ints(0)) if s.rank == 3 else y
     if s.kind == "attention" and s.rank == 4:
         return y
@@ -230,6 +283,8 @@ def unfinish(b: Builder, site: AttentionSite, out: str) -> str:
     """The site's output value seen in the normal form's (B, H, Lq, Dv) layout."""
     s: OnnxSite = site.graph
     if s.kind == "decomposed":
+        if "out" in s.flat:
+            return split_heads(b, out, s.flat_heads)
         y = b.op("Unsqueeze", out, b.ints(0)) if s.rank == 3 else out
         return b.transpose(y, None if s.out_perm is None else list(np.argsort(s.out_perm)))
     if s.kind == "attention" and s.rank == 4:
@@ -448,3 +503,70 @@ def probe_model(model: onnx.ModelProto, sites: list[AttentionSite], inferred=Non
     out.graph.initializer.extend(b.inits)
     out.graph.output.extend(outputs)
     return out, probes
+
+
+# ---------------------------------------------------------------- what the rewrite changed
+
+def _node_key(n) -> tuple:
+    return n.name, n.op_type, n.domain, tuple(n.input), tuple(n.output)
+
+
+def changed_subgraph(original: onnx.ModelProto, rewritten: onnx.ModelProto,
+                     inferred: onnx.ModelProto | None = None) -> onnx.ModelProto | None:
+    """The nodes the rewrite added, as a model of their own — what a full (type and shape)
+    check of the rewrite looks at; None when nothing was added or a value they read or
+    give back has an unknown element type.
+
+    Inputs: every value the new nodes read and do not compute (q, k, v, masks, weights),
+    typed from the original graph (inference, else its structure). Outputs: the values
+    the rest of the graph reads from them, typed as the original graph had them, so a
+    lowering that returns the wrong element type or rank fails the check. Nodes the
+    model already had — com.microsoft contrib ops, onnxruntime's own ops in the standard
+    domain — are not part of it.
+    """
+    old = {_node_key(n) for n in original.graph.node}
+    nodes = [n for n in rewritten.graph.node if _node_key(n) not in old]
+    if not nodes:
+        return None
+    old_inits = {t.name for t in original.graph.initializer}
+    inits = [t for t in rewritten.graph.initializer if t.name not in old_inits]
+    made = {o for n in nodes for o in n.output if o} | {t.name for t in inits}
+    src = Graph(rewritten, inferred)          # original values keep their inferred types
+    before = Graph(original, inferred)
+
+    def info(name: str, g: Graph):
+        dt = g.elem_type(name)
+        if not dt:
+            return None
+        s = g.shape(name)
+        return helper.make_tensor_value_info(name, dt, None if s is None else
+                                             [d if isinstance(d, int) else None for d in s])
+
+    inputs, seen = [], set()
+    for n in nodes:
+        for i in n.input:
+            if i and i not in made and i not in seen:
+                seen.add(i)
+                vi = info(i, src)
+                if vi is None:
+                    return None
+                inputs.append(vi)
+    read_outside = {i for n in rewritten.graph.node if _node_key(n) in old for i in n.input}
+    read_outside |= {o.name for o in rewritten.graph.output}
+    outputs = []
+    for n in nodes:
+        for o in n.output:
+            if o and o in read_outside:
+                vi = info(o, before)
+                vi = vi if vi is not None else info(o, src)
+                if vi is None:                # no type to hold it to: the structural check only
+                    return None
+                outputs.append(vi)
+    if not outputs:
+        return None
+    if rewritten.ir_version < 4:              # initializers were graph inputs then
+        inputs += [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in inits]
+    g = helper.make_graph(nodes, "attnrewrite-changed", inputs, outputs, initializer=inits)
+    m = helper.make_model(g, opset_imports=list(rewritten.opset_import))
+    m.ir_version = rewritten.ir_version
+    return m

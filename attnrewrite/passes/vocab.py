@@ -18,7 +18,9 @@ A score-chain step is a tuple whose first item is its kind::
     ("add", bias, coefficient)              s = s + coefficient * bias
     ("fill", cond, value, True)             s = where(cond, value, s)     (cond drops keys)
     ("fill", cond, value, False)            s = where(cond, s, value)     (cond keeps keys)
-    ("view", shape_in, shape_out, node)     s = s.view(...)               (FX only)
+    ("fill", cond, value, drops, bias)      s = s + bias, bias = where(cond, value, 0) if drops
+                                            else where(cond, 0, value)    (ONNX: a fill added as a bias)
+    ("view", shape_in, shape_out, node)     s = s.view(...)               (ONNX: only the head split)
 
 A cast (or any other step that leaves the values alone) contributes no step.
 """
@@ -176,10 +178,14 @@ class GraphKind:
 
     A subclass sets `products` (the ops computing q·kᵀ) and `rules` (a `rule_table` of
     the steps allowed between the product and the softmax) and says how to go from a
-    value to the node computing it and to the nodes reading it.
+    value to the node computing it and to the nodes reading it. `views` (also a
+    `rule_table`, read the same way) holds reshapes of the scores a graph kind keeps
+    apart from its value steps (ONNX: the (B·H, Lq, Lk) → (B, H, Lq, Lk) head split);
+    FX keeps its views in `rules`.
     """
     products: frozenset = frozenset()
     rules: dict = {}
+    views: dict = {}
 
     def producer(self, x):
         """The op node computing value `x`, or None (a graph input or a constant)."""
@@ -210,8 +216,15 @@ class GraphKind:
         """How to name a value no node computes, in a NoMatch message."""
         raise NotImplementedError
 
+    def qk_like(self, node) -> bool:
+        """Whether a product node could compute q·kᵀ (both operands computed, neither a
+        weight). The default takes every product; `reaches_product` asks it so that a bias
+        computed by a product of its own (x·W, a position table times a weight) is not
+        mistaken for the scores."""
+        return True
+
     def reaches_product(self, x, depth: int = PRODUCT_DEPTH) -> bool:
-        """True when a q·kᵀ product is fewer than `depth` score-chain steps behind `x`."""
+        """True when a q·kᵀ product (see `qk_like`) is fewer than `depth` score-chain steps behind `x`."""
         frontier, seen = [x], set()
         for _ in range(depth):
             nxt = []
@@ -222,8 +235,10 @@ class GraphKind:
                 seen.add(v)
                 op = self.op(node)
                 if op in self.products:
-                    return True
-                if op in self.rules:
+                    if self.qk_like(node):
+                        return True
+                    continue
+                if op in self.rules or op in self.views:
                     nxt.extend(self.inputs(node))
             frontier = nxt
         return False
@@ -238,7 +253,7 @@ class GraphKind:
             op = self.op(node)
             if op in self.products:
                 return node, steps[::-1]
-            read = self.rules.get(op)
+            read = self.rules.get(op) or self.views.get(op)
             if read is None:
                 raise NoMatch(f"scores come from {op} ({self.name(node)}): "
                               "not a q·kᵀ product, scale, mask, cast or soft-cap")

@@ -1,0 +1,147 @@
+"""Property-based fuzzing of both detectors on randomly composed attention-like graphs.
+
+Each example is a small module assembled from attention pieces — a q·kᵀ product spelled by
+matmul, einsum or bmm with the key transposed on the right axes; a scale on the scores, on
+q, on k, split between them, or none; an additive, boolean, masked_fill or causal mask;
+softmax with or without a float cast; the P·v product — or from a *near miss*: softmax over
+the query axis, sigmoid instead of softmax, probabilities contracted over the query axis.
+Each is exported to an FX program (torch.export) and to ONNX (the TorchScript exporter).
+Properties: detection never crashes; an attention is found exactly once and its `exact`
+rewrite reproduces it (per site and end to end); a near miss is never found.
+
+CI runs a bounded number of examples; `ATTNREWRITE_FUZZ_EXAMPLES=500 pytest tests/test_fuzz_detectors.py`
+is the long run.
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import warnings
+
+import onnx
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import attnrewrite
+
+EXAMPLES = int(os.environ.get("ATTNREWRITE_FUZZ_EXAMPLES", "12"))
+NEAR_MISSES = ("softmax_over_queries", "sigmoid", "contract_queries")
+
+
+class Piece(torch.nn.Module):
+    """One attention (or near miss) assembled from the drawn spellings."""
+
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.s = spec
+        self.q = torch.nn.Linear(spec["e"], spec["h"] * spec["d"])
+        self.kv = torch.nn.Linear(spec["e"], 2 * spec["h"] * spec["d"])
+
+    def forward(self, x, y):
+        s = self.s
+        b, lq, lk, h, d = x.shape[0], x.shape[1], y.shape[1], s["h"], s["d"]
+        q = self.q(x).view(b, lq, h, d).transpose(1, 2)
+        k, v = self.kv(y).view(b, lk, 2, h, d).permute(2, 0, 3, 1, 4)
+        c = 1 / math.sqrt(d)
+        if s["scale"] == "on_q":
+            q = q * c
+        elif s["scale"] == "split":
+            q, k = q * math.sqrt(c), k * math.sqrt(c)
+        if s["product"] == "matmul":
+            sc = q @ (k.transpose(-2, -1) if s["kt"] == "transpose" else k.permute(0, 1, 3, 2))
+        elif s["product"] == "einsum":
+            sc = torch.einsum("bhqd,bhkd->bhqk", q, k)
+        else:
+            sc = torch.bmm(q.reshape(b * h, lq, d), k.reshape(b * h, lk, d).transpose(1, 2)).view(b, h, lq, lk)
+        if s["scale"] == "mul":
+            sc = sc * c
+        elif s["scale"] == "div":
+            sc = sc / math.sqrt(d)
+        keep = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq) if s["mask"] == "causal" else None
+        if s["mask"] == "additive":
+            sc = sc + torch.linspace(-2.0, 0.0, lk).view(1, 1, 1, lk)
+        elif s["mask"] == "masked_fill":
+            pad = torch.arange(lk) >= lk - 1
+            sc = sc.masked_fill(pad.view(1, 1, 1, lk), float("-inf"))
+        elif s["mask"] == "where":
+            pad = torch.arange(lk) < lk - 1
+            sc = torch.where(pad.view(1, 1, 1, lk), sc, torch.finfo(sc.dtype).min)
+        elif keep is not None:
+            sc = sc.masked_fill(~keep, float("-inf"))
+        if s["cast"]:
+            sc = sc.double()
+        if s["kind"] == "sigmoid":
+            p = torch.sigmoid(sc)
+        elif s["kind"] == "softmax_over_queries":
+            p = sc.softmax(-2)
+        else:
+            p = sc.softmax(-1)
+        p = p.to(v.dtype)
+        if s["kind"] == "contract_queries":
+            o = p.transpose(-2, -1) @ q                       # (b, h, lk, d): over the query axis
+            return o.transpose(1, 2).reshape(b, lk, h * d)
+        o = p @ v
+        return o.transpose(1, 2).reshape(b, lq, h * d)
+
+
+@st.composite
+def specs(draw):
+    lq = draw(st.integers(2, 7))
+    cross = draw(st.booleans())
+    lk = draw(st.integers(2, 7)) if cross else lq
+    mask = draw(st.sampled_from(["none", "additive", "masked_fill", "where"] + (["causal"] if lq <= lk else [])))
+    return {"b": draw(st.integers(1, 2)), "lq": lq, "lk": lk, "h": draw(st.sampled_from([1, 2, 3])),
+            "d": draw(st.sampled_from([4, 8])), "e": 8,
+            "product": draw(st.sampled_from(["matmul", "einsum", "bmm"])),
+            "kt": draw(st.sampled_from(["transpose", "permute"])),
+            "scale": draw(st.sampled_from(["none", "mul", "div", "on_q", "split"])),
+            "mask": mask, "cast": draw(st.booleans()),
+            "kind": draw(st.sampled_from(["attention"] * 3 + list(NEAR_MISSES)))}
+
+
+def _inputs(s):
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(s["b"], s["lq"], s["e"], generator=g), torch.randn(s["b"], s["lk"], s["e"], generator=g)
+
+
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+@FUZZ
+@given(specs())
+def test_fx_detector(spec):
+    torch.manual_seed(0)
+    m, args = Piece(spec).eval(), _inputs(spec)
+    ep = torch.export.export(m, args)
+    sites = attnrewrite.detect(ep)                      # must not raise
+    if spec["kind"] in NEAR_MISSES:
+        assert sites == [], (spec, [s.to_dict() for s in sites])
+        return
+    assert len(sites) == 1, spec
+    r = attnrewrite.rewrite(ep, "exact")
+    assert r.sites[0].status == "rewritten", (spec, r.sites[0].reason)
+    assert r.sites[0].check["rel_err"] <= 1e-5 and r.report["check"]["rel_err"] <= 1e-5, spec
+
+
+@FUZZ
+@given(specs())
+def test_onnx_detector(spec):
+    torch.manual_seed(0)
+    m, args = Piece(spec).eval(), _inputs(spec)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, args, buf, input_names=["x", "y"], dynamo=False, opset_version=17)
+    model = onnx.load_from_string(buf.getvalue())
+    feeds = {"x": args[0].numpy(), "y": args[1].numpy()}
+    sites = attnrewrite.detect(model, feeds)           # must not raise
+    if spec["kind"] in NEAR_MISSES:
+        assert sites == [], (spec, [s.to_dict() for s in sites])
+        return
+    assert len(sites) == 1, spec
+    r = attnrewrite.rewrite(model, "exact", feeds)
+    assert r.sites[0].status == "rewritten", (spec, r.sites[0].reason)
+    assert r.sites[0].check["rel_err"] <= 1e-5 and r.report["check"]["rel_err"] <= 1e-5, spec
