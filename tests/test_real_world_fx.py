@@ -23,6 +23,7 @@ import attnrewrite
 from attnrewrite.check import default_tolerance
 from attnrewrite.passes import fx_detect
 from attnrewrite.site import AttentionSite
+from test_spellings import EinsumBHQD, EinsumBQHD  # noqa: E402 - the same einsum spellings
 
 B, H, L, D = 2, 4, 6, 8
 LK = 10
@@ -225,20 +226,6 @@ def test_in_place_negatives():
 
 
 # ============================================================================ 2. size-1 axes
-class EinsumBHQD(nn.Module):
-    def forward(self, q, k, v):
-        s = torch.einsum("bhqd,bhkd->bhqk", q, k) * SD
-        return torch.einsum("bhqk,bhkd->bhqd", s.softmax(-1), v)
-
-
-class EinsumBQHD(nn.Module):
-    """q, k, v as (B, L, H, D)."""
-
-    def forward(self, q, k, v):
-        s = torch.einsum("bqhd,bkhd->bhqk", q, k) * SD
-        return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
-
-
 class EinsumKT(nn.Module):
     """K stored transposed, (B, H, D, Lk)."""
 
