@@ -124,31 +124,58 @@ def fill_causal(sites, captured: dict) -> None:
             s.causal = bool(s.causal or is_causal_mask(runs[0].get("mask")))
 
 
-def detect(fe: FrontEnd, *, timings: dict | None = None) -> tuple[list[AttentionSite], list]:
-    """(sites, unmatched): every site, causal filled in from the inputs when there are any."""
+def _detect(fe: FrontEnd, timings: dict) -> tuple[list[AttentionSite], list, dict]:
+    """(sites, unmatched, captured): causal filled in from the inputs when the model runs on them."""
     t = time.perf_counter()
     sites, unmatched = fe.find_sites()
-    if timings is not None:
-        timings["detect_s"] = time.perf_counter() - t
+    timings["detect_s"] = time.perf_counter() - t
+    captured = {}
     if sites and fe.inputs:
         try:
-            fill_causal(sites, fe.capture(sites, fe.inputs))
+            captured = fe.capture(sites, fe.inputs)
         except InputError:                   # the model does not run on these inputs: list what the graph says
             pass
+    fill_causal(sites, captured)
+    return sites, unmatched, captured
+
+
+def detect(fe: FrontEnd, *, timings: dict | None = None) -> tuple[list[AttentionSite], list]:
+    """(sites, unmatched): every site, causal filled in from the inputs when there are any."""
+    sites, unmatched, _ = _detect(fe, timings if timings is not None else {})
     return sites, unmatched
 
 
 def listing(fe: FrontEnd, *, timings: dict | None = None) -> tuple[dict, list]:
     """(report, unmatched) for `--list`."""
     timings = dict(timings or {})
-    sites, unmatched = detect(fe, timings=timings)
+    sites, unmatched, captured = _detect(fe, timings)
     report = build_report(model=fe.name, fmt=fe.fmt, variant=None, options={}, inputs_kind=fe.inputs_kind,
-                          sites=sites, timings=timings, cost=costs(sites, "exact", {}, fe.sizes(sites)))
+                          sites=sites, timings=timings, cost=costs(sites, "exact", {}, captured))
     return report, unmatched
 
 
-def costs(sites, variant: str, planned: dict, sizes: dict) -> dict:
+SIZE_FIELDS = ("batch", "heads", "kv_heads", "q_len", "kv_len", "head_dim")
+
+
+def symbolic_sizes(sites, captured: dict) -> dict:
+    """Values for the symbolic sizes the sites report ("s0" → 24), read from the shapes each
+    site saw on the first captured input set; a site without a capture stays unpriced."""
+    out = {}
+    for s in sites:
+        runs = captured.get(s.id)
+        if not runs:
+            continue
+        q, k = runs[0]["q"], runs[0]["k"]
+        values = (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3])
+        for field, value in zip(SIZE_FIELDS, values):
+            if isinstance(getattr(s, field), str):
+                out[getattr(s, field)] = int(value)
+    return out
+
+
+def costs(sites, variant: str, planned: dict, captured: dict) -> dict:
     """The report's cost block: per site before (exact) and after (the variant, where rewritten)."""
+    sizes = symbolic_sizes(sites, captured)
     per_site, totals = {}, {"before": [], "after": []}
     for s in sites:
         before = site_cost(s, "exact", {}, sizes)
@@ -210,11 +237,20 @@ def plan(fe: FrontEnd, sites, mod, opts: dict, sel, captured: dict) -> tuple[dic
     return planned, kept, unselected
 
 
-def model_error(fe: FrontEnd, program, reference: list) -> float:
+def output_pairs(fe: FrontEnd, program, inputs: list, reference: list, progress=None) -> list:
+    """(name, original, rewritten) for every floating output on every input set; `reference`
+    holds the original's outputs per input set (computed once by the caller)."""
+    pairs = []
+    for i, (input_set, ref) in enumerate(zip(inputs, reference)):
+        if progress is not None:
+            progress("checking end to end", i + 1, len(inputs))
+        pairs += [(n, a, b) for (n, a), (_, b) in zip(ref, fe.outputs(program, input_set))]
+    return pairs
+
+
+def model_error(fe: FrontEnd, program, inputs: list, reference: list) -> float:
     """The largest end-to-end rel_err of `program` against the original's outputs."""
-    pairs = [(n, a, b) for inputs, ref in zip(fe.inputs, reference)
-             for (n, a), (_, b) in zip(ref, fe.outputs(program, inputs))]
-    e = end_to_end(pairs, None)["rel_err"]
+    e = end_to_end(output_pairs(fe, program, inputs, reference), None)["rel_err"]
     return math.inf if math.isnan(e) else e
 
 
@@ -222,24 +258,25 @@ def _quiet_progress(stage: str, done: int, total: int | None) -> None:
     """The default progress hook: says nothing. (The CLI passes one that draws a bar.)"""
 
 
-def auto_tune(fe: FrontEnd, sites, mod, planned: dict, tolerance: float, progress=_quiet_progress) -> dict:
+def auto_tune(fe: FrontEnd, sites, mod, planned: dict, tolerance: float, inputs: list, reference: list,
+              progress=_quiet_progress) -> dict:
     """Cheapest per-site parameters that keep the end-to-end rel_err within `tolerance`.
 
     Each site alone: the first rung of its ladder whose error (that site rewritten, the rest
     as they are) is within tolerance / #sites. Then all together; while over the tolerance,
-    the site with the largest solo error moves one rung up.
+    the site with the largest solo error moves one rung up. `reference`: the original's
+    outputs per input set.
     """
-    if not fe.inputs:
+    if not inputs:
         raise InputError("--set auto=true needs inputs to measure the error on")
     by_id = {s.id: s for s in sites}
-    reference = [fe.outputs(None, inputs) for inputs in fe.inputs]
 
     trials = [0]
 
     def error(choice: dict) -> float:
         trials[0] += 1
         progress("auto-tuning (trial rewrites)", trials[0], None)
-        return model_error(fe, fe.rewrite(sites, mod, choice)[0], reference)
+        return model_error(fe, fe.rewrite(sites, mod, choice)[0], inputs, reference)
 
     ladders, rung, solo = {}, {}, {}
     budget = tolerance / max(len(planned), 1)
@@ -286,19 +323,25 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
     if not found and require_sites:
         raise InputError(NO_ATTENTION)
     t = time.perf_counter()
+    # calibration sets are set apart first: everything below (prepare, auto-tune, checks) sees only the rest
+    inputs, calibration_sets = fe.inputs, None
+    if calibrate and found:
+        calibration, inputs, source = fe.calibration_inputs(calibrate)
+        calibration_sets = (calibration, source)
     needs_values = check or getattr(mod, "prepare", None) is not None or bool(opts.get("auto"))
-    if found and needs_values and not fe.inputs:
+    if found and needs_values and not inputs:
         raise InputError(fe.inputs_problem or "no inputs to run the model on (pass --inputs)")
     progress("capturing each site's inputs", 0, 1)
-    captured = fe.capture(found, fe.inputs) if found and fe.inputs and needs_values else {}
+    captured = fe.capture(found, inputs) if found and inputs and needs_values else {}
     progress("capturing each site's inputs", 1, 1)
     fill_causal(found, captured)
     planned, kept, unselected = plan(fe, found, mod, opts, sel, captured)
+    reference = [fe.outputs(None, input_set) for input_set in inputs] if (check or opts.get("auto")) and found else []
     if opts.get("auto") and planned:
-        planned = auto_tune(fe, found, mod, planned, tolerance, progress)
+        planned = auto_tune(fe, found, mod, planned, tolerance, inputs, reference, progress)
     calibration = None
-    if calibrate and planned:
-        calibration = _calibrate(fe, found, mod, planned, calibrate, progress)
+    if calibration_sets and planned:
+        calibration = _calibrate(fe, found, mod, planned, calibration_sets, progress)
     program, not_lowered = fe.rewrite(found, mod, planned) if planned else (fe.program, {})
     timings["rewrite_s"] = time.perf_counter() - t
     kept.update(not_lowered)
@@ -325,23 +368,19 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
                     if calibration and s.id in calibration["sites"]:
                         s.check["diagnostics"]["calibration"] = calibration["sites"][s.id]
         tol = tolerance if tolerance is not None else default_tolerance(mod.NAME, found)
-        pairs = []
-        for i, inputs in enumerate(fe.inputs):
-            progress("checking end to end", i + 1, len(fe.inputs))
-            pairs += [(n, a, b) for (n, a), (_, b) in zip(fe.outputs(None, inputs), fe.outputs(program, inputs))]
-        check_block = end_to_end(pairs, tol)
+        check_block = end_to_end(output_pairs(fe, program, inputs, reference, progress), tol)
         timings["check_s"] = time.perf_counter() - t
     report = build_report(model=fe.name, fmt=fe.fmt, variant=variant, options=opts, inputs_kind=fe.inputs_kind,
                           sites=found, check=check_block, timings=timings,
-                          cost=costs(found, mod.NAME, planned, fe.sizes(found)))
+                          cost=costs(found, mod.NAME, planned, captured))
     if calibration:
         report["calibration"] = {"sets": calibrate, "inputs": calibration["source"]}
     return Result(program=program, sites=found, report=report)
 
 
-def _calibrate(fe: FrontEnd, sites, mod, planned: dict, n: int, progress) -> dict:
-    """Fit every planned site's output map on n calibration input sets; adds "out_map" to its options."""
-    sets, source = fe.calibration_inputs(n)
+def _calibrate(fe: FrontEnd, sites, mod, planned: dict, calibration_sets: tuple, progress) -> dict:
+    """Fit every planned site's output map on the calibration input sets; adds "out_map" to its options."""
+    sets, source = calibration_sets
     progress("capturing calibration inputs", 0, 1)
     runs = fe.capture(sites, sets)
     stats = {}

@@ -20,9 +20,6 @@ from ..io import InputError
 from ..site import AttentionSite
 
 
-SIZE_FIELDS = ("batch", "heads", "kv_heads", "q_len", "kv_len", "head_dim")
-
-
 class FrontEnd:
     fmt: str = ""              # the report's "format": pt2, torchscript, pickle, factory, module, demo, onnx, dynamo
     name: str = ""             # the report's "model"
@@ -48,28 +45,6 @@ class FrontEnd:
         """The op's scalar arguments for `site`: scale, softcap, causal, dropout_p."""
         raise NotImplementedError
 
-    def sizes(self, sites: list[AttentionSite]) -> dict:
-        """Values for the symbolic sizes the sites report ("s0" → 24), read from the first input
-        set's shapes at each site; {} when nothing is symbolic or there are no inputs."""
-        symbolic = [s for s in sites if any(isinstance(getattr(s, f), str) for f in SIZE_FIELDS)]
-        if not symbolic or not self.inputs:
-            return {}
-        try:
-            runs = self.capture(symbolic, self.inputs[:1])
-        except InputError:
-            return {}
-        out = {}
-        for s in symbolic:
-            r = (runs.get(s.id) or [None])[0]
-            if r is None:
-                continue
-            q, k = r["q"], r["k"]
-            for field, value in zip(SIZE_FIELDS, (q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2],
-                                                  q.shape[3])):
-                if isinstance(getattr(s, field), str):
-                    out[getattr(s, field)] = int(value)
-        return out
-
     def keep_reason(self, site: AttentionSite) -> str | None:
         """Why this front end can never rewrite `site` (None: it can)."""
         return None
@@ -90,21 +65,21 @@ class FrontEnd:
         """One more input set drawn from the program's input types with `seed` (a list of one set)."""
         raise InputError(f"calibration inputs cannot be made for a {self.fmt} program")
 
-    def calibration_inputs(self, n: int) -> tuple[list, str]:
-        """(n input sets disjoint from the evaluation inputs, where they came from).
+    def calibration_inputs(self, n: int) -> tuple[list, list, str]:
+        """(n calibration input sets, the evaluation input sets, where they came from): disjoint.
 
-        Given input sets are split: the first n calibrate, the rest stay in `inputs` for the
-        check. Otherwise n sets are synthesised with seeds 1..n (the evaluation set is seed 0
-        or the program's own example).
+        Given input sets are split: the first n calibrate, the rest evaluate. Otherwise n sets
+        are synthesised with seeds 1..n and all of `inputs` (seed 0, or the program's own
+        example) evaluate.
         """
         if self.inputs_kind == "given":
             if len(self.inputs) <= n:
                 raise InputError(f"calibrating on {n} given input set(s) needs at least {n + 1}: "
                                  "the rest are kept apart to evaluate on")
-            calibration, self.inputs = self.inputs[:n], self.inputs[n:]
-            return calibration, f"given input sets 1-{n} (evaluation: the other {len(self.inputs)})"
+            evaluation = self.inputs[n:]
+            return self.inputs[:n], evaluation, f"given input sets 1-{n} (evaluation: the other {len(evaluation)})"
         sets = [s for seed in range(1, n + 1) for s in self.synthesise(seed)]
-        return sets, f"synthesised with seeds 1-{n} (evaluation: the {self.inputs_kind} inputs)"
+        return sets, self.inputs, f"synthesised with seeds 1-{n} (evaluation: the {self.inputs_kind} inputs)"
 
     def output_path(self, variant: str) -> Path | None:
         """Where the CLI writes the rewritten program by default (None: nowhere)."""
