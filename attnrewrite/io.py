@@ -38,24 +38,27 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def _nearest_existing(path: Path) -> Path | None:
+    """The closest ancestor of `path` that exists (where a new file would have to be made)."""
+    return next((parent for parent in Path(path).parents if parent.exists()), None)
+
+
 def _reason(e: OSError, path: Path) -> str:
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"{parent} is a file, not a folder"
-            break
+    parent = _nearest_existing(path)
+    if parent is not None and not parent.is_dir():
+        return f"{parent} is a file, not a folder"
     return e.strerror or str(e)
 
 
 def check_writable(path: Path) -> None:
     """Fail early (before any work) when `path` cannot be created: a parent that is a file."""
-    for parent in Path(path).parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(f"cannot write {path}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK):
-                raise InputError(f"cannot write {path}: no permission to write in {parent}")
-            return
+    parent = _nearest_existing(path)
+    if parent is None:
+        return
+    if not parent.is_dir():
+        raise InputError(f"cannot write {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"cannot write {path}: no permission to write in {parent}")
 
 
 def what_is(path: Path) -> str:

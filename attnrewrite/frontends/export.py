@@ -224,10 +224,15 @@ def load_program(p: Path) -> torch.export.ExportedProgram:
         logger.setLevel(level)
 
 
-def import_modules(names) -> None:
-    """`--import MODULE`: import libraries that register custom ops or pytree types a program needs."""
+def _cwd_importable() -> None:
+    """Put the current directory on the import path (as `python -m` would) for user modules."""
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+
+
+def import_modules(names) -> None:
+    """`--import MODULE`: import libraries that register custom ops or pytree types a program needs."""
+    _cwd_importable()
     for name in names or ():
         try:
             importlib.import_module(name)
@@ -297,8 +302,7 @@ def _from_torch_file(p: Path, inputs, trust: bool):
 
 def _from_factory(spec: str, inputs):
     mod_name, _, fn_name = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _cwd_importable()
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:
