@@ -65,10 +65,7 @@ def validate(model: onnx.ModelProto, path: Path | None = None) -> None:
         if o.domain in ("", "ai.onnx") and o.version > newest:
             raise InputError(f"{name} uses opset {o.version}; this onnx knows opsets up to {newest}")
     try:
-        if runtime_only_ops(model):
-            onnx.checker.check_model(checkable(model))
-        else:
-            onnx.checker.check_model(str(path) if path is not None else model)
+        onnx.checker.check_model(checkable(model))       # weightless: the file is not read a second time
     except Exception as e:  # noqa: BLE001 - ValidationError and friends: the user's model
         first = (str(e).strip().splitlines() or [""])[0]
         raise InputError(f"{name} is not a valid ONNX model: {first}") from e
