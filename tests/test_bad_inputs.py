@@ -37,6 +37,14 @@ def _edited(good: onnx.ModelProto, folder: Path, name: str, edit) -> None:
     onnx.save(m, folder / name)
 
 
+def _relocate(m: onnx.ModelProto, location: str) -> None:
+    """Point every external weight at another file."""
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
@@ -66,6 +74,12 @@ def corpus(tmp_path_factory):
         dim.ClearField("dim_param")
         dim.dim_value = 2 ** 40
     _edited(good, d, "huge_dim.onnx", huge)
+    onnx.save(good, d / "ext_good.onnx", save_as_external_data=True, location="ext_good.bin", size_threshold=0)
+    external = onnx.load(d / "ext_good.onnx", load_external_data=False)
+    _edited(external, d, "ext_missing.onnx", lambda m: _relocate(m, "gone.bin"))
+    _edited(external, d, "ext_escape.onnx", lambda m: _relocate(m, "../ext_good.bin"))
+    (d / "short.bin").write_bytes((d / "ext_good.bin").read_bytes()[:100])
+    _edited(external, d, "ext_short.onnx", lambda m: _relocate(m, "short.bin"))
     torch.export.save(torch.export.export(NoAttention().eval(), (x,)), d / "noattn.pt2")
     torch.save({"kwargs": {"y": x}}, d / "in_names.pt")
     torch.save({"args": (torch.randn(6, 16),)}, d / "in_rank.pt")
@@ -99,6 +113,9 @@ CASES = {
     "onnx-unknown-op": ("unknown_op.onnx", [], 2, "No Op registered for FrobnicateOp"),
     "onnx-opset": ("opset99.onnx", [], 2, "uses opset 99"),
     "onnx-huge-dim": ("huge_dim.onnx", [], 2, "too large to synthesise"),
+    "onnx-external-missing": ("ext_missing.onnx", [], 2, "in gone.bin, which is missing"),
+    "onnx-external-short": ("ext_short.onnx", [], 2, "short.bin is shorter than weight"),
+    "onnx-external-escape": ("ext_escape.onnx", [], 2, "outside the model's folder"),
     "no-attention": ("noattn.pt2", [], 2, "no attention found"),
     "inputs-names": ("good.pt2", ["--inputs", "in_names.pt"], 2, "keywords none, got 0 and ['y']"),
     "inputs-rank": ("good.pt2", ["--inputs", "in_rank.pt"], 2, "has rank 2"),

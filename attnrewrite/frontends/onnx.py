@@ -1,10 +1,16 @@
 """The ONNX front end: ModelProto in, ModelProto out, run in onnxruntime.
 
-    fe = OnnxFrontEnd.open("model.onnx")          # external data read from beside it
+    fe = OnnxFrontEnd.open("model.onnx")          # large external weights stay on disk
     sites, unmatched = fe.find_sites()              # [AttentionSite], source onnx-*
     runs = fe.capture(sites, fe.inputs)             # per site: normal-form q/k/v/mask and output
     model, kept = fe.rewrite(sites, variant, {site id: options})
     fe.save(model, Path("out.onnx"))                # weights to out.onnx.data when large
+
+Weights stored as external data are never read into this process: `load_model` keeps them
+as references (only tensors under INLINE_MAX_BYTES are read, so the detector can see small
+constants), onnxruntime reads them from the model's folder, and `save_model` copies them
+into the output's data file in chunks. A model over protobuf's 2 GiB limit goes through the
+same way, at about one copy of its weights (onnxruntime's) in memory per live session.
 
 Capture runs a copy of the model in onnxruntime (CPU) whose extra graph outputs are each
 site's normal-form q/k/v/mask and output. Inputs are `.npz` files keyed by graph input
@@ -30,22 +36,60 @@ from .base import FrontEnd, default_scale
 EXTERNAL_MIN_BYTES = 1 << 20      # write weights to <out>.data once they pass 1 MiB
 SMALL_TENSOR = 1024               # tensors below this stay inside the model file
 MAX_SYNTHESISED = 1 << 26         # elements per synthesised input (256 MiB of float32)
+INLINE_MAX_BYTES = 1 << 16        # external tensors up to this size are read in at load
+COPY_CHUNK = 1 << 26              # bytes per read when external weights are copied to the output
+ALIGN = 4096                      # offset of a weight of 1 MiB or more in a written data file (mmap-able)
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load and validate (onnx.checker, structure only: what a rewrite may assume) an ONNX file."""
+    """Load and validate (onnx.checker, structure only: what a rewrite may assume) an ONNX file.
+
+    External weights stay references into their files (checked to exist and to be long
+    enough); the small ones are read in.
+    """
     p = Path(path)
     if not p.exists():
         raise InputError(f"model not found: {path}")
     if not p.is_file() or p.stat().st_size == 0:
         raise InputError(f"{p.name} is {what_is(p)}, not an ONNX model")
     try:
-        model = onnx.load(str(p), load_external_data=True)
-    except Exception as e:  # noqa: BLE001 - not protobuf, or missing external data
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - not protobuf
         first = (str(e).splitlines() or [""])[0]
         raise InputError(f"{p.name} is not an ONNX model ({what_is(p)}; the protobuf parser says: {first})") from e
+    for t in external_tensors(model):
+        src, offset, length = external_span(t, p.parent)
+        if not src.is_file():
+            raise InputError(f"{p.name} keeps weight {t.name!r} in {src.name}, which is missing")
+        if offset + length > src.stat().st_size:
+            raise InputError(f"{p.name}: {src.name} is shorter than weight {t.name!r} needs (truncated?)")
+        if length <= INLINE_MAX_BYTES:
+            with open(src, "rb") as f:
+                f.seek(offset)
+                t.raw_data = f.read(length)
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
     validate(model, p)
     return model
+
+
+def external_tensors(model: onnx.ModelProto) -> list:
+    """Initializers (of every graph) whose bytes live in an external file."""
+    return [t for g in _graphs(model.graph) for t in g.initializer if t.data_location == TensorProto.EXTERNAL]
+
+
+def external_span(t: TensorProto, base_dir: Path) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external tensor, the file resolved against `base_dir`.
+    A location that leaves `base_dir` (an absolute path, `..`) is refused: a model file must
+    not make the tool read files elsewhere."""
+    info = {e.key: e.value for e in t.external_data}
+    loc = info.get("location", "")
+    src = (base_dir / loc).resolve()
+    if not loc or Path(loc).is_absolute() or not src.is_relative_to(base_dir.resolve()):
+        raise InputError(f"weight {t.name!r} points at {loc!r}, outside the model's folder")
+    offset = int(info.get("offset", 0) or 0)
+    length = int(info["length"]) if info.get("length") else _nbytes(t)
+    return src, offset, length
 
 
 def validate(model: onnx.ModelProto, path: Path | None = None) -> None:
@@ -153,47 +197,76 @@ def external_files(model_path: Path, model: onnx.ModelProto | None = None) -> se
     """The external data files a model file refers to (resolved)."""
     m = model if model is not None else onnx.load(str(model_path), load_external_data=False)
     out = set()
-    for t in m.graph.initializer:
-        if t.data_location == TensorProto.EXTERNAL:
-            for e in t.external_data:
-                if e.key == "location":
-                    out.add((model_path.parent / e.value).resolve())
+    for t in external_tensors(m):
+        for e in t.external_data:
+            if e.key == "location":
+                out.add((model_path.parent / e.value).resolve())
     return out
 
 
-def save_model(model: onnx.ModelProto, out: Path, *, external: bool | None = None) -> list[Path]:
+def save_model(model: onnx.ModelProto, out: Path, *, external: bool | None = None,
+               base_dir: Path | None = None) -> list[Path]:
     """Write `model` to `out` atomically; large weights go to `<out>.data` beside it.
 
+    Weights that are external references (into files under `base_dir`) are copied from
+    there in chunks, never held in memory whole; they force an external data file.
     Returns the files written. `external=None` decides by size (EXTERNAL_MIN_BYTES).
     """
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    big = [t for t in m.graph.initializer if _nbytes(t) >= SMALL_TENSOR]
+    tensors = [t for g in _graphs(m.graph) for t in g.initializer]
+    big = [t for t in tensors if t.data_location == TensorProto.EXTERNAL or _nbytes(t) >= SMALL_TENSOR]
     if external is None:
         external = sum(_nbytes(t) for t in big) >= EXTERNAL_MIN_BYTES
+    external = external or any(t.data_location == TensorProto.EXTERNAL for t in big)
     written = []
     if external and big:
         data_path = out.with_name(out.name + ".data")
-        blob = bytearray()
-        for t in big:
-            raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
-            blob += b"\0" * (-len(blob) % 64)             # 64-byte aligned, as onnx does
-            offset = len(blob)
-            blob += raw
-            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
-                      "string_data"):
-                t.ClearField(f)
-            del t.external_data[:]
-            for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(len(raw)))):
-                t.external_data.add(key=key, value=value)
-            t.data_location = TensorProto.EXTERNAL
-        atomic_write(data_path, lambda tmp: Path(tmp).write_bytes(bytes(blob)))
+        sources = {id(t): external_span(t, base_dir or Path.cwd()) for t in big
+                   if t.data_location == TensorProto.EXTERNAL}
+
+        def write_data(tmp):
+            with open(tmp, "wb") as f:
+                for t in big:
+                    f.write(b"\0" * (-f.tell() % (ALIGN if _nbytes(t) >= EXTERNAL_MIN_BYTES else 64)))
+                    offset = f.tell()
+                    if id(t) in sources:
+                        length = _copy_span(*sources[id(t)], f)
+                    else:
+                        raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+                        length = f.write(raw)
+                    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                                  "uint64_data", "string_data"):
+                        t.ClearField(field)
+                    del t.external_data[:]
+                    for key, value in (("location", data_path.name), ("offset", str(offset)),
+                                       ("length", str(length))):
+                        t.external_data.add(key=key, value=value)
+                    t.data_location = TensorProto.EXTERNAL
+
+        atomic_write(data_path, write_data)
         written.append(data_path)
     atomic_write(out, lambda tmp: Path(tmp).write_bytes(m.SerializeToString()))
     return [out, *written]
 
 
+def _copy_span(src: Path, offset: int, length: int, f) -> int:
+    with open(src, "rb") as s:
+        s.seek(offset)
+        left = length
+        while left:
+            chunk = s.read(min(left, COPY_CHUNK))
+            if not chunk:
+                raise InputError(f"{src.name} ended early while copying weights")
+            f.write(chunk)
+            left -= len(chunk)
+    return length
+
+
 def _nbytes(t: TensorProto) -> int:
+    length = [e.value for e in t.external_data if e.key == "length"]
+    if t.data_location == TensorProto.EXTERNAL and length:
+        return int(length[0])
     if t.HasField("raw_data"):
         return len(t.raw_data)
     n = int(np.prod(t.dims)) if t.dims else 1
@@ -289,8 +362,11 @@ def synthesise_inputs(model: onnx.ModelProto, seed: int = 0) -> list[dict]:
 
 # ---------------------------------------------------------------- onnxruntime
 
-def session(model: onnx.ModelProto):
+def session(model: onnx.ModelProto, base_dir: Path | None = None):
+    """A CPU session; external weights are read by onnxruntime from `base_dir`."""
     so = ort.SessionOptions()
+    if base_dir is not None:
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.log_severity_level = 4
     try:
@@ -351,6 +427,7 @@ class OnnxFrontEnd(FrontEnd):
         self.inputs_kind, _, self.inputs_problem = kind.partition(": ")
         self.name = name or model.graph.name or "onnx model"
         self.source = source
+        self.base_dir = Path(source).resolve().parent if source else None   # where external weights live
         self._inferred = onnx_detect.infer(model)
         self._original_session = None
         self._last = (None, None)              # (program, its session): auto-tuning runs one at a time
@@ -385,7 +462,7 @@ class OnnxFrontEnd(FrontEnd):
         if not sites:
             return {}
         probe, probes = onnx_rewrite.probe_model(self.program, sites, self._inferred)
-        sess = session(probe)
+        sess = session(probe, self.base_dir)
         out: dict[int, list[dict]] = {sid: [] for sid in probes}
         for feeds in inputs:
             res = run(sess, feeds)
@@ -401,17 +478,17 @@ class OnnxFrontEnd(FrontEnd):
     def outputs(self, program, feeds):
         if program is None:
             if self._original_session is None:
-                self._original_session = session(self.program)
+                self._original_session = session(self.program, self.base_dir)
             sess = self._original_session
         else:
             if self._last[0] is not program:
-                self._last = (program, session(program))
+                self._last = (program, session(program, self.base_dir))
             sess = self._last[1]
         res = run(sess, feeds)
         return [(n, _torch(res[n])) for n in float_outputs(self.program)]
 
     def save(self, program, path):
-        return save_model(program, Path(path))
+        return save_model(program, Path(path), base_dir=self.base_dir)
 
     def output_path(self, variant: str):
         if self.source is None:
