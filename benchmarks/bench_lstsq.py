@@ -7,9 +7,9 @@ A = U diag(σ) Vᵀ (m × n, σ log-spaced from 1 to 1/cond, U, V random orthono
 B = A X + noise (k columns, ‖noise‖ ≈ 0.1‖A X‖). All methods run in this one process, each
 the median of --repeat calls. Methods: torch.linalg.lstsq with its CPU default driver (gelsy,
 QR with column pivoting) and with gels (plain Householder QR), then the solver
-(tol 1e-10 unless said) with CountSketch s = 4n (the default) and 16n, CountSketch s = 16n at
-tol 1e-6 (enough for a calibration: the residual norm is still that of lstsq to ~1e-12), and
-SRHT s = 4n.
+(tol 1e-10 unless said): the default (CountSketch s = 4n, LSQR started from the Cholesky
+solve of the preconditioned normal equations), the same with SRHT, and LSQR from the
+sketch-and-solve start at s = 4n, 16n, and 16n with tol 1e-6.
 Columns: median seconds, lstsq(gelsy) time / this time (> 1: faster than lstsq), LSQR
 iterations (max over columns), ‖AX − B‖_F/‖B‖_F, the largest relative difference of a
 column's ‖Ax − b‖ from gelsy's, and ‖Aᵀr‖/(‖A‖_F‖r‖) (max over columns).
@@ -54,10 +54,12 @@ def median_time(fn, repeat):
 METHODS = {
     "lstsq gelsy (default)": lambda A, B: (torch.linalg.lstsq(A, B).solution, None),
     "lstsq gels": lambda A, B: (torch.linalg.lstsq(A, B, driver="gels").solution, None),
-    "countsketch s=4n": lambda A, B: sketch_precondition_lstsq(A, B, sketch="countsketch", oversample=4),
-    "countsketch s=16n": lambda A, B: sketch_precondition_lstsq(A, B, sketch="countsketch", oversample=16),
-    "countsketch s=16n tol=1e-6": lambda A, B: sketch_precondition_lstsq(A, B, oversample=16, tol=1e-6),
-    "srht s=4n": lambda A, B: sketch_precondition_lstsq(A, B, sketch="srht", oversample=4),
+    "countsketch s=4n (default: Cholesky start)": lambda A, B: sketch_precondition_lstsq(A, B),
+    "srht s=4n, Cholesky start": lambda A, B: sketch_precondition_lstsq(A, B, sketch="srht"),
+    "countsketch s=4n, sketch start": lambda A, B: sketch_precondition_lstsq(A, B, start="sketch"),
+    "countsketch s=16n, sketch start": lambda A, B: sketch_precondition_lstsq(A, B, oversample=16, start="sketch"),
+    "countsketch s=16n tol=1e-6, sketch start": lambda A, B: sketch_precondition_lstsq(
+        A, B, oversample=16, tol=1e-6, start="sketch"),
 }
 
 

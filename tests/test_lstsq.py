@@ -101,7 +101,7 @@ def test_plain_lsqr_stops_on_a_consistent_system():
 @pytest.mark.parametrize("cond", [1e4, 1e8])
 def test_preconditioning_cuts_iterations(cond):
     A, B, _ = problem(cond)
-    _, info = sketch_precondition_lstsq(A, B[:, :1], tol=1e-10)
+    _, info = sketch_precondition_lstsq(A, B[:, :1], tol=1e-10, start="sketch")
     _, plain = lsqr(A, B[:, :1], tol=1e-10, max_iter=600)
     pre = info["iterations"][0]
     assert pre <= 30                       # measured 21–22, whatever κ(A)
@@ -110,13 +110,36 @@ def test_preconditioning_cuts_iterations(cond):
 
 
 def test_iterations_do_not_grow_with_condition_number():
-    its = [max(sketch_precondition_lstsq(*problem(c)[:2])[1]["iterations"]) for c in (1e0, 1e4, 1e8)]
+    its = [max(sketch_precondition_lstsq(*problem(c)[:2], start="sketch")[1]["iterations"]) for c in (1e0, 1e4, 1e8)]
     assert max(its) - min(its) <= 5, its
+
+
+@pytest.mark.parametrize("cond", [1e0, 1e4, 1e8])
+def test_cholesky_start_needs_no_lsqr_iterations(cond):
+    """The preconditioned normal equations, solved directly, already meet LSQR's stopping
+    rules (so no iteration runs) and agree with the LSQR answer and with lstsq."""
+    A, B, _ = problem(cond)
+    X, info = sketch_precondition_lstsq(A, B)
+    X_it, info_it = sketch_precondition_lstsq(A, B, start="sketch")
+    assert info["start"] == "cholesky" and info["iterations"] == [0] * K and all(info["converged"])
+    assert min(info_it["iterations"]) >= 10               # LSQR from the sketch start does iterate
+    res, res_ref = (A @ X - B).norm(dim=0), (A @ torch.linalg.lstsq(A, B).solution - B).norm(dim=0)
+    assert float(((res - res_ref).abs() / res_ref).max()) <= 1e-9
+    assert normal_residual(A, X, B) <= 1e-10
+    assert rel(X, X_it) <= (1e-6 if cond <= 1e4 else 1e-2)  # the minimiser itself is ill-posed at 1e8
+
+
+def test_cholesky_start_hands_unaccepted_columns_to_lsqr():
+    """tol far below round-off: no start can meet the rules, so LSQR runs on every column."""
+    A, B, _ = problem(1e4)
+    X, info = sketch_precondition_lstsq(A, B, tol=1e-30, max_iter=4)
+    assert info["iterations"] == [4] * K and not any(info["converged"])
+    assert rel(X, torch.linalg.lstsq(A, B).solution) <= 1e-6
 
 
 def test_max_iter_is_reported():
     A, B, _ = problem(1e4)
-    _, info = sketch_precondition_lstsq(A, B, max_iter=3)
+    _, info = sketch_precondition_lstsq(A, B, max_iter=3, start="sketch")
     assert info["iterations"] == [3] * K and not any(info["converged"])
     assert info["relative_residual"] > 0.5             # still a valid (if unconverged) answer
 
@@ -146,7 +169,7 @@ def test_srht_spreads_a_coherent_matrix():
     assert float(sv[0] / sv[-1]) <= 10                      # measured 2.8 (9e3 without the FWHT)
     res_ref = (A @ torch.linalg.lstsq(A, B).solution - B).norm(dim=0)
     for sketch in ("srht", "countsketch"):
-        X, info = sketch_precondition_lstsq(A, B, sketch=sketch)
+        X, info = sketch_precondition_lstsq(A, B, sketch=sketch, start="sketch")
         assert all(info["converged"]) and max(info["iterations"]) <= 40      # measured 20, 30
         assert float(((A @ X - B).norm(dim=0) / res_ref - 1).abs().max()) <= 1e-6
 
