@@ -8,10 +8,15 @@ Errors: rel_err = ‖a − b‖_F / ‖a‖_F (a = original), max_abs_err, cosin
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import torch
 
-from .variants.base import apply_out_map, is_causal_mask  # noqa: F401 - is_causal_mask re-exported
+from .variants import exact
+from .variants.base import apply_out_map, is_causal_mask, score_bias  # noqa: F401 - is_causal_mask re-exported
+
+TIMING_REPEAT = 3      # median of this many calls per op, after one warm-up call
 
 
 def compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
@@ -68,3 +73,48 @@ def default_tolerance(variant_name: str, sites) -> float | None:
     half = any(str(d) in ("float16", "bfloat16")
                for s in sites for d in (s.dtype, getattr(s, "compute_dtype", None)))
     return 1e-2 if half else 1e-4
+
+
+def _median_ms(fn, repeat: int) -> float:
+    fn()                                                  # warm-up (first-call allocations, dispatch caches)
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def original_attention(q, k, v, mask, scale: float, softcap: float, causal: bool):
+    """A callable computing the site's exact attention the fastest way PyTorch offers on
+    this device: fused SDPA (mask and causal flag as one additive bias, GQA native), or the
+    exact reference where SDPA cannot express it (soft-capping)."""
+    if softcap:
+        return lambda: exact.op(q, k, v, mask, scale, softcap, causal, 0.0)
+    bias = score_bias(mask, causal, q.shape[-2], k.shape[-2], q.dtype, q.device)
+    gqa = q.shape[1] != k.shape[1]
+    return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale,
+                                                                    enable_gqa=gqa)
+
+
+def time_site(variant, scalars: dict, op_args: tuple, run: dict, repeat: int = TIMING_REPEAT) -> dict:
+    """Wall time (ms, median of `repeat`) of one site's attention before and after, on one
+    captured input set, in this process: "original" is PyTorch's fused
+    `scaled_dot_product_attention` on the same q/k/v/mask (the exact reference where SDPA
+    cannot express the site: soft-capping), "rewritten" the variant's op as the rewritten
+    program calls it. `speedup` = original / rewritten (> 1: the rewrite is faster)."""
+    q, k, v, mask = run["q"], run["k"], run["v"], run["mask"]
+    sc, cap, causal = scalars["scale"], scalars["softcap"], scalars["causal"]
+    with torch.no_grad():
+        original = original_attention(q, k, v, mask, sc, cap, causal)
+        rewritten = lambda: variant.op(q, k, v, mask, sc, cap, causal, 0.0, *op_args)
+        before, after = _median_ms(original, repeat), _median_ms(rewritten, repeat)
+    return {"original_ms": before, "rewritten_ms": after, "speedup": before / after if after > 0 else math.inf}
+
+
+def total_time(per_site: dict) -> dict:
+    """Sum of the per-site times (`time_site`) and the ratio of the sums."""
+    before = sum(t["original_ms"] for t in per_site.values())
+    after = sum(t["rewritten_ms"] for t in per_site.values())
+    return {"original_ms": before, "rewritten_ms": after, "speedup": before / after if after > 0 else math.inf,
+            "sites": len(per_site), "repeat": TIMING_REPEAT}

@@ -23,7 +23,7 @@ import torch
 
 from .calibrate import fit_out_map
 from .cost import site_cost
-from .check import default_tolerance, end_to_end, is_causal_mask, site_check
+from .check import default_tolerance, end_to_end, is_causal_mask, site_check, time_site, total_time
 from .frontends.base import FrontEnd
 from .frontends.dynamo import DynamoFrontEnd
 from .frontends.export import ExportFrontEnd, normalise_inputs
@@ -345,6 +345,9 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
     program, not_lowered = fe.rewrite(found, mod, planned) if planned else (fe.program, {})
     timings["rewrite_s"] = time.perf_counter() - t
     kept.update(not_lowered)
+    if calibration:
+        for sid, weight in fe.folded.items():
+            calibration["sites"][sid]["folded_into"] = weight
     for s in found:                                   # the one place statuses are set
         if s.id in unselected:
             s.status = "unselected"
@@ -354,7 +357,7 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
         elif s.id in planned:
             s.status = "rewritten"
             s.options = {k: v for k, v in planned[s.id].items() if k != "out_map"}
-    check_block = None
+    check_block, speed = None, None
     if check and found:
         t = time.perf_counter()
         for i, s in enumerate(found):
@@ -370,9 +373,19 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
         tol = tolerance if tolerance is not None else default_tolerance(mod.NAME, found)
         check_block = end_to_end(output_pairs(fe, program, inputs, reference, progress), tol)
         timings["check_s"] = time.perf_counter() - t
+        speed = {}
+        for i, s in enumerate(found):
+            if s.status == "rewritten" and captured.get(s.id):
+                progress("timing each site's attention", i + 1, len(found))
+                speed[s.id] = time_site(mod, fe.scalars(s), mod.op_args(s, s.options), captured[s.id][0])
     report = build_report(model=fe.name, fmt=fe.fmt, variant=variant, options=opts, inputs_kind=fe.inputs_kind,
                           sites=found, check=check_block, timings=timings,
                           cost=costs(found, mod.NAME, planned, captured))
+    if speed:
+        for site in report["sites"]:
+            if site["id"] in speed:
+                site["time"] = speed[site["id"]]
+        report["time"] = total_time(speed)
     if calibration:
         report["calibration"] = {"sets": calibrate, "inputs": calibration["source"]}
     return Result(program=program, sites=found, report=report)

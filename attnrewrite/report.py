@@ -46,12 +46,16 @@ def _clean(x):
 
 
 def build_report(*, model, fmt, variant, options, inputs_kind, sites, check=None, timings=None,
-                 output=None, cost=None) -> dict:
+                 output=None, cost=None, kernels=None) -> dict:
     """The report; `cost` ({"sites": {id: {"before", "after"}}, "total": {"before", "after"}}) adds
-    each site's and the model's cost block."""
+    each site's and the model's cost block; `kernels` ({id: {"kernel", "kernel_reason"}}) each
+    site's generated kernel (or null and why none runs)."""
     rep = {"schema": SCHEMA, "tool": tool_versions(), "model": model, "format": fmt,
            "variant": variant, "options": options, "output": output, "inputs": inputs_kind,
            "sites": [s.to_dict() for s in sites]}
+    if kernels is not None:
+        for site in rep["sites"]:
+            site.update(kernels.get(site["id"], {"kernel": None, "kernel_reason": "the site is not rewritten"}))
     if cost is not None:
         for site in rep["sites"]:
             if site["id"] in cost["sites"]:
@@ -134,6 +138,12 @@ def render_table(report: dict, console=None) -> None:
         else:
             console.print(f"  cost (forward, all sites): {tb['flops'] / 1e9:.3g} GFLOP, "
                           f"{tb['bytes'] / 2 ** 20:.3g} MiB moved, depth {tb['depth']}")
+    if report.get("time"):
+        tm = report["time"]
+        how = "faster" if tm["speedup"] >= 1 else "slower"
+        console.print(f"  attention time (all rewritten sites, one input set, median of {tm['repeat']}, this machine): "
+                      f"{tm['original_ms']:.3g} ms with SDPA → {tm['rewritten_ms']:.3g} ms rewritten, "
+                      f"{tm['speedup']:.2f}× ({how})")
     if checked:
         c = report["check"]
         for o in c["outputs"]:

@@ -101,3 +101,62 @@ def test_onnx_front_end_calibrates_with_synthesised_inputs(tmp_path):
     assert any(n.op_type == "MatMul" and any(i.startswith("attnrewrite") or "const" in i for i in n.input)
                for n in r.program.graph.node)
     assert r.report["check"]["rel_err"] < 10
+
+
+class TinyAttentionProjected(TinyAttention):
+    """TinyAttention followed by an output projection, as every transformer block has."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.proj(super().forward(x))
+
+
+def test_the_map_is_folded_into_the_output_projection(monkeypatch):
+    torch.manual_seed(0)
+    m = TinyAttentionProjected().eval()
+    sets = _sets(5)
+    ep = torch.export.export(m, sets[0]["args"])
+    folded = attnrewrite.rewrite(ep, "sparse", example_inputs=sets, calibrate=4, mode="topk", k=3)
+    diag = folded.sites[0].check["diagnostics"]["calibration"]
+    assert diag["folded_into"] == "p_proj_weight"
+    calls = [n for n in folded.program.graph.nodes if n.op == "call_function" and "attnrewrite" in str(n.target)]
+    assert "out_map" not in calls[0].kwargs                            # nothing left to run per head
+    assert not torch.equal(folded.program.state_dict["proj.weight"], ep.state_dict["proj.weight"])
+    assert torch.equal(ep.state_dict["proj.weight"], m.proj.weight)  # the original program is untouched
+    monkeypatch.setattr("attnrewrite.frontends.export.fold_out_maps", lambda gm, weights: {})
+    unfolded = attnrewrite.rewrite(ep, "sparse", example_inputs=sets, calibrate=4, mode="topk", k=3)
+    calls = [n for n in unfolded.program.graph.nodes if n.op == "call_function" and "attnrewrite" in str(n.target)]
+    assert len(calls[0].kwargs["out_map"]) == 2 * 8 * 8
+    x = sets[4]["args"][0]
+    torch.testing.assert_close(folded.program.module()(x), unfolded.program.module()(x), rtol=1e-5, atol=1e-6)
+    assert folded.report["check"]["rel_err"] == pytest.approx(unfolded.report["check"]["rel_err"], rel=1e-4)
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_onnx_map_is_folded_into_the_output_projection(tmp_path, monkeypatch, fold):
+    torch.manual_seed(0)
+    path = tmp_path / "proj.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyAttentionProjected().eval(), (torch.randn(2, 48, 16),), str(path), input_names=["x"],
+                          dynamo=False, opset_version=17)
+    if not fold:
+        monkeypatch.setattr("attnrewrite.passes.onnx_fold.fold_out_maps", lambda model, maps, base_dir=None: {})
+    r = attnrewrite.rewrite(str(path), "sparse", calibrate=3, mode="topk", k=3)
+    maps = {t.name for t in r.program.graph.initializer if list(t.dims) == [1, 2, 8, 8]}   # (1, H, Dv, Dv)
+    per_head = [n for n in r.program.graph.node if n.op_type == "MatMul" and n.input[1] in maps]
+    cal = r.sites[0].check["diagnostics"]["calibration"]
+    if fold:
+        assert cal["folded_into"] and not per_head
+    else:
+        assert "folded_into" not in cal and per_head
+    test_onnx_map_is_folded_into_the_output_projection.rel_err[fold] = r.report["check"]["rel_err"]
+    if len(test_onnx_map_is_folded_into_the_output_projection.rel_err) == 2:    # folded computes what unfolded does
+        a, b = test_onnx_map_is_folded_into_the_output_projection.rel_err.values()
+        assert a == pytest.approx(b, rel=1e-4)
+
+
+test_onnx_map_is_folded_into_the_output_projection.rel_err = {}

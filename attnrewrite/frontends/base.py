@@ -27,6 +27,7 @@ class FrontEnd:
     inputs_kind: str = ""      # given | example | synthesised | none
     inputs_problem: str = ""   # with "none": why no inputs could be made (raised once a run is needed)
     program = None             # the original program (ExportedProgram, ModelProto, GraphModule)
+    folded: dict = {}          # after `rewrite`: {site id: weight name} whose calibration map went into that weight
 
     def find_sites(self) -> tuple[list[AttentionSite], list[tuple[str, str]]]:
         """Every site, and for every softmax that is not attention, (where, why)."""

@@ -20,7 +20,7 @@ import torch
 from torch._export.converter import TS2EPConverter
 
 from ..io import InputError, atomic_write, what_is
-from ..passes.fx_rewrite import constants_of, params_of, program_with_graph
+from ..passes.fx_rewrite import constants_of, fold_out_maps, parameter_tensors, params_of, program_with_graph
 from .fxgraph import FxFrontEnd, named_float_outputs
 
 MAX_SYNTHESISED = 1 << 26        # elements per synthesised input (256 MiB of float32)
@@ -322,10 +322,23 @@ def _from_factory(spec: str, inputs):
     return export(module.eval(), tuple(args), kwargs), [(tuple(args), dict(kwargs))]
 
 
-DEMO_SENTENCES = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Attention is a weighted average of values, with weights from a softmax of query-key scores.",
-    "A sentence embedding model maps text to a vector so that similar meanings land close together.",
+DEMO_SENTENCES = [     # three short paragraphs of different lengths (padding matters), ≈ 90–150 tokens
+    "The quick brown fox jumps over the lazy dog. It is an old sentence, used for decades to show every "
+    "letter of the alphabet at least once, and typists practised on it long before anyone thought of "
+    "computers. Today it mostly appears in font previews, where a designer wants to see each glyph in "
+    "context rather than alone, and in software tests that need some text, any text, that a reader "
+    "recognises at a glance.",
+    "Attention is a weighted average of values, with weights from a softmax of query-key scores. Every "
+    "token asks a question with its query vector, every other token answers with its key, and the "
+    "softmax turns the dot products into a distribution that sums to one. The output for a token is "
+    "the matching mix of value vectors. Because every token looks at every other, the cost grows with "
+    "the square of the sequence length, which is why so many approximations exist: keep only the "
+    "largest scores, look only at a local window and a few sink tokens, choose whole blocks of keys, "
+    "or describe the score matrix with a few convolutions. Each trades some accuracy for speed.",
+    "A sentence embedding model maps text to a vector so that similar meanings land close together. "
+    "Search engines compare such vectors to find passages that answer a question, even when the "
+    "passage uses different words, and clustering tools group support tickets or news stories by "
+    "topic without a list of topics given in advance.",
 ]
 
 
@@ -397,7 +410,9 @@ class ExportFrontEnd(FxFrontEnd):
 
     def rewrite(self, sites, variant, choice):
         gm = self.rewrite_graph_module(sites, variant, choice)
-        return program_with_graph(self.program, gm), {}
+        folded = fold_out_maps(gm, parameter_tensors(self.program))
+        self.folded = {sid: name for sid, (name, _) in folded.items()}
+        return program_with_graph(self.program, gm, {name: w for name, w in folded.values()}), {}
 
     def outputs(self, program, input_set):
         args, kwargs = input_set

@@ -30,7 +30,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..io import InputError, atomic_write, what_is
-from ..passes import onnx_detect, onnx_rewrite
+from ..passes import onnx_detect, onnx_fold, onnx_rewrite
 from .base import FrontEnd, default_scale
 
 EXTERNAL_MIN_BYTES = 1 << 20      # write weights to <out>.data once they pass 1 MiB
@@ -472,6 +472,8 @@ class OnnxFrontEnd(FrontEnd):
 
     def rewrite(self, sites, variant, choice):
         new, kept = onnx_rewrite.rewrite_model(self.program, sites, variant, choice, self._inferred)
+        maps = {sid: o["out_map"] for sid, o in choice.items() if o.get("out_map") and sid not in kept}
+        self.folded = onnx_fold.fold_out_maps(new, maps, self.base_dir) if maps else {}
         check_rewritten(self.program, new, self._inferred)
         return new, kept
 

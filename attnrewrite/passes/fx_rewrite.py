@@ -304,6 +304,7 @@ def rewrite_graph(gm: GraphModule, sites, variant, choice: dict) -> GraphModule:
             continue
         fx = fxs[site.id]
         nodes = emit_site(new.graph, fx, variant, options, site)
+        nodes["op"].meta[SITE_KEY] = site.id
         fx.out.replace_all_uses_with(nodes["out"])
         _erase_dead(new.graph, fx.out)
     new.graph.lint()
@@ -311,17 +312,109 @@ def rewrite_graph(gm: GraphModule, sites, variant, choice: dict) -> GraphModule:
     return new
 
 
-def program_with_graph(ep: ExportedProgram, gm: GraphModule) -> ExportedProgram:
-    """`ep` with its graph replaced by `gm` (same inputs, outputs renamed where they moved)."""
+SITE_KEY = "attnrewrite_site"          # node.meta key: the site id an emitted variant op stands for
+_FOLD_KEEP_LAYOUT = (aten.clone.default, aten.contiguous.default, aten.alias.default)
+_FOLD_RESHAPE = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _static(shape) -> list | None:
+    return [int(d) for d in shape] if all(isinstance(d, int) for d in shape) else None
+
+
+def _merged_heads_user(op: Node) -> Node | None:
+    """The node holding `op`'s (B, H, L, Dv) output as (B, L, H·Dv), heads major: reached
+    (after no-op copies and reshapes) by swapping axes 1 and 2, then (after layout-only copies) one reshape merging the last two.
+    Every node on the way must have `op`'s output as its only use. None otherwise."""
+    shape = _static(op.meta["val"].shape)
+    if shape is None or len(shape) != 4 or len(op.users) != 1:
+        return None
+    b, h, l, dv = shape
+    cur = next(iter(op.users))
+    while len(cur.users) == 1 and (cur.target in _FOLD_KEEP_LAYOUT or (
+            cur.target in _FOLD_RESHAPE and _static(cur.meta["val"].shape) == shape)):   # no-op copies and reshapes
+        cur = next(iter(cur.users))
+    swap = (cur.target == aten.transpose.int and sorted(a % 4 for a in cur.args[1:3]) == [1, 2]) or \
+           (cur.target == aten.permute.default and [a % 4 for a in cur.args[1]] == [0, 2, 1, 3])
+    if not swap:
+        return None
+    while len(cur.users) == 1 and next(iter(cur.users)).target in _FOLD_KEEP_LAYOUT:
+        cur = next(iter(cur.users))
+    if len(cur.users) != 1:
+        return None
+    merge = next(iter(cur.users))
+    out = _static(merge.meta["val"].shape) if "val" in merge.meta else None
+    if merge.target not in _FOLD_RESHAPE or out != [b, l, h * dv]:
+        return None
+    return merge
+
+
+def fold_out_maps(gm: GraphModule, weights: dict) -> dict:
+    """Fold calibrated output maps into the output projection that follows each op.
+
+    For a variant op with an `out_map` (per head h: out_h ← out_h X_h) whose output reaches
+    `aten.linear(x, W, b)` only through the head merge (`_merged_heads_user`), with W a
+    parameter (`weights`: placeholder name -> tensor) used by that linear alone:
+    y = Σ_h out_h X_h W_hᵀ = Σ_h out_h (W_h X_hᵀ)ᵀ, so W's column block h becomes W_h X_hᵀ and
+    the op drops its map — the correction then costs nothing at run time.
+    Edits `gm` in place; returns {site id: (placeholder name, new weight)} for the folded ones.
+    """
+    folded = {}
+    for op in list(gm.graph.nodes):
+        out_map = op.kwargs.get("out_map") if op.op == "call_function" else None
+        if not out_map:
+            continue
+        merge = _merged_heads_user(op)
+        while merge is not None and len(merge.users) == 1 and next(iter(merge.users)).target in _FOLD_KEEP_LAYOUT:
+            merge = next(iter(merge.users))
+        if merge is None or len(merge.users) != 1:
+            continue
+        lin = next(iter(merge.users))
+        if lin.target != aten.linear.default or lin.args[0] is not merge:
+            continue
+        w = lin.args[1]
+        if not (isinstance(w, Node) and w.op == "placeholder" and w.name in weights and len(w.users) == 1):
+            continue
+        _, h, _, dv = op.meta["val"].shape
+        weight = weights[w.name]
+        x = torch.tensor(out_map, dtype=torch.float64).view(h, dv, dv)
+        blocks = weight.detach().double().view(weight.shape[0], h, dv)
+        new = torch.einsum("ohd,hed->ohe", blocks, x).reshape(weight.shape).to(weight.dtype)   # W_h X_hᵀ
+        op.kwargs = {k: v for k, v in op.kwargs.items() if k != "out_map"}
+        folded[op.meta.get(SITE_KEY)] = (w.name, new)
+    if folded:
+        gm.recompile()
+    return folded
+
+
+def program_with_graph(ep: ExportedProgram, gm: GraphModule, weights: dict | None = None) -> ExportedProgram:
+    """`ep` with its graph replaced by `gm` (same inputs, outputs renamed where they moved);
+    `weights` ({placeholder name: tensor}) replace those parameters in a copy of the state dict."""
     out_names = [a.name if isinstance(a, Node) else None for a in gm.graph.output_node().args[0]]
     sig = copy.deepcopy(ep.graph_signature)
     for spec, name in zip(sig.output_specs, out_names):
         if isinstance(spec.arg, TensorArgument) and name is not None:
             spec.arg = TensorArgument(name=name)
     return ExportedProgram(root=gm, graph=gm.graph, graph_signature=ExportGraphSignature(
-        input_specs=sig.input_specs, output_specs=sig.output_specs), state_dict=ep.state_dict,
+        input_specs=sig.input_specs, output_specs=sig.output_specs), state_dict=_state_dict(ep, weights),
         range_constraints=ep.range_constraints, module_call_graph=copy.deepcopy(ep.module_call_graph),
         example_inputs=ep.example_inputs, constants=ep.constants, verifiers=[ep.verifier])
+
+
+def _state_dict(ep: ExportedProgram, weights: dict | None) -> dict:
+    if not weights:
+        return ep.state_dict
+    state = dict(ep.state_dict)
+    for name, tensor in weights.items():
+        key = ep.graph_signature.inputs_to_parameters[name]
+        old = state[key]
+        state[key] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad) \
+            if isinstance(old, torch.nn.Parameter) else tensor
+    return state
+
+
+def parameter_tensors(ep: ExportedProgram) -> dict:
+    """{placeholder name: tensor} for the program's parameters."""
+    return {name: ep.state_dict[key] for name, key in ep.graph_signature.inputs_to_parameters.items()}
 
 
 def params_of(ep: ExportedProgram) -> set:
