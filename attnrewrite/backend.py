@@ -36,16 +36,18 @@ class Backend:
     `inner`: "inductor" (default) or "eager"; `sites`: the --sites selection; `check`: also run
     the per-site and end-to-end check on the example inputs (one more forward per graph);
     `tolerance`: the end-to-end gate for `check` (a failed check raises) and the budget for
-    `auto=True`.
+    `auto=True`; `calibrate=N`: fit each site's output map on N input sets drawn like
+    Dynamo's example inputs (`DynamoFrontEnd.synthesise`; the example itself is kept apart
+    for the check) and fold it into the output projection where there is one.
     """
 
     def __init__(self, variant: str = "exact", *, inner: str = "inductor", sites=None, check: bool = False,
-                 tolerance: float | None = None, **options):
+                 tolerance: float | None = None, calibrate: int = 0, **options):
         if inner not in INNERS:
             raise InputError(f"inner={inner!r} is not one of {', '.join(INNERS)}")
         pipeline.validate_options(variant, options, tolerance)        # fail now, not at the first call
         self.variant, self.inner, self.sites, self.check = variant, inner, sites, check
-        self.tolerance, self.options = tolerance, options
+        self.tolerance, self.options, self.calibrate = tolerance, options, int(calibrate)
         self.reports: list[dict] = []
 
     @property
@@ -56,7 +58,7 @@ class Backend:
     def __call__(self, gm, example_inputs, **_):
         fe = DynamoFrontEnd(gm, example_inputs)
         result = pipeline.rewrite(fe, self.variant, self.options, sites=self.sites, check=self.check,
-                                  tolerance=self.tolerance, require_sites=False)
+                                  tolerance=self.tolerance, require_sites=False, calibrate=self.calibrate)
         report = result.report
         self.reports.append(report)
         REPORTS.append(report)
@@ -84,7 +86,7 @@ def attnrewrite_backend(gm, example_inputs, options: dict | None = None, **_):
     """The backend registered as "attnrewrite" (`torch_dynamo_backends` entry point).
 
     `options` (torch.compile's `options=`): {"variant": ..., "inner": ..., "sites": ...,
-    "check": ..., "tolerance": ..., <the variant's parameters>}.
+    "check": ..., "tolerance": ..., "calibrate": ..., <the variant's parameters>}.
     """
     opts = dict(options or {})
     return Backend(opts.pop("variant", "exact"), **opts)(gm, example_inputs)

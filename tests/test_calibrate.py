@@ -160,3 +160,21 @@ def test_onnx_map_is_folded_into_the_output_projection(tmp_path, monkeypatch, fo
 
 
 test_onnx_map_is_folded_into_the_output_projection.rel_err = {}
+
+
+def test_compile_backend_calibrates_on_inputs_drawn_like_the_example():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m, x = TinyAttentionProjected().eval(), torch.randn(2, 48, 16)
+    reports = {}
+    for n in (0, 3):
+        backend = attnrewrite.compile_backend("sparse", inner="eager", check=True, calibrate=n, mode="topk", k=3)
+        with torch.no_grad():
+            torch.compile(m, backend=backend)(x)
+        reports[n] = backend.reports[0]
+        torch._dynamo.reset()
+    assert "calibration" not in reports[0]
+    assert reports[3]["calibration"]["inputs"].startswith("synthesised with seeds 1-3")
+    site = reports[3]["sites"][0]
+    assert site["check"]["diagnostics"]["calibration"]["tokens"] == 3 * 2 * 48
+    assert reports[3]["check"]["rel_err"] < reports[0]["check"]["rel_err"]     # evaluated on the example itself

@@ -17,6 +17,7 @@ from torch.fx import traceback as fx_traceback
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch._subclasses.fake_tensor import FakeTensor
 
+from ..io import InputError
 from .fxgraph import FxFrontEnd, named_float_outputs
 
 
@@ -104,6 +105,9 @@ def lower(gm: GraphModule) -> GraphModule:
         return make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True, tracing_mode="fake")(*fakes)
 
 
+STATE_WORDS = ("_parameters_", "_buffers_", "_modules_")   # in Dynamo's names for module state
+
+
 def _concrete(x):
     """A symbolic size Dynamo passes as an example input, as the int it stands for here (no guard)."""
     return x.node.hint if isinstance(x, torch.SymInt) else x
@@ -115,6 +119,11 @@ class DynamoFrontEnd(FxFrontEnd):
     fmt = "dynamo"
 
     def __init__(self, gm: GraphModule, example_inputs: list, name: str = "torch.compile graph"):
+        # which inputs are the model's state (parameters, buffers: Dynamo names them after their
+        # module path) and which are data; read before lowering renames the placeholders
+        sources = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        self._is_state = [isinstance(x, torch.nn.Parameter) or any(w in nm for w in STATE_WORDS)
+                          for nm, x in zip(sources, example_inputs)]
         self.graph_module = lower(gm)
         self.program = self.graph_module
         usable = not any(isinstance(x, FakeTensor) for x in example_inputs)
@@ -128,6 +137,25 @@ class DynamoFrontEnd(FxFrontEnd):
 
     def flat_inputs(self, input_set):
         return list(input_set)
+
+    def synthesise(self, seed: int) -> list:
+        """One more input set like Dynamo's example: the model's state as it is; data drawn
+        with `seed` — integer ids uniformly within the example's range, 0/1 masks and flags as
+        they are, floats with the example tensor's own mean and standard deviation."""
+        if not self.inputs:
+            raise InputError(self.inputs_problem)
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for x, state in zip(self.inputs[0], self._is_state):
+            if state or not isinstance(x, torch.Tensor) or x.numel() < 2 or x.dtype == torch.bool:
+                out.append(x)
+            elif x.is_floating_point():
+                out.append(torch.randn(x.shape, generator=g).to(x.dtype) * x.float().std().to(x.dtype)
+                           + x.float().mean().to(x.dtype))
+            else:
+                lo, hi = int(x.min()), int(x.max())
+                out.append(x if hi - lo <= 1 else torch.randint(lo, hi + 1, x.shape, generator=g, dtype=x.dtype))
+        return [out]
 
     def rewrite(self, sites, variant, choice):
         return self.rewrite_graph_module(sites, variant, choice), {}
