@@ -109,6 +109,24 @@ def test_in_place_masked_fill(core):
     torch.testing.assert_close(r.program.module()(*args), CompVisCrossAttention()(*args), rtol=1e-5, atol=1e-6)
 
 
+class InPlaceBaddbmm(nn.Module):
+    """Scores written into a fresh buffer by `baddbmm_` (beta 0, the scale as alpha)."""
+
+    def forward(self, q, k, v):
+        b, h, l, d = q.shape
+        qq, kk = q.reshape(b * h, l, d), k.reshape(b * h, l, d)
+        s = torch.empty(b * h, l, l, dtype=q.dtype).baddbmm_(qq, kk.transpose(1, 2), beta=0, alpha=SD)
+        return (s.softmax(-1) @ v.reshape(b * h, l, d)).reshape(b, h, l, d)
+
+
+def test_in_place_baddbmm():
+    args = qkv()
+    ep = export(InPlaceBaddbmm(), args)
+    assert torch.ops.aten.baddbmm_.default in targets(ep)
+    r, s = rewrite_one(ep, args, q_len=L, kv_len=L, head_dim=D, mask="none", scale=pytest.approx(SD))
+    torch.testing.assert_close(r.program.module()(*args), InPlaceBaddbmm()(*args), rtol=1e-5, atol=1e-6)
+
+
 class InPlaceChain(nn.Module):
     """Every score step in place: scale, soft-cap, bias, sub, fill, a size-1 unsqueeze; dropout in place."""
 

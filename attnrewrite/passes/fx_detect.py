@@ -87,10 +87,11 @@ FUSED = _ops("scaled_dot_product_attention.default",
              "_scaled_dot_product_cudnn_attention.default")
 SHAPE_ONLY = _ops("full_like.default", "empty_like.default", "zeros_like.default", "ones_like.default",
                   "_assert_tensor_metadata.default", "sym_size.int", "sym_numel.default")
-PRODUCERS = PRODUCTS | _ops("einsum.default", "baddbmm.default")
+BADDBMM = _ops("baddbmm.default", "baddbmm_.default")     # in place: s = empty(...).baddbmm_(q, kᵀ, beta=0)
+PRODUCERS = PRODUCTS | _ops("einsum.default") | BADDBMM
 # Ops that always return a new tensor (never an alias of an input): an in-place step
 # writing into one that nothing else reads changes nothing anyone can see.
-FRESH = PRODUCERS | MULS | DIVS | ADDS | SUBS | FILLS | WHERES | SOFTMAX | \
+FRESH = (PRODUCERS - {aten.baddbmm_.default}) | MULS | DIVS | ADDS | SUBS | FILLS | WHERES | SOFTMAX | \
     _ops("tanh.default", "_to_copy.default", "clone.default")
 
 
@@ -640,11 +641,11 @@ def walk_scores(x: Node, constants) -> tuple[Node, list]:
 def score_operands(prod: Node, steps: list, factors: list, constants):
     """(q Operand, k Operand) of the q·kᵀ product; baddbmm adds its scale/bias steps."""
     t = prod.target
-    if t in PRODUCTS | _ops("baddbmm.default"):
-        a, b = (prod.args[1], prod.args[2]) if t == aten.baddbmm.default else prod.args[:2]
+    if t in PRODUCTS | BADDBMM:
+        a, b = (prod.args[1], prod.args[2]) if t in BADDBMM else prod.args[:2]
         if len(_shape(a)) < 2 or len(_shape(b)) < 2:
             raise NoMatch(f"{prod.name}: a vector product is not q·kᵀ")
-        if t == aten.baddbmm.default:
+        if t in BADDBMM:
             beta, alpha = prod.kwargs.get("beta", 1), prod.kwargs.get("alpha", 1)
             pre = [(SCALE, "mul", alpha)] if alpha != 1 else []
             if beta != 0:
