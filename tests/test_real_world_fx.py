@@ -127,6 +127,34 @@ def test_in_place_baddbmm():
     torch.testing.assert_close(r.program.module()(*args), InPlaceBaddbmm()(*args), rtol=1e-5, atol=1e-6)
 
 
+class CopiedIntoBuffer(nn.Module):
+    """Scores copied into a preallocated buffer, which softmax then reads."""
+
+    def __init__(self, read_first=False):
+        super().__init__()
+        self.read_first = read_first
+
+    def forward(self, q, k, v):
+        buf = torch.zeros(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        early = buf.softmax(-1) if self.read_first else None      # read before the copy: not the scores
+        buf.copy_(q @ k.transpose(-1, -2) * SD)
+        out = buf.softmax(-1) @ v
+        return out if early is None else out + early @ v
+
+
+def test_scores_copied_into_a_buffer():
+    args = qkv()
+    ep = export(CopiedIntoBuffer(), args)
+    assert torch.ops.aten.copy_.default in targets(ep)
+    r, s = rewrite_one(ep, args, q_len=L, kv_len=L, head_dim=D, mask="none", scale=pytest.approx(SD))
+    torch.testing.assert_close(r.program.module()(*args), CopiedIntoBuffer()(*args), rtol=1e-5, atol=1e-6)
+    # read before the copy too: only the read of the copy's result is attention
+    early_model = CopiedIntoBuffer(read_first=True)
+    early = export(early_model, args)
+    r, s = rewrite_one(early, args, q_len=L, kv_len=L, head_dim=D, mask="none", scale=pytest.approx(SD))
+    torch.testing.assert_close(r.program.module()(*args), early_model(*args), rtol=1e-5, atol=1e-6)
+
+
 class InPlaceChain(nn.Module):
     """Every score step in place: scale, soft-cap, bias, sub, fill, a size-1 unsqueeze; dropout in place."""
 
