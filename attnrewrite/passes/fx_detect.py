@@ -445,30 +445,14 @@ def _check_fill_value(val, constants, where: str):
         raise NoMatch(f"{where} sets scores to {c:g}: a fill above {MASK_FLOOR:g} is not a mask")
 
 
-ALLOCATIONS = _ops("empty.memory_format", "empty_like.default", "new_empty.default", "zeros.default",
-                   "zeros_like.default", "new_zeros.default")
 COPY_ = aten.copy_.default
 
 
-def _filled_by_copy(x: Node) -> Node | None:
-    """The `copy_` that fills a fresh buffer `x` whose value is read (`buf = empty(...);
-    buf.copy_(s); softmax(buf)`): the buffer's only writer, writing all of it before anyone
-    reads it."""
-    if x.target not in ALLOCATIONS:
-        return None
-    writers = [u for u in x.users if u.target == COPY_ and u.args[0] is x]
-    if len(writers) != 1 or any(u.target in IN_PLACE or u.target == COPY_ for u in x.users if u is not writers[0]):
-        return None
-    w = writers[0]
-    if not all(precedes(w, u) for u in x.users if u is not w):
-        return None                                       # something reads the buffer before it is filled
-    if not isinstance(w.args[1], Node) or _shape(w.args[1]) != _shape(x):
-        return None                                       # a broadcasting copy: not the same values
-    return w
-
-
 def _copied(gk, n: Node):
-    """buf.copy_(s): the buffer now holds s."""
+    """buf.copy_(s) (its result is what both export and Dynamo's graphs read next): the
+    buffer now holds s, whatever it held before (a broadcasting copy is not the scores)."""
+    if not isinstance(n.args[1], Node) or _shape(n.args[1]) != _shape(n.args[0]):
+        raise NoMatch(f"{n.name} copies a broadcast value into the scores' buffer")
     return n.args[1], None
 
 
@@ -588,9 +572,7 @@ class FxKind(GraphKind):
         self.pattern = (False, False)
 
     def producer(self, x):
-        if not (isinstance(x, Node) and x.op == "call_function"):
-            return None
-        return _filled_by_copy(x) or x
+        return x if isinstance(x, Node) and x.op == "call_function" else None
 
     def op(self, node):
         return node.target
