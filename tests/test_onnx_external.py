@@ -28,6 +28,7 @@ def external_model(tmp_path_factory):
 def test_loading_keeps_large_weights_on_disk_and_reads_small_ones(external_model, monkeypatch):
     d, _ = external_model
     monkeypatch.setattr(onnx_fe, "INLINE_MAX_BYTES", 1024)   # the tiny model's weights are a few KiB
+    monkeypatch.setattr(onnx_fe, "KEEP_ON_DISK_BYTES", 0)    # as if the external data were huge
     m = onnx_fe.load_model(d / "model.onnx")
     external = onnx_fe.external_tensors(m)
     assert external, "the big weights should stay references"
@@ -41,6 +42,7 @@ def test_external_weights_rewrite_and_copy_through(external_model, monkeypatch, 
     before = (d / "weights.bin").read_bytes()
     monkeypatch.setattr(onnx_fe, "COPY_CHUNK", 1000)        # many chunks per weight
     monkeypatch.setattr(onnx_fe, "INLINE_MAX_BYTES", 16)     # the small Linear weights stay external too
+    monkeypatch.setattr(onnx_fe, "KEEP_ON_DISK_BYTES", 0)
     code = main([str(d / "model.onnx"), "--variant", "exact", "-o", str(d / "out" / "model.exact.onnx")])
     assert code == 0, capsys.readouterr().err
     out = d / "out" / "model.exact.onnx"
@@ -54,9 +56,29 @@ def test_external_weights_rewrite_and_copy_through(external_model, monkeypatch, 
     assert onnx_fe.external_tensors(written), "weights went to the data file, not into the model"
 
 
-def test_the_output_data_file_matches_the_source_bytes(external_model, tmp_path):
+def test_small_external_data_is_read_in_whole(external_model):
+    """Below KEEP_ON_DISK_BYTES the loaded model is self-contained, as if it had no external data."""
     d, _ = external_model
     m = onnx_fe.load_model(d / "model.onnx")
+    assert not onnx_fe.external_tensors(m)
+
+
+def test_saving_a_program_with_references_needs_their_folder(external_model, tmp_path, monkeypatch):
+    d, _ = external_model
+    monkeypatch.setattr(onnx_fe, "KEEP_ON_DISK_BYTES", 0)
+    monkeypatch.setattr(onnx_fe, "INLINE_MAX_BYTES", 16)
+    m = onnx_fe.load_model(d / "model.onnx")
+    with pytest.raises(onnx_fe.InputError, match="pass base_dir"):
+        onnx_fe.save_model(m, tmp_path / "copy.onnx")          # the cwd is not the model's folder
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_output_data_file_matches_the_source_bytes(external_model, tmp_path, monkeypatch):
+    d, _ = external_model
+    monkeypatch.setattr(onnx_fe, "KEEP_ON_DISK_BYTES", 0)
+    monkeypatch.setattr(onnx_fe, "INLINE_MAX_BYTES", 16)
+    m = onnx_fe.load_model(d / "model.onnx")
+    assert onnx_fe.external_tensors(m)
     onnx_fe.save_model(m, tmp_path / "copy.onnx", base_dir=d)
     a = onnx.load(d / "model.onnx")                         # both with their weights read in
     b = onnx.load(tmp_path / "copy.onnx")

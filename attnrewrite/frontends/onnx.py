@@ -36,7 +36,8 @@ from .base import FrontEnd, default_scale
 EXTERNAL_MIN_BYTES = 1 << 20      # write weights to <out>.data once they pass 1 MiB
 SMALL_TENSOR = 1024               # tensors below this stay inside the model file
 MAX_SYNTHESISED = 1 << 26         # elements per synthesised input (256 MiB of float32)
-INLINE_MAX_BYTES = 1 << 16        # external tensors up to this size are read in at load
+INLINE_MAX_BYTES = 1 << 16        # external tensors up to this size are read in at load ...
+KEEP_ON_DISK_BYTES = 1 << 30      # ... and all of them while the external data totals no more than this
 COPY_CHUNK = 1 << 26              # bytes per read when external weights are copied to the output
 ALIGN = 4096                      # offset of a weight of 1 MiB or more in a written data file (mmap-able)
 
@@ -44,8 +45,10 @@ ALIGN = 4096                      # offset of a weight of 1 MiB or more in a wri
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Load and validate (onnx.checker, structure only: what a rewrite may assume) an ONNX file.
 
-    External weights stay references into their files (checked to exist and to be long
-    enough); the small ones are read in.
+    External data is checked (files present, long enough, inside the model's folder). Up
+    to KEEP_ON_DISK_BYTES of it is read in, so the model is self-contained like any other;
+    above that, weights over INLINE_MAX_BYTES stay references into their files (onnxruntime
+    reads them; `save_model(..., base_dir=)` copies them).
     """
     p = Path(path)
     if not p.exists():
@@ -57,13 +60,15 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     except Exception as e:  # noqa: BLE001 - not protobuf
         first = (str(e).splitlines() or [""])[0]
         raise InputError(f"{p.name} is not an ONNX model ({what_is(p)}; the protobuf parser says: {first})") from e
-    for t in external_tensors(model):
-        src, offset, length = external_span(t, p.parent)
+    spans = [(t, *external_span(t, p.parent)) for t in external_tensors(model)]
+    for t, src, offset, length in spans:
         if not src.is_file():
             raise InputError(f"{p.name} keeps weight {t.name!r} in {src.name}, which is missing")
         if offset + length > src.stat().st_size:
             raise InputError(f"{p.name}: {src.name} is shorter than weight {t.name!r} needs (truncated?)")
-        if length <= INLINE_MAX_BYTES:
+    keep_on_disk = sum(length for *_, length in spans) > KEEP_ON_DISK_BYTES
+    for t, src, offset, length in spans:
+        if not keep_on_disk or length <= INLINE_MAX_BYTES:
             with open(src, "rb") as f:
                 f.seek(offset)
                 t.raw_data = f.read(length)
@@ -224,6 +229,10 @@ def save_model(model: onnx.ModelProto, out: Path, *, external: bool | None = Non
         data_path = out.with_name(out.name + ".data")
         sources = {id(t): external_span(t, base_dir or Path.cwd()) for t in big
                    if t.data_location == TensorProto.EXTERNAL}
+        for t in big:
+            if id(t) in sources and not sources[id(t)][0].is_file():
+                raise InputError(f"weight {t.name!r} refers to {sources[id(t)][0]}, which is missing "
+                                 "(pass base_dir: the folder of the model it came from)")
 
         def write_data(tmp):
             with open(tmp, "wb") as f:
