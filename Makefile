@@ -1,5 +1,5 @@
 # Two entry points for a fresh machine (see README.md):
-#   make demo   install into .venv and rewrite the built-in pretrained MiniLM (exact)
+#   make demo   install into .venv and rewrite the built-in pretrained MiniLM (sparse window, auto-tuned)
 #   make test   install into .venv and run the test suite
 PY ?= python3
 VENV := .venv
@@ -15,7 +15,7 @@ $(BIN)/attnrewrite: pyproject.toml
 install: $(BIN)/attnrewrite
 
 demo: install
-	$(BIN)/attnrewrite --variant exact
+	$(BIN)/attnrewrite --variant sparse --set mode=window --set auto=true --tolerance 0.05
 
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider

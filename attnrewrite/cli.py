@@ -23,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from . import pipeline
+from . import kernels, pipeline
 from .frontends.export import import_modules, read_inputs
 from .frontends.onnx import OnnxFrontEnd, external_files
 from .io import InputError, atomic_write, check_writable
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust", action="store_true", help="allow loading a pickled module (runs its code)")
     p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
                    help="import MODULE first (a library registering custom ops or pytree types the model uses)")
+    p.add_argument("--emit-kernels", metavar="DIR", help="write the generated Triton source each rewritten site runs with")
+    p.add_argument("--target", choices=("sm_80", "sm_90"), help="with --emit-kernels: also write each kernel's PTX for this GPU")
     p.add_argument("--verbose", action="store_true", help="library logs, unmatched softmaxes, tracebacks")
     return p
 
@@ -131,6 +133,12 @@ def run(argv: list[str]) -> int:
         raise UsageError("--set, -o and --calibrate need --variant")
     if args.calibrate < 0:
         raise UsageError("--calibrate N needs N ≥ 0")
+    if (args.emit_kernels or args.target) and listing:
+        raise UsageError("--emit-kernels and --target need --variant")
+    if args.target and not args.emit_kernels:
+        raise UsageError("--target needs --emit-kernels DIR")
+    if args.target and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise UsageError("--target compiles for a GPU: run it without TRITON_INTERPRET=1")
     if variant:
         pipeline.validate_options(variant, options, args.tolerance)
     if args.output and Path(args.output).exists() and not args.overwrite and not listing:
@@ -159,6 +167,10 @@ def run(argv: list[str]) -> int:
         result = pipeline.rewrite(fe, variant, options, sites=args.sites, check=not args.no_check,
                                   tolerance=args.tolerance, timings=timings, calibrate=args.calibrate,
                                   progress=progress)
+    if args.emit_kernels:
+        arch = int(args.target[3:]) if args.target else None
+        written = kernels.emit(args.emit_kernels, result.report["sites"], arch)
+        err.print(f"wrote {len(written)} kernel file(s) to {args.emit_kernels}")
     return finish_rewrite(result.report, output, lambda path: fe.save(result.program, path), args, out, err)
 
 

@@ -58,9 +58,12 @@ rows scores n_c keys; k' = min(k, n_c).
   conv_basis      per head and triangle (1 if causal, else 2):     n ≤ 512:       1 + search + L(D) + 3[sc]
                   2nDk' (start columns, matmul) + search ≈ 2TnD    O(n²·D),       + L(k'n) + [1 if 2 triangles]
                   + (5 + 3[sc])k'n + 3mn, then dense 2n²m           else           + 6 + apply + #triangles + 2;
-                  (matmul, n ≤ 512) or FFT 2.5·S·log₂S·(k'm + k'    O(k·D·n·log n) apply: dense 2 + L(n), FFT
-                  + m) + 8k'm(S/2 + 1); + 3nD per head;                           6·log₂S + 2 + L(k')
-                  m = D + 1, S = 2^⌈log₂(2n − 1)⌉
+                  (matmul, n ≤ 512) or overlap-save FFT               O(k·D·n·log n) apply: dense 2 + L(n), FFT
+                  2.5·S·log₂S·(σm + k'b + bm) + the spectra's                          6·log₂S + 2 + L(σ)
+                  product 2(P+1)·b·σ·m (complex, counted as the flop
+                  counter does); + 3nD per head; m = D + 1, block P =
+                  2^⌈log₂⌈n/16⌉⌉ ≥ 16, b = ⌈n/P⌉ blocks, σ = b + k'
+                  segments, S = 2P
 
   Σ runs over the reference's query chunks; [add] = additive mask; s₁ = 3[softcap] + [mask]
   (+ [causal] for topk and block, whose causal fill is separate); the window adds its own
@@ -76,9 +79,11 @@ rows scores n_c keys; k' = min(k, n_c).
   values, P, indices (c·k'), V gathered (c·k'·D); window per chunk K, V gathered (n_c·D),
   S, P (c·n_c); block per chunk S, P, kept, renormalised (c·n_c) and a 1-byte keep mask;
   sparse also its chunk outputs (nq·D); conv_basis q, k, v, [V|1], H̃[V|1], output in
-  float64, the search diagonals (T·n), start columns (3·k'·n), then the dense H̃ (3·n²) or
-  the FFT blocks (k'·m·n), spectra (complex, k'·m·(S/2+1) twice, k'·(S/2+1), m·(S/2+1)) and
-  the inverse (m·S), by chunks of heads; plus the working copies where they apply.
+  the working precision (float64 dense, float32 on the FFT path unless the site is float64
+  or precision=float64), the search diagonals (T·n), start columns (3·k'·n), then the dense
+  H̃ (3·n²) or the overlap-save tensors (X segments σ·m·P, their spectra σ·m·(P+1), kernel
+  windows k'·b·S and spectra, the (P+1)·b·σ combination, output spectra and inverse), by
+  chunks of heads; plus the working copies where they apply.
 
 What the references do beyond their algorithm (hence flops_algorithm / depth_algorithm)
   exact, preconditioned: causal work is not skipped (masked by a bias); an extra dead-row
@@ -119,13 +124,16 @@ SPARSE_CHUNK_ELEMENTS = 1 << 20
 CONV_DENSE_MAX_N = 512
 CONV_FFT_CHUNK = 1 << 26
 CONV_SAMPLED_DIAGONALS = 40
+CONV_FFT_BLOCKS = 16          # overlap-save block: power of two ≥ n / CONV_FFT_BLOCKS, ≥ CONV_FFT_MIN_BLOCK
+CONV_FFT_MIN_BLOCK = 16
+CONV_DIAG_BAND = 64           # the search's sampled diagonals below this offset: one banded matmul
 
 DEFAULTS = {
-    "exact": {},
+    "exact": {"onnx_attention": "auto"},
     "preconditioned": {"mode": "output-norm", "gain": None},
     "sparse": {"mode": "topk", "k": 64, "window": 256, "sinks": 4, "band": "auto", "block": 64,
-               "density": 0.25, "mass": 1.0},
-    "conv_basis": {"k": 16, "starts": None, "eps": 0.0},
+               "density": 0.25, "mass": 1.0, "select": "exact", "budget": "uniform"},
+    "conv_basis": {"k": 16, "starts": "norm", "eps": 0.0, "delta": 1e-9, "segment": 1, "precision": "auto"},
 }
 _DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 _SUMMED = ("flops", "flops_matmul", "flops_fft", "flops_other", "flops_algorithm", "bytes",
@@ -400,24 +408,31 @@ def conv_basis_model(d, o):
     m = D + 1                                           # [V·w | w]: numerator and normaliser
     triangles = [False] if d.causal else [False, True]
     fixed = o.get("starts")
+    fixed = None if isinstance(fixed, str) else fixed                # norm | search: found per input
     kp = len({0, *(min(int(s), n - 1) for s in fixed)}) if fixed is not None else min(int(o["k"]), n)
-    search = fixed is None and kp < n
-    size = 1 << (2 * n - 1).bit_length()
-    log_s = L(size)
+    search = fixed is None and kp < n and o.get("starts") != "search"   # search: O(k·log n) probes, not priced
     dense = n <= CONV_DENSE_MAX_N
+    p = max(CONV_FFT_MIN_BLOCK, 1 << (max(1, -(-n // CONV_FFT_BLOCKS)) - 1).bit_length())
+    nb = -(-n // p)
+    segs, bins, size = nb + kp, p + 1, 2 * p            # overlap-save: segments, bins, transform size
+    log_s = L(size)
+    wide = dense or d.e == 8 or o.get("precision") == "float64"
+    fb = 8 if wide else 4                               # working precision (float32 on the FFT path: auto)
     t = _Tally()
     t.other += 3 * G * n * D                            # q·scale, V·w, the final division
-    t.hold("q, k, v in float64", 3 * G * n * D, 8, G * n * D)
-    t.hold("[V|1], H̃[V|1]", 2 * G * n * m, 8, G * n * m)
-    t.hold("output in float64", G * n * D, 8)
-    per = min(G, max(1, CONV_FFT_CHUNK // (kp * (m + 1) * size)))   # heads per batched FFT
-    fft_flops = 2.5 * size * log_s * (kp * m + kp + m) + 8 * kp * m * (size // 2 + 1)
+    t.hold("q, k, v in the working precision", 3 * G * n * D, fb, G * n * D)
+    t.hold("[V|1], H̃[V|1]", 2 * G * n * m, fb, G * n * m)
+    t.hold("output in the working precision", G * n * D, fb)
+    per = min(G, max(1, CONV_FFT_CHUNK // (segs * m * size)))   # heads per chunk
+    fft_flops = 2.5 * size * log_s * (segs * m + kp * nb + nb * m)
+    combine = 2 * bins * nb * segs * m                  # as the flop counter counts the complex product
     other, tdiag = 0, 1
     for strict in triangles:
         if search:
             tp = _sampled_diagonals(n, strict)
             tdiag = max(tdiag, tp)
             other += 2 * tp * n * D + (3 * d.sc + 7) * tp * n + n
+            t.mm(G * -(-n // CONV_DIAG_BAND), CONV_DIAG_BAND, D, 2 * CONV_DIAG_BAND)   # the near diagonals' band
             t.hold("search diagonals", 3 * G * tp * n, 8, G * tp * n)
         t.mm(G, n, D, kp)                               # the k' start columns of q·kᵀ
         other += 3 * d.sc * n * kp + kp * n + 2 * kp * n + 2 * kp * n + 2 * n * m + n * m
@@ -427,21 +442,23 @@ def conv_basis_model(d, o):
             t.hold("dense H̃", 3 * G * n * n, 8, G * n * n)     # (picked columns, index, H̃)
         else:
             t.fft += G * fft_flops
-            bins = size // 2 + 1
-            for name, elements, nbytes in (("FFT blocks", kp * m * n, 8), ("block spectra", 2 * kp * m * bins, 16),
-                                           ("kernel spectra", kp * bins, 16), ("spectrum sum", m * bins, 16),
-                                           ("inverse FFT", m * size, 8)):
-                t.hold(name, G * elements, nbytes, per * elements // (2 if name == "block spectra" else 1))
+            t.mm(G * bins, nb, segs, m)                 # the spectra combined: complex, counted as one product
+            for name, elements, nbytes in (
+                    ("X segments", segs * m * p, fb), ("segment spectra", segs * m * bins, 2 * fb),
+                    ("kernel windows", kp * nb * size, fb), ("window spectra", kp * nb * bins, 2 * fb),
+                    ("combination matrix", bins * nb * segs, 2 * fb), ("output spectra", nb * m * bins, 2 * fb),
+                    ("inverse FFT", nb * m * size, fb)):
+                t.hold(name, G * elements, nbytes, per * elements)
     t.other += G * other
     searched = 0
     if search:                                          # vecdot, softcap, fill, max, exp, differences, Σ, topk, sort
         searched = (1 + L(D) + 3 * d.sc + 1 + L(tdiag * n) + 6 + L(tdiag) + 1 + Sd(n) + 4 + Sd(kp))
     columns = 1 + L(D) + 3 * d.sc + 1 + L(kp * n) + (len(triangles) - 1) + 2 + 2   # dot, fill, c, exp(col − c)
-    by_fft = 6 * log_s + 2 + L(kp)
+    by_fft = 6 * log_s + 2 + L(segs)
     by_dense = 1 + 1 + L(n)
     tail = len(triangles) + 2                           # y += part, clamp, divide
     depth = 1 + searched + columns + (by_dense if dense else by_fft) + tail
-    flops_alg = t.matmul + t.other + (G * len(triangles) * (fft_flops - 2 * n * n * m) if dense else t.fft)
+    flops_alg = t.matmul + t.other + (G * len(triangles) * (fft_flops + combine - 2 * n * n * m) if dense else t.fft)
     depth_alg = 1 + searched + columns + by_fft + tail
     return _finish(d, t, depth, flops_alg, depth_alg, "conv_basis/" + ("dense" if dense else "fft"))
 

@@ -28,6 +28,7 @@ from .frontends.base import FrontEnd
 from .frontends.dynamo import DynamoFrontEnd
 from .frontends.export import ExportFrontEnd, normalise_inputs
 from .frontends.onnx import OnnxFrontEnd, is_onnx
+from . import kernels
 from .io import InputError
 from .report import build_report
 from .site import AttentionSite
@@ -211,6 +212,8 @@ def plan(fe: FrontEnd, sites, mod, opts: dict, sel, captured: dict) -> tuple[dic
 
     A variant with `prepare` sees each site's captured normal form on every input set and
     returns the site's options (rewrite-time state filled in) or why the site stays as it is.
+    A variant with `share_budget(planned, {id: (site, samples)})` then adjusts the planned
+    options of all sites at once (sparse: one density target spread over every head).
     """
     site_opts = {k: v for k, v in opts.items() if k != "auto"}
     prepare = getattr(mod, "prepare", None)
@@ -234,6 +237,11 @@ def plan(fe: FrontEnd, sites, mod, opts: dict, sel, captured: dict) -> tuple[dic
             kept[site.id] = r
         else:
             planned[site.id] = r
+    share = getattr(mod, "share_budget", None)        # a budget spread over every planned site at once
+    if share is not None and planned:
+        by_id = {s.id: s for s in sites}
+        planned = share(planned, {sid: (by_id[sid], samples(fe, by_id[sid], captured[sid]))
+                                  for sid in planned if captured.get(sid)})
     return planned, kept, unselected
 
 
@@ -374,13 +382,13 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
         check_block = end_to_end(output_pairs(fe, program, inputs, reference, progress), tol)
         timings["check_s"] = time.perf_counter() - t
         speed = {}
-        for i, s in enumerate(found):
-            if s.status == "rewritten" and captured.get(s.id):
+        for i, s in enumerate(found):            # (not timed when the ops run in the Triton interpreter)
+            if s.status == "rewritten" and captured.get(s.id) and not kernels.interpreting():
                 progress("timing each site's attention", i + 1, len(found))
                 speed[s.id] = time_site(mod, fe.scalars(s), mod.op_args(s, s.options), captured[s.id][0])
     report = build_report(model=fe.name, fmt=fe.fmt, variant=variant, options=opts, inputs_kind=fe.inputs_kind,
                           sites=found, check=check_block, timings=timings,
-                          cost=costs(found, mod.NAME, planned, captured))
+                          cost=costs(found, mod.NAME, planned, captured), kernels=site_kernels(fe, found, mod, captured))
     if speed:
         for site in report["sites"]:
             if site["id"] in speed:
@@ -389,6 +397,39 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
     if calibration:
         report["calibration"] = {"sets": calibrate, "inputs": calibration["source"]}
     return Result(program=program, sites=found, report=report)
+
+
+def site_kernels(fe: FrontEnd, sites, mod, captured: dict) -> dict:
+    """{id: {"kernel", "kernel_reason"}} for every rewritten site: the generated kernel its op
+    runs with on a GPU (and in the interpreter), specialised on its first captured input set
+    (or, without one, on its reported shape), or null and the reason the reference runs."""
+    out = {}
+    for s in sites:
+        if s.status != "rewritten":
+            continue
+        sc = fe.scalars(s)
+        run = (captured.get(s.id) or [None])[0]
+        q, k, v, mask = (run["q"], run["k"], run["v"], run["mask"]) if run else _meta_sample(s)
+        if q is None:
+            out[s.id] = {"kernel": None, "kernel_reason": "head_dim is not static and no input set was captured"}
+            continue
+        out[s.id] = kernels.describe(mod.OP_NAME, q, k, v, mask, sc["scale"], sc["softcap"], sc["causal"],
+                                     sc["dropout_p"], mod.op_args(s, s.options))
+    return out
+
+
+def _meta_sample(s: AttentionSite):
+    """Shape-only (meta) q, k, v and mask standing for a site that was not captured."""
+    if not isinstance(s.head_dim, int):
+        return None, None, None, None
+    heads = s.heads if isinstance(s.heads, int) else 1
+    kv_heads = s.kv_heads if isinstance(s.kv_heads, int) and heads % max(s.kv_heads, 1) == 0 else heads
+    dtype = getattr(torch, s.dtype, torch.float32)
+    q = torch.empty(1, heads, 2, s.head_dim, dtype=dtype, device="meta")
+    k = torch.empty(1, kv_heads, 2, s.head_dim, dtype=dtype, device="meta")
+    mask = None if s.mask == "none" else torch.empty(1, 1, 2, 2, dtype=torch.bool if s.mask == "boolean" else dtype,
+                                                       device="meta")
+    return q, k, k, mask
 
 
 def _calibrate(fe: FrontEnd, sites, mod, planned: dict, calibration_sets: tuple, progress) -> dict:

@@ -149,6 +149,12 @@ def render_table(report: dict, console=None) -> None:
         for o in c["outputs"]:
             console.print(f"  {o['name']}: rel_err {o['rel_err']:.3g}, max_abs_err {o['max_abs_err']:.3g}, "
                           f"cosine {o['cosine']:.6f}")
+        if report.get("variant") and report.get("cost") and report.get("time") and c["outputs"]:
+            tb, ta, tm = report["cost"]["before"], report["cost"]["after"], report["time"]
+            worst = min(o["cosine"] for o in c["outputs"])
+            console.print(f"  gained / lost: attention FLOPs ×{ta['flops'] / max(tb['flops'], 1):.2f}, "
+                          f"bytes moved ×{ta['bytes'] / max(tb['bytes'], 1):.2f}, measured attention speed "
+                          f"×{tm['speedup']:.2f} of SDPA's; output cosine {worst:.6f}, rel_err {c['rel_err']:.3g}")
         verdict = {True: "PASSED", False: "FAILED", None: "not gated"}[c["passed"]]
         tol = f" (tolerance {c['tolerance']:g})" if c["tolerance"] is not None else ""
         console.print(f"  end-to-end rel_err {c['rel_err']:.3g}{tol}: {verdict}")

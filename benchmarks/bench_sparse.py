@@ -8,6 +8,9 @@ the RSS before the call (inputs and warm-up resident): what the call itself hold
 Time: then the best of --repeat calls (1 above n = 4096) with the usual heap reuse.
 topk (k=64) and block (b=64, density 0.25) score each query chunk against every key:
 O(n²d) work, O(chunk·n) memory. window (256 + 4 sinks) gathers only its keys: O(n·w·d).
+block-pooled ranks key blocks by block means of q and k (O(n²d/b²)) and scores only the kept
+blocks; topk-pooled takes its k keys among 10% of the key blocks chosen that way.
+(bench_cpu_variants.py runs every variant with 4 heads against SDPA and FlexAttention in one process.)
 """
 import argparse
 import json
@@ -18,7 +21,9 @@ import time
 
 METHODS = {"sdpa": None, "topk": {"mode": "topk", "k": 64},
            "window": {"mode": "window", "window": 256, "sinks": 4},
-           "block": {"mode": "block", "block": 64, "density": 0.25}}
+           "block": {"mode": "block", "block": 64, "density": 0.25},
+           "topk-pooled": {"mode": "topk", "k": 64, "block": 64, "density": 0.1, "select": "pooled"},
+           "block-pooled": {"mode": "block", "block": 64, "density": 0.25, "select": "pooled"}}
 
 
 def rss_mb() -> float:
@@ -61,7 +66,7 @@ def child(method: str, n: int, repeat: int) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1024,2048,4096,8192,16384,32768")
-    ap.add_argument("--methods", default="sdpa,topk,window,block")
+    ap.add_argument("--methods", default="sdpa,topk,window,block,topk-pooled,block-pooled")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()

@@ -95,6 +95,13 @@ def test_cross_attention_is_kept():
         cb.onnx_lower(b, site, "q", "k", "v", None, {"k": 3, "starts": None, "eps": 0.0})
 
 
+def test_start_search_is_kept_with_its_reason():
+    """starts=search has no ONNX lowering: the site stays as it was and says why."""
+    r = attnrewrite.rewrite(onnx.load(str(exported("causal", "legacy"))), "conv_basis", _feeds("causal", L1),
+                            check=False, k=3, starts="search")
+    assert r.sites and all(s.status == "kept" and "starts=search" in s.reason for s in r.sites)
+
+
 # ----------------------------------------------------------------------------- hand-built graphs
 
 def _graph(heads, kv_heads, d, mask_kind, mask_rows, causal, scale, softcap, opts, opset):

@@ -11,9 +11,11 @@ import contextlib
 import json
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from hypothesis import given, settings, strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -477,3 +479,178 @@ def test_cli_bad_set_is_one_line_exit_2(tiny, capsys, tmp_path, pair, needle):
     code = main([str(tiny), "--variant", "sparse", "--set", pair, "-o", str(tmp_path / "x.pt2")])
     _, err = capsys.readouterr()
     assert code == 2 and needle in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- select=pooled and budget=global
+
+def pooled_omega(q, k, s, mask, scale, causal, block, density, k_top=None):
+    """Ω for select=pooled by the documented rule, with loops: rank key blocks by
+    scale·q̄_I·k̄_J + mean bias + log(visible pairs); keep ⌈density·n_I⌉ (topk: at least
+    ⌈k/b⌉ + 1, then the k best scores among their keys)."""
+    bsz, h, lq, lk = s.shape
+    k = k.repeat_interleave(h // k.shape[1], 1)
+    out = torch.zeros(s.shape, dtype=torch.bool)
+    bias = torch.zeros(s.shape, dtype=F64)
+    if mask is not None and mask.dtype != torch.bool:
+        bias = torch.where(s > -math.inf, mask.double().expand(s.shape), 0.0)
+    for bb in range(bsz):
+        for hh in range(h):
+            for r0 in range(0, lq, block):
+                rows = slice(r0, r0 + block)
+                qbar = q[bb, hh, rows].double().mean(0)
+                ranked, n_vis = [], 0
+                for c0 in range(0, lk, block):
+                    vis = (s[bb, hh, rows, c0:c0 + block] > -math.inf).sum().item()
+                    n_vis += vis > 0
+                    z = scale * qbar @ k[bb, hh, c0:c0 + block].double().mean(0)
+                    z = z + (bias[bb, hh, rows, c0:c0 + block].sum() / vis + math.log(vis) if vis else -math.inf)
+                    ranked.append((-z, c0))
+                budget = math.ceil(density * n_vis)
+                if k_top is not None:
+                    budget = max(budget, -(-k_top // block) + 1)
+                budget = max(1, min(budget, n_vis))
+                for z, c0 in sorted(ranked)[:budget]:
+                    if z < math.inf:
+                        out[bb, hh, rows, c0:c0 + block] = True
+            if k_top is not None:                             # the k best scores among the candidates
+                cand = s[bb, hh].masked_fill(~out[bb, hh], -math.inf)
+                idx = cand.argsort(dim=-1, descending=True, stable=True)[:, :k_top]
+                keep = torch.zeros(lq, lk, dtype=torch.bool).scatter(-1, idx, True)
+                out[bb, hh] = keep & (cand > -math.inf)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["block", "topk"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("mask", ["none", "bool", "additive", "padding"])
+@pytest.mark.parametrize("chunk", [1, 1 << 20])
+def test_pooled_exact_limit_and_weights(monkeypatch, mode, causal, mask, chunk):
+    monkeypatch.setattr(sparse, "CHUNK_ELEMENTS", chunk)
+    b, h, hkv, lq, lk = 2, 4, 2, 9, 11
+    q, k, v = rand_qkv(b, h, hkv, lq, lk, 8, seed=2)
+    m = make_mask(mask, b, h, lq, lk)
+    full = {"block": 3, "density": 1.0} if mode == "block" else {"k": 11, "block": 2, "density": 0.1}
+    got = run_op(q, k, v, m, 0.4, causal=causal, mode=mode, select="pooled", **full)
+    assert (got - exact.reference(q, k, v, m, 0.4, 0.0, causal, 0.0)).abs().max().item() <= 1e-12
+    small = {"block": 2, "density": 0.4} if mode == "block" else {"k": 2, "block": 2, "density": 0.3}
+    s, p = dense(q, k, m, 0.4, causal)
+    om = pooled_omega(q, k, s, m, 0.4, causal, small["block"], small["density"], small.get("k"))
+    want_q, mm = renormalised(p, om)
+    got_q = run_op(q, k, one_hot_v(b, hkv, lk), m, 0.4, causal=causal, mode=mode, select="pooled", **small)
+    assert (got_q - want_q).abs().max().item() <= 1e-12
+    live = (s > -math.inf).any(-1)
+    d = sparse.diagnostics(q, k, None, m, 0.4, 0.0, causal, {"mode": mode, "select": "pooled", **small})
+    assert d["retained_mass_mean"] == pytest.approx(mm[live].mean().item(), abs=1e-12)
+    assert d["l1_identity_gap"] <= 1e-12 and mm[live].min() < 0.99
+
+
+def separated(b, h, n, d, block, seed=0):
+    """q and k whose rows are constant within each block (plus 1e-3 noise) and far apart across
+    blocks, so the pooled logit orders key blocks as their exact softmax mass does."""
+    g = torch.Generator().manual_seed(seed)
+    nb = n // block
+    qb, kb = torch.randn(b, h, nb, d, generator=g, dtype=F64) * 3, torch.randn(b, h, nb, d, generator=g, dtype=F64) * 3
+    noise = lambda: 1e-3 * torch.randn(b, h, n, d, generator=g, dtype=F64)  # noqa: E731
+    return (qb.repeat_interleave(block, 2) + noise(), kb.repeat_interleave(block, 2) + noise(),
+            torch.randn(b, h, n, d, generator=g, dtype=F64))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("opts", [{"mode": "block", "block": 4, "density": 0.25},
+                                  {"mode": "block", "block": 4, "density": 0.5, "mass": 0.9},
+                                  {"mode": "topk", "k": 3, "block": 4, "density": 0.25}])
+def test_pooled_selection_equals_exact_on_separated_blocks(causal, opts):
+    q, k, v = separated(1, 3, 32, 6, 4)
+    got = run_op(q, k, v, None, 1.0, causal=causal, select="pooled", **opts)
+    want = run_op(q, k, v, None, 1.0, causal=causal, select="exact", **opts)
+    if opts["mode"] == "block":
+        assert (got - want).abs().max().item() <= 1e-12
+    else:                                   # topk: the exact top k lie in the pooled candidates
+        assert (got - want).abs().max().item() <= 1e-12
+    assert (want - exact.reference(q, k, v, None, 1.0, 0.0, causal, 0.0)).abs().max() > 1e-3   # truly sparse
+
+
+@pytest.mark.parametrize("opts", [{"mode": "block", "block": 16, "density": 0.25, "select": "pooled"},
+                                  {"mode": "topk", "k": 32, "block": 16, "density": 0.25, "select": "pooled"},
+                                  {"mode": "block", "block": 16, "density": 0.25, "head_density": [0.1]}])
+def test_no_n_by_n_tensor_new_paths(monkeypatch, opts):
+    n, d = 1024, 16
+    monkeypatch.setattr(sparse, "CHUNK_ELEMENTS", 1 << 14)   # 16 query rows × 1024 keys per chunk
+    q, k, v = (torch.randn(1, 1, n, d, requires_grad=True) for _ in range(3))
+    pad = torch.ones(1, 1, 1, n, dtype=torch.bool)
+    pad[..., -100:] = False
+    with MaxNumel() as rec:
+        out = sparse.reference(q, k, v, pad, d ** -0.5, 0.0, True, 0.0, *sparse.op_args(None, opts))
+        out.sum().backward()
+    assert rec.max <= n * n // 64, rec.max                    # the largest tensor: one chunk of rows
+    assert out.shape == (1, 1, n, d) and not q.grad.isnan().any()
+
+
+@pytest.mark.parametrize("opts", [{"mode": "block", "block": 2, "density": 0.4, "select": "pooled"},
+                                  {"mode": "topk", "k": 2, "block": 2, "density": 0.3, "select": "pooled"},
+                                  {"mode": "block", "block": 2, "density": 0.4, "head_density": [0.3, 0.7]}])
+def test_gradcheck_new_paths(opts):
+    q, k, v = rand_qkv(1, 2, 1, 5, 5, 2, seed=3)
+    mask = make_mask("padding", 1, 2, 5, 5)
+    args = sparse.op_args(None, opts)
+    for causal in (False, True):
+        def f(q, k, v):
+            return sparse.op(q, k, v, mask, 0.7, 0.0, causal, 0.0, *args)
+        assert torch.autograd.gradcheck(f, tuple(t.detach().requires_grad_() for t in (q, k, v)))
+
+
+def kept_blocks(q, k, mask, causal, block, opts):
+    """Blocks the op keeps, read from its weights: (near-uniform q) a kept visible key has weight > 0."""
+    lk = k.shape[-2]
+    w = run_op(q, k, one_hot_v(k.shape[0], k.shape[1], lk), mask, 1.0, causal=causal, mode="block",
+               block=block, **opts)
+    nb = -(-lk // block)
+    rows = F.pad(F.pad(w > 0, (0, nb * block - lk)), (0, 0, 0, -q.shape[-2] % block))
+    return rows.view(*rows.shape[:2], -1, block, nb, block).any(-1).any(-2).sum().item()
+
+
+def two_sites(shapes, g):
+    """share_budget's inputs for sites of 4 heads, head 0 peaked … head 3 nearly uniform."""
+    seen, planned = {}, {}
+    for sid, (n, causal) in enumerate(shapes):
+        q = torch.randn(1, 4, n, 8, generator=g, dtype=F64) * torch.tensor([3.0, 1.0, 0.5, 0.01]).view(1, 4, 1, 1)
+        k = torch.randn(1, 4, n, 8, generator=g, dtype=F64)
+        seen[sid] = (SimpleNamespace(id=sid), [{"q": q, "k": k, "v": k, "mask": None, "scale": 1.0, "softcap": 0.0,
+                                                "causal": causal, "dropout_p": 0.0}])
+        planned[sid] = {"mode": "block", "block": 8, "density": 0.25, "mass": 1.0, "budget": "global"}
+    return seen, sparse.share_budget(planned, seen)
+
+
+def test_global_budget_hits_the_density():
+    seen, shared = two_sites([(64, True), (40, False)], torch.Generator().manual_seed(5))
+    kept = 0
+    for sid, (_, (smp,)) in seen.items():
+        hd = shared[sid]["head_density"]
+        assert len(hd) == 4 and max(hd) > min(hd)                        # not the same density per head
+        tiny = smp["q"] * 1e-6                                          # near-uniform: every kept key weighs > 0
+        kept += kept_blocks(tiny, smp["k"], None, smp["causal"], 8, {"density": 0.25, "head_density": hd})
+    visible = (8 * 9 // 2 + 5 * 5) * 4                                  # causal 8 query blocks; 5 × 5 blocks
+    # never above the target; below it by less than one block in each query block of one head
+    assert 0.25 * visible - 8 < kept <= 0.25 * visible, (kept, visible)
+
+
+def test_global_budget_keeps_more_mass_than_uniform():
+    # both sites: 0.25 of 8 (or 4) key blocks is a whole number, so uniform keeps the same total
+    seen, shared = two_sites([(64, False), (32, False)], torch.Generator().manual_seed(6))
+    mass, kept = {"global": 0.0, "uniform": 0.0}, {"global": 0, "uniform": 0}
+    for sid, (_, (smp,)) in seen.items():
+        for name, o in (("global", {"head_density": shared[sid]["head_density"]}), ("uniform", {})):
+            diag = sparse.diagnostics(smp["q"], smp["k"], None, None, 1.0, 0.0, False,
+                                      {"mode": "block", "block": 8, "density": 0.25, **o})
+            mass[name] += diag["retained_mass_mean"]
+            kept[name] += kept_blocks(smp["q"] * 1e-6, smp["k"], None, False, 8, {"density": 0.25, **o})
+    assert kept["global"] <= kept["uniform"] and mass["global"] > mass["uniform"] + 0.01, (mass, kept)
+
+
+def test_end_to_end_global_budget(hf):
+    rep = attnrewrite.rewrite(hf["bert"], "sparse", mode="block", block=2, density=0.5, budget="global").report
+    for s in rep["sites"]:
+        assert s["status"] == "rewritten" and s["options"]["budget"] == "global"
+        assert len(s["options"]["head_density"]) == 4 and all(0 < x <= 1 for x in s["options"]["head_density"])
+    exact_rung = sparse.auto_ladder(SimpleNamespace(kv_len=8, q_len=8, causal=False), rep["sites"][0]["options"])[-1]
+    assert exact_rung == {"density": 1.0, "mass": 1.0, "head_density": []}

@@ -449,8 +449,8 @@ COPY_ = aten.copy_.default
 
 
 def _copied(gk, n: Node):
-    """buf.copy_(s) (its result is what both export and Dynamo's graphs read next): the
-    buffer now holds s, whatever it held before (a broadcasting copy is not the scores)."""
+    """s = buf.copy_(t) (its result is what both export and Dynamo's graphs read next): the
+    buffer now holds t, whatever it held before (a broadcasting copy is not the scores)."""
     if not isinstance(n.args[1], Node) or _shape(n.args[1]) != _shape(n.args[0]):
         raise NoMatch(f"{n.name} copies a broadcast value into the scores' buffer")
     return n.args[1], None

@@ -32,9 +32,10 @@ from dataclasses import replace
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, external_data_helper, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
-from ..site import AttentionSite
+from ..site import MASK_FLOOR, AttentionSite
 from .onnx_detect import Graph, OnnxSite
 
 MIN_OPSET = 13           # Unsqueeze/Squeeze/Slice with axes as inputs
@@ -63,6 +64,10 @@ class Builder:
             if name not in self._taken:
                 self._taken.add(name)
                 return name
+
+    def require_opset(self, version: int) -> None:
+        """The default-domain opset the emitted nodes need (`rewrite_model` raises the model's to it)."""
+        self.opset = max(self.opset, version)
 
     def dtype(self, name: str) -> int:
         return self.types.get(name) or self.g.elem_type(name)
@@ -337,19 +342,20 @@ def full_query_rows(b: Builder, mask: str, q: str) -> str:
 
 
 def decomposed_scores(b: Builder, site: AttentionSite, q: str, k: str, mask: str | None, causal: bool) -> str:
-    """softcap(scale·q·kᵀ) + mask, in q's dtype, (B, H, Lq, Lk); k already has H heads."""
+    """softcap(scale·q·kᵀ) + mask, in q's dtype, (B, H, Lq, Lk); k already has H heads.
+
+    The scale multiplies q (Lq·D values), not the scores (Lq·Lk)."""
+    q = b.op("Mul", q, b.scalar_like(resolve_scale(b, site), q))
     s = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2]))
-    s = b.op("Mul", s, b.scalar_like(resolve_scale(b, site), q))
     if site.softcap:
         cap = b.scalar_like(float(site.softcap), q)
         s = b.op("Mul", b.op("Tanh", b.op("Div", s, cap)), cap)
     if causal:
         mask = with_causal(b, q, k, mask)
-    if mask is not None:
+    if mask is not None:                    # a boolean mask becomes a bias at its own (broadcast) size
         if b.dtype(mask) == TensorProto.BOOL:
-            s = b.op("Where", mask, s, b.scalar_like(-math.inf, q))
-        else:
-            s = b.op("Add", s, b.cast(mask, b.dtype(q)))
+            mask = b.op("Where", mask, b.scalar_like(0.0, q), b.scalar_like(-math.inf, q))
+        s = b.op("Add", s, b.cast(mask, b.dtype(q)))
     return s
 
 
@@ -357,6 +363,113 @@ def safe_softmax(b: Builder, s: str) -> str:
     """Softmax over the key axis; a row with no visible key gives zeros, not NaN."""
     p = b.op("Softmax", s, axis=-1 if b.opset >= 13 else 3)
     return b.op("Where", b.op("IsNaN", p, dtype=TensorProto.BOOL), b.scalar_like(0.0, p), p)
+
+
+FOLD_NODES = 16          # `constant` evaluates at most this many nodes ...
+FOLD_ELEMENTS = 1 << 28  # ... into a value of at most this many elements (a 16k × 16k mask)
+
+
+def constant(b: Builder, name: str | None):
+    """The value of `name` as a numpy array when it is an initializer or computed from
+    initializers and Constant nodes alone by at most FOLD_NODES standard-domain nodes, into a
+    value of a known shape of at most FOLD_ELEMENTS elements (exporters leave e.g. a causal
+    mask as Where(Equal(Trilu(ones), 0), …)); else None.
+    Evaluated once per builder with onnx's reference evaluator."""
+    if not name:
+        return None
+    cache = b.__dict__.setdefault("_constants", {})
+    if name not in cache:
+        cache[name] = _fold(b.g, name)
+    return cache[name]
+
+
+def _fold(g: Graph, name: str):
+    if name in g.inits:
+        t = g.inits[name]
+        return None if external_data_helper.uses_external_data(t) else numpy_helper.to_array(t)
+    shape = g.shape(name)
+    if shape is None or not all(isinstance(d, int) for d in shape) or math.prod(shape) > FOLD_ELEMENTS:
+        return None
+    nodes, inits, stack = {}, set(), [name]
+    while stack:
+        x = stack.pop()
+        if x in g.inits:
+            if external_data_helper.uses_external_data(g.inits[x]):     # (reading it would fill the model's proto)
+                return None
+            inits.add(x)
+            continue
+        n = g.producer.get(x)
+        if n is None or n.domain not in ("", "ai.onnx") or len(nodes) >= FOLD_NODES or \
+                any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
+            return None
+        if id(n) not in nodes:
+            nodes[id(n)] = n
+            stack.extend(i for i in n.input if i)
+    order = [n for n in g.graph.node if id(n) in nodes]
+    out = helper.make_tensor_value_info(name, g.elem_type(name) or TensorProto.FLOAT, None)
+    sub = helper.make_model(helper.make_graph(order, "fold", [], [out], [g.inits[i] for i in sorted(inits)]),
+                            opset_imports=[o for o in g.model.opset_import if o.domain in ("", "ai.onnx")])
+    try:
+        return np.asarray(ReferenceEvaluator(sub).run(None, {})[0])
+    except Exception:  # noqa: BLE001 - an op the evaluator lacks: not a constant we can read
+        return None
+
+
+def _removed(a: np.ndarray) -> np.ndarray:
+    """Where a mask removes the key: False (boolean) or at/below MASK_FLOOR (additive)."""
+    return ~a if a.dtype == np.bool_ else a <= MASK_FLOOR
+
+
+def constant_causal(b: Builder, mask: str | None) -> str | None:
+    """How a constant mask spells exactly the bottom-right causal pattern, else None.
+
+    "inf": False or -inf above the diagonal; "finite": a finite fill at or below MASK_FLOOR
+    there (dynamo's finfo.min). Either way every other entry is True or exactly 0, so the mask
+    can be dropped for the causal flag wherever a removed key weighs exactly 0 (every row
+    keeps its diagonal key). Checked a block of rows at a time.
+    """
+    a = constant(b, mask)
+    if a is None or a.ndim < 2 or a.shape[-2] < 2:
+        return None
+    lq, lk = a.shape[-2:]
+    if lk - lq + 1 >= lk or lq > lk:                 # nothing above the diagonal, or rows with no key
+        return None
+    j = np.arange(lk)
+    finite = False
+    for r0 in range(0, lq, 1024):
+        rows = a[..., r0:r0 + 1024, :]
+        upper = j[None, :] > np.arange(r0, r0 + rows.shape[-2])[:, None] + (lk - lq)
+        kept = rows if rows.dtype == np.bool_ else rows == 0
+        if not (_removed(rows)[..., upper].all() and kept[..., ~upper].all()):
+            return None
+        finite |= rows.dtype != np.bool_ and bool(np.isfinite(rows[..., upper]).any())
+    return "finite" if finite else "inf"
+
+
+def rows_can_die(b: Builder, site: AttentionSite, mask: str | None, causal: bool) -> bool:
+    """Whether some query row may see no key at all (a plain softmax would give NaN there).
+
+    No: no mask and not causal; causal with no more queries than keys; a constant mask with
+    a kept key in every row (and no causal flag on top). Yes otherwise: a mask known only at
+    run time may remove every key of a row.
+    """
+    if mask is not None:
+        a = constant(b, mask)
+        if a is None or causal:
+            return True
+        return bool((_removed(a) & ~np.isfinite(a) if a.dtype != np.bool_ else _removed(a)).all(-1).any())
+    if not causal:
+        return False
+    lq, lk = site.q_len, site.kv_len
+    if lq is not None and lq == lk:
+        return False
+    return not (isinstance(lq, int) and isinstance(lk, int) and lq <= lk)
+
+
+def zero_nan_rows(b: Builder, y: str) -> str:
+    """y with NaN entries set to 0: the (B, H, Lq, Dv) output of a row with no visible key
+    (its softmax is NaN), at the cost of one pass over the output, not over the scores."""
+    return b.op("Where", b.op("IsNaN", y, dtype=TensorProto.BOOL), b.scalar_like(0.0, y), y)
 
 
 # ---------------------------------------------------------------- the pass
@@ -415,6 +528,11 @@ def rewrite_model(model: onnx.ModelProto, sites: list[AttentionSite], variant, c
     out.graph.node.extend(nodes)
     out.graph.initializer.extend(b.inits)
     _ensure_domains(out, [n for _, new, _ in plans for n in new])
+    if b.opset > g.opset:                             # a lowering asked for a newer op (`Attention`)
+        for o in out.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = b.opset
+        out.ir_version = max(out.ir_version, helper.find_min_ir_version_for(list(out.opset_import)))
     sweep(out)
     return out, kept
 

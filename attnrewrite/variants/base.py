@@ -8,9 +8,10 @@ h // (H // Hkv), as repeat_interleave / HF repeat_kv do). `mask` broadcasts to
 bottom-right aligned (key j visible to query i iff j <= i + Lk - Lq, the KV-cache
 convention). `softcap` 0 means none. A row with no visible key returns zeros, never NaN.
 
-The op is registered once per variant with `torch.library`; its CPU/CUDA
-implementation is the variant's PyTorch reference (the seam where generated Triton
-kernels plug in), its fake implementation gives the output shape, and its autograd
+The op is registered once per variant with `torch.library`; its implementation runs the
+generated Triton kernel (attnrewrite.kernels) for CUDA tensors, and for CPU tensors when
+ATTNREWRITE_KERNELS=interpret, where a template covers the call, and the variant's PyTorch
+reference otherwise; its fake implementation gives the output shape, and its autograd
 formula calls a second op, `attnrewrite::<name>_backward` (dq, dk, dv from the VJP of the
 reference), so rewritten programs export, save and train, and a kernel can back the
 backward op alone.
@@ -30,6 +31,7 @@ import math
 
 import torch
 
+from .. import kernels
 from ..site import MASK_FLOOR
 
 NAMESPACE = "attnrewrite"
@@ -184,14 +186,19 @@ def define_attention_op(name: str, reference, extra_schema: str = ""):
 
     def forward(*args):
         args, dropout_p, seed, out_map = split(args)
-        with _rng(dropout_p, seed, args[0].device):
-            out = apply_out_map(reference(*args), out_map)
-        return out.contiguous()                            # the layout the fake implementation states
+        out = kernels.forward(name, args)                  # the generated kernel, where one covers the call
+        if out is None:
+            with _rng(dropout_p, seed, args[0].device):
+                out = reference(*args)
+        return apply_out_map(out, out_map).contiguous()    # the layout the fake implementation states
 
     def backward_reference(grad, *args):
         args, dropout_p, seed, out_map = split(args)
         _require_seed(qualname, dropout_p, seed)
         grad = apply_out_map(grad, out_map, transpose=True)   # through the map first
+        grads = kernels.backward(name, grad, args)
+        if grads is not None:
+            return tuple(torch.empty_like(t).copy_(g) for g, t in zip(grads, args[:3]))
         with _rng(dropout_p, seed, args[0].device), _autograd():
             leaves = [t.detach().requires_grad_() for t in args[:3]]
             out = reference(*leaves, *args[3:])

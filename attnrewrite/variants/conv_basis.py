@@ -12,19 +12,41 @@ column j ∈ [sᵢ, sᵢ₊₁) replaced by start column sᵢ shifted down by j 
 
 so H̃·X = Σᵢ cᵢ ∗ X[sᵢ:sᵢ₊₁] — one causal convolution per start column cᵢ = H[sᵢ:, sᵢ]
 (the telescoped form of Σ S(b̃ᵢ), without the differences' cancellation). Only the k
-columns of q·kᵀ are computed (O(k·n·d)); H̃V and H̃·1 come from FFTs of size ≥ 2n.
-Output O = (H̃V) / (H̃·1) row by row. Bidirectional sites add a second basis for the
-strictly upper triangle: the same construction on the reversed sequence.
+columns of q·kᵀ are computed (O(k·n·d)). Output O = (H̃V) / (H̃·1) row by row.
+Bidirectional sites add a second basis for the strictly upper triangle: the same
+construction on the reversed sequence.
 
-Start columns: the k − 1 columns with the largest difference norm ‖bⱼ‖ (estimated on ~40
-sampled diagonals, O(n·d) each), column 0 always; `starts` fixes them instead, `eps`
-drops candidates whose norm is below eps·max (fewer than k starts when H is nearly
-conv). k ≥ n keeps every column: H̃ = H, exact to round-off.
+Applying H̃ (n > DENSE_MAX_N), overlap-save: the rows are cut into nb blocks of P (a power
+of two near n / FFT_BLOCKS), and the columns into segments, each one block intersected with
+one start's columns (at most nb + k). Every segment of X = [V·w | w] is transformed once
+(size 2P), every start column once per block lag (k·nb windows of 2P lags), and output
+block o is Σ over segments s of window(owner s, lag o − block s) · X̂ₛ — for every
+frequency one (nb × S)·(S × (d+1)) complex product — then one inverse transform per
+output block and column. Work O((nb + k)·n·d·log P + (nb + k)·n·d), memory O((nb + k)·n·d).
+
+Start columns (`starts`):
+  norm     (default) 0 and the k − 1 columns with the largest difference norm ‖bⱼ‖,
+           estimated on ~40 sampled diagonals (O(n·d) each); `eps` drops candidates whose
+           norm is below eps·max (fewer than k starts when H is nearly conv).
+  search   the recovery of the co-authors' public code (hliuav/k_conv_basis), in our words:
+           after start s, binary-search j ∈ (s, n − T] for the first column whose diagonal
+           segment (scores s[j + t, j], t < T = `segment`) differs in ℓ1 by at least `delta`
+           from the last start's segment — that is, from the running sum of the basis
+           vectors built on the scores; O(log n) probes of T·d each per start. Their basis
+           b̃ᵢ = exp(b₁ + … + bᵢ) − exp(b₁ + … + bᵢ₋₁) sums to exactly the H̃ above for the
+           same starts (the cumulative sums are the start columns' scores), so the
+           apply step is shared; we subtract the shift c where they exponentiate raw scores.
+  0,5,9    fixed columns (0 is always added).
+k ≥ n keeps every column: H̃ = H, exact to round-off.
 
 Numerics: c is shared by all rows (a per-row max breaks the Toeplitz structure), so a row
 whose scores sit far below the global maximum has a normaliser H̃·1 of the size of the
-FFT's round-off. Everything runs in float64, and rows whose normaliser is below
-`RELIABLE` times the FFT error estimate are recomputed exactly (O(n·d) each) and counted.
+FFT's round-off. `precision`: float64, or float32 (scores, kernels, transforms); `auto` is
+float32 on the FFT path for float32/half inputs and float64 otherwise (the dense path and
+float64 inputs). Rows whose normaliser is below `RELIABLE` (float64) or `RELIABLE_F32`
+times its FFT error estimate (unit round-off × log₂ of the transform size × Σ over the
+segments reaching the row's block of ‖window‖·‖w on the segment‖) are recomputed exactly
+(O(n·d) each, in the working precision) and counted.
 Masks: a key-only bias (padding) and the causal pattern are supported — the key bias
 becomes a weight on V and on the ones vector; any other bias keeps the site exact.
 Dropout: with dropout_p > 0 the op computes exact attention with dropout (the same mask as
@@ -45,18 +67,45 @@ from .base import BACKWARD_OPS, MASK_REMOVED, Param, define_attention_op, expand
 
 NAME = "conv_basis"
 OP_NAME = "conv_basis_attention"
+
+
+class StartsParam(Param):
+    """`starts`: norm | search (found per input) or fixed columns ("0,5,9"); None means norm."""
+
+    def parse(self, key: str, value):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "norm")):
+            return "norm"
+        if isinstance(value, str) and value.strip().lower() == "search":
+            return "search"
+        try:
+            return super().parse(key, value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} is not norm, search or a comma-separated list of "
+                             "non-negative integers") from None
+
+
 PARAMS = {
     "k": Param(16, int, "number of basis (start) columns per head and triangle", minimum=1),
-    "starts": Param(None, "ints", "fixed start columns (0 is always added); default: searched per input",
-                    allow_none=True),
-    "eps": Param(0.0, float, "skip start candidates with difference norm below eps × the largest", minimum=0.0),
+    "starts": StartsParam("norm", "ints", "start columns: norm (largest difference norm), search (binary "
+                          "search, as the co-authors' code), or fixed columns 0,5,9 (0 is always added)"),
+    "eps": Param(0.0, float, "starts=norm: skip candidates with difference norm below eps × the largest",
+                 minimum=0.0),
+    "delta": Param(1e-9, float, "starts=search: ℓ1 difference (in scaled logits) that ends a column's block",
+                   minimum=0.0),
+    "segment": Param(1, int, "starts=search: diagonal entries compared per probe (T)", minimum=1),
+    "precision": Param("auto", str, "float32 | float64 | auto (float32 on the FFT path for float32/half inputs)",
+                       choices=("auto", "float32", "float64")),
 }
-RELIABLE = 1e6            # a row's normaliser must exceed 1e6 × the FFT error estimate (≈ 6 digits)
-DIAG_CHUNK = 1 << 24      # elements of q gathered at once for the diagonal scores
+RELIABLE = 1e6            # float64: a row's normaliser must exceed 1e6 × its FFT error estimate (≈ 6 digits)
+RELIABLE_F32 = 1e3        # float32: the same test with float32's unit round-off (≈ 3 digits, worst case)
 SAMPLED_DIAGONALS = 40    # diagonals read to estimate ‖bⱼ‖ for the start search
-DENSE_MAX_N = 512         # up to this length H̃ is built densely (same matrix; k FFTs cost more there)
-FFT_CHUNK = 1 << 26       # elements per batched FFT (heads × starts × columns × size)
+DENSE_MAX_N = 512         # up to this length H̃ is built densely (same matrix; FFTs cost more there)
+FFT_CHUNK = 1 << 26       # elements of X̂ segments per chunk of heads (heads × segments × columns × size)
+FFT_BLOCKS = 16           # the overlap-save block P is the power of two ≥ n / FFT_BLOCKS ...
+FFT_MIN_BLOCK = 16        # ... and at least this
 DIAG_ROWS = 64            # rows sampled per head for the basis-error diagnostic
+DIAG_BAND = 64            # sampled diagonals closer than this to the main one come from one banded matmul
+UNIT = {torch.float32: 2.0 ** -23, torch.float64: 2.0 ** -52}   # unit round-off of the working precisions
 
 
 # ----------------------------------------------------------------------------- masks
@@ -109,29 +158,93 @@ def find_starts(q, k, count: int, eps: float, strict: bool, weight, softcap=0.0)
     grid = torch.logspace(0, math.log10(max(n - 1, 1)), SAMPLED_DIAGONALS).long().tolist()
     offsets = sorted(t for t in {*range(min(8, n)), *grid} if t < n and not (strict and t == 0))
     gaps = [b - a for a, b in zip(offsets, offsets[1:] + [n])]
-    t = torch.tensor(offsets, device=q.device)
-    gap = torch.tensor(gaps, dtype=q.dtype, device=q.device)
+    rank = torch.float64 if n <= DENSE_MAX_N else torch.float32    # long inputs: half the ranking's traffic
+    gap = torch.tensor(gaps, dtype=rank, device=q.device)
     j = torch.arange(n, device=q.device)
-    rows = j[None, :] + t[:, None]                                 # (T, n): row j + t of diagonal t
-    valid = rows < n
-    qf, kf = q.float(), k.float()                                  # a ranking needs no float64
-    d = torch.cat([torch.linalg.vecdot(qf[:, r.clamp(max=n - 1)], kf[:, None])   # s[j + t, j]
-                   for r in rows.split(max(1, DIAG_CHUNK // max(n * q.shape[-1] * g, 1)))], dim=1).double()
+    dead = (j[None, :] + torch.tensor(offsets, device=q.device)[:, None]) >= n   # (T, n): no row j + t
+    d = _diagonals(q.float(), k.float(), offsets).to(rank)         # the scores need no float64 for a ranking
     if softcap:
         d = softcap * torch.tanh(d / softcap)
-    d = d.masked_fill(~valid, -math.inf)
-    c = d.flatten(1).amax(-1)[:, None, None]
-    h = torch.exp(d - c)                                           # H[j + t, j]
-    b = torch.zeros_like(h)
-    b[..., 1:] = h[..., 1:] - h[..., :-1]                          # bⱼ[t] = H[j+t, j] − H[j+t−1, j−1]
-    b = b.masked_fill(~valid, 0.0)
-    norm2 = (gap[:, None] * (b * b)).sum(1)
+    d.masked_fill_(dead, -math.inf)
+    h = d.sub_(d.flatten(1).amax(-1)[:, None, None]).exp_()       # H[j + t, j] (shared shift)
+    b = h[..., 1:] - h[..., :-1]                                   # bⱼ[t] = H[j+t, j] − H[j+t−1, j−1], j ≥ 1
+    b.masked_fill_(dead[:, 1:], 0.0)
+    norm2 = torch.zeros(g, n, dtype=rank, device=q.device)
+    norm2[:, 1:] = (b.square_() * gap[:, None]).sum(1)
     norm2 = norm2 * weight
     norm2[:, 0] = math.inf
     top, idx = norm2.topk(count, dim=-1)
     floor = (eps * eps) * top[:, 1:2] if count > 1 else top[:, :1]
     idx = torch.where((top > floor) | (idx == 0), idx, torch.zeros_like(idx))
     return idx.sort(-1).values
+
+
+def _diagonals(q, k, offsets: list[int]) -> torch.Tensor:
+    """(G, T, n) raw scores s[j + t, j] for the given offsets t (0 past the end).
+
+    Offsets below DIAG_BAND come from one banded product (each block of DIAG_BAND rows against
+    the 2·DIAG_BAND keys ending with it: matmul speed, 2·DIAG_BAND·n·d per head); the
+    others are one slice dot product each (n·d).
+    """
+    g, n, dim = q.shape
+    out = torch.zeros(g, len(offsets), n, dtype=q.dtype, device=q.device)
+    short = [(i, t) for i, t in enumerate(offsets) if t < DIAG_BAND]
+    if short:
+        b = DIAG_BAND
+        nb = -(-n // b)
+        qb = torch.nn.functional.pad(q, (0, 0, 0, nb * b - n)).view(g, nb, b, dim)
+        kb = torch.nn.functional.pad(k, (0, 0, b, nb * b - n)).unfold(1, 2 * b, b)   # (G, nb, d, 2b)
+        band = qb @ kb                                             # [a + r, c] = s[a + r, a − b + c]
+        for i, t in short:                                         # c = r + b − t
+            out[:, i, :n - t] = band.diagonal(b - t, 2, 3).reshape(g, nb * b)[:, t:n]
+    for i, t in enumerate(offsets):
+        if t >= DIAG_BAND:
+            out[:, i, :n - t] = torch.linalg.vecdot(q[:, t:], k[:, :n - t])
+    return out
+
+
+def search_starts(q, k, count: int, delta: float, segment: int, strict: bool, softcap=0.0) -> torch.Tensor:
+    """(G, count) sorted start columns per head by binary search (`starts=search`, see the module notes).
+
+    Start 0 first; then, after start s, the search runs over j ∈ (s, n − T] (T = segment): a
+    probe j is "different" when Σₜ |s[j + t, j] − s[s + t, s]| ≥ delta (t counted from the
+    diagonal, from 1 below it if strict), and the search narrows to the left of a different
+    probe, to the right of an equal one — the first different column when the difference is
+    monotone in j, some column otherwise, as in the co-authors' code. Heads are searched
+    together; a head with no column left repeats column 0 (an empty block).
+    """
+    g, n, dim = q.shape
+    count = min(count, n)
+    if count == n:
+        return torch.arange(n, device=q.device).expand(g, n)
+    low = 1 if strict else 0                                       # first row of a segment below column j
+    seg = max(1, min(segment, n - low - 1))
+    last = n - low - seg                                           # the last column whose segment fits
+    t = torch.arange(seg, device=q.device) + low
+
+    def probe(cols):                                               # (G,) columns -> (G, T) scores s[j + t, j]
+        qs = q.gather(1, (cols[:, None] + t).clamp(max=n - 1)[..., None].expand(-1, -1, dim))
+        kc = k.gather(1, cols[:, None, None].expand(-1, 1, dim))
+        s = torch.linalg.vecdot(qs, kc)
+        return softcap * torch.tanh(s / softcap) if softcap else s
+
+    cur = torch.zeros(g, dtype=torch.long, device=q.device)
+    ref = probe(cur)
+    found = [cur]
+    for _ in range(count - 1):
+        lo, hi = cur + 1, torch.full_like(cur, max(last, 0))
+        done = lo > hi
+        lo = torch.minimum(lo, hi)
+        while bool((lo < hi).any()):
+            mid = (lo + hi) // 2
+            differs = (probe(mid) - ref).abs().sum(-1) >= delta
+            live = lo < hi
+            hi = torch.where(live & differs, mid, hi)
+            lo = torch.where(live & ~differs, mid + 1, lo)
+        cur = torch.where(done, cur, hi)
+        ref = torch.where(done[:, None], ref, probe(cur))
+        found.append(torch.where(done, torch.zeros_like(hi), hi))
+    return torch.stack(found, -1).sort(-1).values
 
 
 def _start_columns(q, k, starts, softcap, strict):
@@ -148,34 +261,72 @@ def _start_columns(q, k, starts, softcap, strict):
     return cols.masked_fill(dead, -math.inf)
 
 
-def _conv_apply(cols, starts, c, x):
-    """Σᵢ exp(colᵢ − c) ∗ x[sᵢ:sᵢ₊₁] by FFT over G heads: (G, n, m) and an error estimate (G, m).
+def fft_block(n: int) -> int:
+    """The overlap-save block P: the power of two ≥ n / FFT_BLOCKS, at least FFT_MIN_BLOCK."""
+    return max(FFT_MIN_BLOCK, 1 << (max(1, -(-n // FFT_BLOCKS)) - 1).bit_length())
 
-    All k blocks of a head are transformed in one batched rfft (each block zero everywhere
-    but its own rows) and combined in the frequency domain: k·m forward FFTs and m inverse
-    ones of size ≥ 2n per head, heads chunked to bound memory.
+
+def _conv_apply(kern, starts, x):
+    """H̃·x = Σᵢ kernᵢ ∗ x[sᵢ:sᵢ₊₁] for G heads: (G, n, m), and the normaliser's error estimate.
+
+    kern (G, k, n) = exp(colᵢ − c), starts (G, k) sorted, x (G, n, m) with the normaliser's
+    weights in its last column. n ≤ DENSE_MAX_N: H̃ built densely, one estimate per head
+    (G, 1); else overlap-save (module notes), one estimate per row (G, n).
     """
     g, n, m = x.shape
     k = starts.shape[1]
-    size = 1 << (2 * n - 1).bit_length()
     owner = torch.searchsorted(starts, torch.arange(n, device=x.device).expand(g, n).contiguous(),
                                right=True) - 1                     # start index owning column j
-    kern = torch.exp(cols - c[:, None, None])                      # (G, k, n): H[sᵢ + t, sᵢ]
-    xt = x.transpose(1, 2)                                         # (G, m, n): FFTs along the last axis
-    sq = torch.zeros(g, k, m, dtype=x.dtype, device=x.device).scatter_add_(
-        1, owner[:, :, None].expand(g, n, m), x * x)              # ‖block‖² per start and column
-    noise = (torch.linalg.vector_norm(kern, dim=-1)[..., None] * sq.sqrt()).sum(1)
-    if n <= DENSE_MAX_N:                                           # short: H̃ itself is cheaper than k FFTs
-        return _dense_apply(kern, owner, x), noise * 2.2e-16 * math.log2(size)
-    per = max(1, FFT_CHUNK // (k * (m + 1) * size))
-    ys = []
+    if n <= DENSE_MAX_N:                                           # short: H̃ itself is cheaper than FFTs
+        size = 1 << (2 * n - 1).bit_length()
+        sq = torch.zeros(g, k, dtype=x.dtype, device=x.device).scatter_add_(1, owner, x[..., -1] ** 2)
+        noise = (torch.linalg.vector_norm(kern, dim=-1) * sq.sqrt()).sum(1, keepdim=True)
+        return _dense_apply(kern, owner, x), noise * UNIT[x.dtype] * math.log2(size)
+    p = fft_block(n)
+    nb, segs = -(-n // p), -(-n // p) + k                          # blocks; segments (an upper bound)
+    per = max(1, FFT_CHUNK // (segs * m * 2 * p))
+    ys, noises = [], []
     for a in range(0, g, per):
-        b = min(g, a + per)
-        blocks = torch.zeros(b - a, k, m, n, dtype=x.dtype, device=x.device)
-        blocks.scatter_(1, owner[a:b, None, None, :].expand(-1, 1, m, n), xt[a:b, None])
-        spec = (torch.fft.rfft(blocks, n=size) * torch.fft.rfft(kern[a:b], n=size)[:, :, None]).sum(1)
-        ys.append(torch.fft.irfft(spec, n=size)[..., :n].transpose(1, 2))
-    return torch.cat(ys), noise * 2.2e-16 * math.log2(size)
+        y, noise = _overlap_save(kern[a:a + per], owner[a:a + per], x[a:a + per], p, nb, segs)
+        ys.append(y)
+        noises.append(noise)
+    return torch.cat(ys), torch.cat(noises)
+
+
+def _overlap_save(kern, owner, x, p, nb, segs):
+    """`_conv_apply`'s FFT path for a chunk of heads (block p, nb blocks, segs segments)."""
+    g, n, m = x.shape
+    k = kern.shape[1]
+    j = torch.arange(n, device=x.device)
+    blk = (j // p).expand(g, n)
+    key = blk * k + owner                                          # non-decreasing along j
+    seg = torch.zeros_like(key)
+    seg[:, 1:] = (key[:, 1:] != key[:, :-1]).cumsum(1)            # segment of column j
+    seg_blk = torch.zeros(g, segs, dtype=torch.long, device=x.device).scatter_(1, seg, blk)
+    seg_own = torch.zeros(g, segs, dtype=torch.long, device=x.device).scatter_(1, seg, owner)
+    # X segments (G, m, S, 2P), the first P entries in use, and their spectra
+    xs = torch.zeros(g, m, segs * 2 * p, dtype=x.dtype, device=x.device)
+    xs.scatter_(2, (seg * 2 * p + j % p)[:, None, :].expand(g, m, n), x.transpose(1, 2))
+    xs = xs.view(g, m, segs, 2 * p)
+    xspec = torch.fft.rfft(xs)                                     # (G, m, S, P + 1)
+    # kernel windows: window (i, δ) holds lags (δ − 1)·P + 1 … (δ + 1)·P of start i
+    kp = torch.nn.functional.pad(kern, (p - 1, (nb + 1) * p - (p - 1) - n))
+    win = kp.unfold(2, 2 * p, p)                                   # (G, k, nb, 2P)
+    wspec = torch.fft.rfft(win).flatten(1, 2)                      # (G, k·nb, P + 1)
+    lag = torch.arange(nb, device=x.device)[None, :, None] - seg_blk[:, None, :]   # (G, nb, S): o − block
+    pick = (seg_own[:, None, :] * nb + lag.clamp(min=0)).flatten(1)
+    live = (lag >= 0).flatten(1)
+    tmat = wspec.gather(1, pick[..., None].expand(-1, -1, p + 1)) * live[..., None]
+    tmat = tmat.view(g, nb, segs, p + 1).permute(0, 3, 1, 2)      # (G, P + 1, nb, S)
+    yspec = tmat @ xspec.permute(0, 3, 2, 1)                       # (G, P + 1, nb, m)
+    y = torch.fft.irfft(yspec.permute(0, 2, 3, 1), n=2 * p)[..., p - 1:2 * p - 1]   # (G, nb, m, P)
+    y = y.transpose(2, 3).reshape(g, nb * p, m)[:, :n]
+    # error estimate of the normaliser, per output block: Σₛ ‖window‖·‖w on segment s‖
+    wn = torch.linalg.vector_norm(win, dim=-1).flatten(1)          # (G, k·nb)
+    xn = torch.linalg.vector_norm(xs[:, -1], dim=-1)               # (G, S)
+    per_block = (wn.gather(1, pick) * live).view(g, nb, segs).mul(xn[:, None, :]).sum(-1)
+    noise = per_block.gather(1, blk) * (UNIT[x.dtype] * math.log2(2 * p))
+    return y, noise
 
 
 def _dense_apply(kern, owner, x):
@@ -201,8 +352,9 @@ def _exact_rows(q, k, v, rows, key_bias, causal, softcap):
     return torch.cat(out)
 
 
-def attend_heads(q, k, v, key_bias, causal, softcap, count, starts, eps, stats=None):
-    """G heads, float64: q (G, n, d) already scaled, k (G, n, d), v (G, n, dv), key_bias (G, n) or None."""
+def attend_heads(q, k, v, key_bias, causal, softcap, count, starts, eps, stats=None, delta=1e-9, segment=1):
+    """G heads in q's dtype (float32 or float64): q (G, n, d) already scaled, k (G, n, d), v (G, n, dv),
+    key_bias (G, n) or None; starts: "norm", "search" or a list of fixed columns."""
     g, n, _ = q.shape
     if key_bias is None:
         w = torch.ones(g, n, dtype=q.dtype, device=q.device)
@@ -215,22 +367,24 @@ def attend_heads(q, k, v, key_bias, causal, softcap, count, starts, eps, stats=N
         parts.append((q.flip(1), k.flip(1), x.flip(1), w.flip(1), True))
     plans = []
     for qq, kk, _, ww, strict in parts:
-        if starts is not None:
-            st = torch.tensor(sorted({0, *[min(s, n - 1) for s in starts]}), device=q.device).expand(g, -1)
-        else:
+        if starts == "search":
+            st = search_starts(qq, kk, count, delta, segment, strict, softcap)
+        elif isinstance(starts, str) or starts is None:
             st = find_starts(qq, kk, count, eps, strict, ww, softcap)
+        else:
+            st = torch.tensor(sorted({0, *[min(s, n - 1) for s in starts]}), device=q.device).expand(g, -1)
         plans.append((st.contiguous(), _start_columns(qq, kk, st, softcap, strict)))
     c = torch.stack([cols.flatten(1).amax(-1) for _, cols in plans], -1).amax(-1)
     c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
     y = torch.zeros_like(x)
-    noise = torch.zeros(g, x.shape[-1], dtype=x.dtype, device=x.device)
+    noise = torch.zeros(g, 1, dtype=x.dtype, device=x.device)
     for (_, _, xx, _, strict), (st, cols) in zip(parts, plans):
-        part, err = _conv_apply(cols, st, c, xx)
+        part, err = _conv_apply(torch.exp(cols - c[:, None, None]), st, xx)
         y += part.flip(1) if strict else part
-        noise += err
+        noise = noise + (err.flip(1) if strict else err)
     norm = y[..., -1]
-    out = y[..., :-1] / norm.clamp_min(1e-300)[..., None]
-    bad = norm <= RELIABLE * noise[:, -1:]
+    out = y[..., :-1] / norm.clamp_min(torch.finfo(norm.dtype).tiny)[..., None]
+    bad = norm <= (RELIABLE if q.dtype == torch.float64 else RELIABLE_F32) * noise
     for h in bad.any(-1).nonzero()[:, 0].tolist():
         rows = bad[h].nonzero()[:, 0]
         out[h, rows] = _exact_rows(q[h], k[h], v[h], rows, None if key_bias is None else key_bias[h],
@@ -243,13 +397,19 @@ def attend_heads(q, k, v, key_bias, causal, softcap, count, starts, eps, stats=N
         for h in torch.linspace(0, g - 1, min(g, 8)).round().long().unique().tolist():
             stats.setdefault("basis_err", []).append(_basis_error(
                 q[h], k[h], None if key_bias is None else key_bias[h], causal, softcap,
-                [(p[0][h].tolist(), p[1][h]) for p in plans], float(c[h])))
+                [p[0][h] for p in plans]))
     return out
 
 
-def _basis_error(q, k, key_bias, causal, softcap, plans, c):
-    """‖Ã − A‖_F / ‖A‖_F on sampled rows of one head, Ã the normalised rows of H̃ (before the fallback)."""
+def _basis_error(q, k, key_bias, causal, softcap, plans):
+    """‖Ã − A‖_F / ‖A‖_F on sampled rows of one head, Ã the normalised rows of H̃ (before the fallback),
+    in float64 whatever the working precision (plans: each triangle's start columns)."""
+    q, k = q.double(), k.double()
     n = q.shape[0]
+    plans = [(st.tolist(), _start_columns((q.flip(0) if p else q)[None], (k.flip(0) if p else k)[None],
+                                          st[None], softcap, p == 1)[0]) for p, st in enumerate(plans)]
+    if key_bias is not None:
+        key_bias = key_bias.double()
     rows = torch.linspace(0, n - 1, min(DIAG_ROWS, n), device=q.device).round().long().unique()
     j = torch.arange(n, device=q.device)
     s = _scores(q[rows], k.T, softcap)
@@ -276,7 +436,15 @@ def _basis_error(q, k, key_bias, causal, softcap, plans, c):
 
 # ----------------------------------------------------------------------------- the op
 
-def _attend(q, k, v, mask, scale, softcap, causal, dropout_p, count, starts, eps, stats=None):
+def working_dtype(precision: str, dtype: torch.dtype, n: int) -> torch.dtype:
+    """float32 or float64: as asked, or (auto) float32 on the FFT path for inputs that are not float64."""
+    if precision in ("float32", "float64"):
+        return getattr(torch, precision)
+    return torch.float64 if dtype == torch.float64 or n <= DENSE_MAX_N else torch.float32
+
+
+def _attend(q, k, v, mask, scale, softcap, causal, dropout_p, count, starts, eps, stats=None,
+            delta=1e-9, segment=1, precision="auto"):
     lq, n = q.shape[-2], k.shape[-2]
     split = split_mask(mask, causal, n) if lq == n else None
     if split is None or dropout_p:                                 # not representable: exact
@@ -284,28 +452,40 @@ def _attend(q, k, v, mask, scale, softcap, causal, dropout_p, count, starts, eps
             stats["exact_fallback"] = "mask is not causal + per-key" if split is None else "dropout"
         return exact_reference(q, k, v, mask, scale, softcap, causal, dropout_p)
     causal, key_bias = split
-    q64 = q.double() * scale
-    k64, v64 = expand_kv(q, k).double(), expand_kv(q, v).double()
-    b, h, n, d = q64.shape
+    dt = working_dtype(precision, q.dtype, n)
+    qw = q.to(dt) * scale
+    kw, vw = expand_kv(q, k).to(dt), expand_kv(q, v).to(dt)
+    b, h, n, d = qw.shape
     kb = None
     if key_bias is not None:
-        kb = key_bias.expand(b, h, n).reshape(b * h, n)
-    out = attend_heads(q64.reshape(b * h, n, d), k64.reshape(b * h, n, d), v64.reshape(b * h, n, -1), kb,
-                       causal, softcap, count, starts, eps, stats)
+        kb = key_bias.expand(b, h, n).reshape(b * h, n).to(dt)
+    out = attend_heads(qw.reshape(b * h, n, d), kw.reshape(b * h, n, d), vw.reshape(b * h, n, -1), kb,
+                       causal, softcap, count, starts, eps, stats, delta, segment)
     return out.reshape(b, h, n, -1).to(q.dtype)
 
 
 def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float,
-              k_basis: int, starts: list[int] | None, eps: float):
-    return _attend(q, k, v, mask, scale, softcap, causal, dropout_p, k_basis, starts, eps)
+              k_basis: int, starts: list[int] | None, eps: float, search: str | None = "norm",
+              delta: float | None = 1e-9, segment: int | None = 1, precision: str | None = "auto"):
+    """The op: `starts` fixed columns or None, then `search` (norm | search) finds them per input.
+    (The dispatcher drops trailing arguments equal to their defaults: None stands for the default.)"""
+    found = starts if starts is not None else (search or "norm")
+    return _attend(q, k, v, mask, scale, softcap, causal, dropout_p, k_basis, found, eps, None,
+                   1e-9 if delta is None else delta, segment or 1, precision or "auto")
 
 
-op = define_attention_op(OP_NAME, reference, "int k_basis, int[]? starts, float eps")
+op = define_attention_op(OP_NAME, reference, "int k_basis, int[]? starts, float eps, str search=\"norm\", "
+                         "float delta=1e-09, int segment=1, str precision=\"auto\"")
 backward_op = BACKWARD_OPS[OP_NAME]
 
 
 def op_args(site, options: dict) -> tuple:
-    return int(options["k"]), options.get("starts"), float(options["eps"])
+    """(k, fixed starts or None, eps, search mode, delta, segment, precision) — the op's parameters."""
+    o = {key: p.default for key, p in PARAMS.items()} | {key: x for key, x in options.items() if x is not None}
+    starts = o["starts"]
+    fixed = None if isinstance(starts, str) else [int(x) for x in starts]
+    return (int(o["k"]), fixed, float(o["eps"]), starts if isinstance(starts, str) else "norm",
+            float(o["delta"]), int(o["segment"]), str(o["precision"]))
 
 
 def prepare(site, samples: list, options: dict):
@@ -332,8 +512,9 @@ def auto_ladder(site, options: dict) -> list[dict]:
 
 def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:
     stats: dict = {}
-    _attend(q, k, v, mask, scale, softcap, causal, 0.0, int(options["k"]), options.get("starts"),
-            float(options["eps"]), stats)
+    count, fixed, eps, search, delta, segment, precision = op_args(None, options)
+    _attend(q, k, v, mask, scale, softcap, causal, 0.0, count, search if fixed is None else fixed, eps, stats,
+            delta, segment, precision)
     if "exact_fallback" in stats:
         return {"exact_fallback": stats["exact_fallback"]}
     errs = stats["basis_err"]
@@ -386,7 +567,9 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
     TP = R.TensorProto
     if isinstance(site.q_len, int) and isinstance(site.kv_len, int) and site.q_len != site.kv_len:
         raise R.Unsupported(f"{NAME}: needs q_len == kv_len (got {site.q_len} and {site.kv_len})")
-    count, fixed, eps = op_args(site, options)
+    if options.get("starts") == "search":
+        raise R.Unsupported(f"{NAME}: starts=search has no ONNX lowering yet (starts=norm or fixed columns do)")
+    count, fixed, eps = op_args(site, options)[:3]
     out_dt = b.dtype(q)
     F64, I64, BOOL = TP.DOUBLE, TP.INT64, TP.BOOL
     q, k, v = (b.cast(x, F64) for x in (q, k, v))

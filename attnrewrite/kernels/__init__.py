@@ -1,0 +1,13 @@
+"""Generated Triton kernels behind the variant ops.
+
+generate.py specialises a template (exact.py, window.py, topk.py, block_sparse.py,
+preconditioned.py, with the helpers in common.py — template text, never imported) to one
+site's configuration and loads it; dispatch.py decides, per op call, which configuration runs or why the PyTorch
+reference does. See docs/kernels.md.
+"""
+from .dispatch import (backward, block_lists, block_sparse_attention, describe, forward, interpreting, select,
+                       target_for)
+from .generate import KernelConfig, compile_aot, emit, load, specialise, write
+
+__all__ = ["KernelConfig", "backward", "block_lists", "block_sparse_attention", "compile_aot", "describe",
+           "emit", "forward", "interpreting", "load", "select", "specialise", "target_for", "write"]

@@ -1,0 +1,139 @@
+"""Template text shared by every generated kernel (read by generate.py, never imported).
+
+The generator pastes the part below the body marker into each generated module, after the
+configuration block, so these helpers read the same module constants as the kernels:
+
+  HEAD_DIM, HEAD_DIM_V   the site's q/k and v head sizes; D_PAD, DV_PAD their next powers of two
+  GROUP                  query heads per kv head (GQA); 1 for plain multi-head attention
+  CAUSAL                 bottom-right causal: key j is visible to query i iff j <= i + Lk - Lq
+  MASK                   0 none, 1 per-key bias row (key padding), 2 full additive, 3 full boolean
+  SOFTCAP                0.0 for none, else scores become SOFTCAP * tanh(scores / SOFTCAP)
+  BLOCK_M, BLOCK_N       query rows and keys per tile
+  DOT_PRECISION          fp32 sites: "tf32x3" on a GPU (about fp32's accuracy on tensor cores),
+                         "ieee" in the interpreter; ignored for half types
+
+Each template defines `_visible(offs_m, offs_n, Lq, Lk)`: which keys of a tile each row keeps
+(the causal pattern for exact attention; band and sinks for the window).
+
+Scores are kept in base 2: s2 = (scale·q·kᵀ [soft-capped] + bias) · log2(e), so the softmax
+uses exp2. A key that is not visible scores -inf; a row that sees no key ends with l = 0 and
+returns zeros (its max is stored as +inf so that the backward's p = exp2(s2 - m) / l is 0).
+"""
+import triton
+import triton.language as tl
+
+# --- template body ---
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from exp2, saturating to ±1 (exp2 overflows to inf, 2 / inf = 0)."""
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _load_rows(base, offs, stride, L, offs_d, DIM: tl.constexpr):
+    """A (len(offs), D_PAD) tile of rows offs < L; padding reads 0."""
+    ptrs = base + offs[:, None] * stride + offs_d[None, :]
+    return tl.load(ptrs, mask=(offs[:, None] < L) & (offs_d[None, :] < DIM), other=0.0)
+
+
+@triton.jit
+def _load_cols(base, offs, stride, L, offs_d, DIM: tl.constexpr):
+    """The same rows transposed, (D_PAD, len(offs)), read straight from memory in that order
+    (so the load can go to shared memory as the dot's operand without a register transpose)."""
+    ptrs = base + offs[None, :] * stride + offs_d[:, None]
+    return tl.load(ptrs, mask=(offs[None, :] < L) & (offs_d[:, None] < DIM), other=0.0)
+
+
+@triton.jit
+def _finite_floor(b):
+    """A finite bias raised to at least -1e30 (so × log2(e) cannot overflow to -inf: a row whose
+    every key carries fp32's lowest value stays a uniform row, as in the reference); -inf stays."""
+    return tl.where(b == float("-inf"), b, tl.maximum(b, -1.0e30))
+
+
+@triton.jit
+def _bias(mask_base, smm, smn, offs_m, offs_n, Lq, Lk):
+    """The mask's contribution to a (BLOCK_M, BLOCK_N) tile: an additive bias, or -inf where a
+    boolean mask says False; 0.0 without a mask."""
+    inside = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+    if MASK == 1:
+        b = tl.load(mask_base + offs_n * smn, mask=offs_n < Lk, other=0.0).to(tl.float32)
+        return _finite_floor(b)[None, :]
+    elif MASK == 2:
+        b = tl.load(mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=inside, other=0.0)
+        return _finite_floor(b.to(tl.float32))
+    elif MASK == 3:
+        keep = tl.load(mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=inside, other=0)
+        return tl.where(keep != 0, 0.0, float("-inf"))
+    else:
+        return 0.0
+
+
+@triton.jit
+def _scores(q, kt, sm_scale, mask_base, smm, smn, offs_m, offs_n, Lq, Lk):
+    """(s2, t): a tile's scores in base 2 (soft-capped, plus the mask's bias; visibility is the
+    caller's) and tanh(raw / SOFTCAP), whose 1 - t² the backward needs (t = raw without a cap)."""
+    raw = tl.dot(q, kt, input_precision=DOT_PRECISION) * sm_scale
+    if SOFTCAP != 0.0:
+        t = _tanh(raw / SOFTCAP)
+        s = SOFTCAP * t
+    else:
+        t = raw
+        s = raw
+    s = s + _bias(mask_base, smm, smn, offs_m, offs_n, Lq, Lk)
+    return s * LOG2E, t
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, k_base, v_base, skn, svn, mask_base, smm, smn, sm_scale, offs_m,
+            lo, hi, Lq, Lk, BLOCK_N: tl.constexpr, EDGE: tl.constexpr):
+    """Fold key blocks lo, lo + BLOCK_N, ... < hi into the online softmax. EDGE: the blocks may
+    hold keys a row must not see (the template's `_visible`, or past Lk), so each tile is
+    masked; without it every key of every block is visible and no element mask is built."""
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt = _load_cols(k_base, offs_n, skn, Lk, offs_d, HEAD_DIM)
+        v = _load_rows(v_base, offs_n, svn, Lk, offs_dv, HEAD_DIM_V)
+        s2, t = _scores(q, kt, sm_scale, mask_base, smm, smn, offs_m, offs_n, Lq, Lk)
+        if EDGE:
+            s2 = tl.where(_visible(offs_m, offs_n, Lq, Lk) & (offs_n[None, :] < Lk), s2, float("-inf"))
+        acc, m_i, l_i = _online(acc, m_i, l_i, s2, v)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _causal(offs_m, offs_n, Lq, Lk):
+    """Bottom-right causal visibility of a tile (all True when the site is not causal)."""
+    if CAUSAL:
+        return offs_n[None, :] <= offs_m[:, None] + (Lk - Lq)
+    else:
+        return offs_n[None, :] >= 0
+
+
+@triton.jit
+def _online(acc, m_i, l_i, s2, v):
+    """One step of the online softmax: fold a tile of base-2 scores and its values into
+    (acc, running max, running sum). Fully -inf rows stay at acc = 0, l = 0."""
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s2 - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _finish(acc, m_i, l_i):
+    """(out, m, l): the normalised output tile, and each row's running max (base 2) and sum as
+    the backward rebuilds p = exp2(s2 - m) / l from them. A row that saw no key has out = 0,
+    m = +inf (so its p is 0) and l = 1. (m and l are kept apart, not folded into one log-sum-exp:
+    m + log2(l) loses l when a bias near fp32's lowest value makes |m| ~ 1e30.)"""
+    dead = l_i == 0.0
+    out = acc / tl.where(dead, 1.0, l_i)[:, None]
+    return out, tl.where(dead, float("inf"), m_i), tl.where(dead, 1.0, l_i)

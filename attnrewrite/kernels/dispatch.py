@@ -1,0 +1,267 @@
+"""Which generated kernel an op call runs, and running it.
+
+The custom ops (variants/base.py) call `forward(op_name, args)` and
+`backward(op_name, grad, args)` with the reference's arguments
+(q, k, v, mask, scale, softcap, causal, dropout_p, *variant params). Each returns None when
+kernels are off for the device or no template covers the call — the op then runs its PyTorch
+reference. Kernels run for CUDA tensors, and for CPU tensors when ATTNREWRITE_KERNELS=interpret
+(the Triton interpreter, which also needs TRITON_INTERPRET=1 before triton is imported).
+
+`select(op_name, ...)` is the one decision: a KernelConfig, or None and the reason. This
+module never imports attnrewrite.variants: it knows each op by its name and its schema's
+parameter order, which are permanent (saved programs bind to them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import torch
+from triton import knobs
+
+from .generate import KernelConfig, load
+
+MAX_HEAD_DIM = 256
+INTERPRETER_ON_AT_IMPORT = bool(knobs.runtime.interpret)   # read once: triton.language was set up this way
+HALF_OR_SINGLE = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def interpreting() -> bool:
+    return os.environ.get("ATTNREWRITE_KERNELS", "").lower() == "interpret"
+
+
+def target_for(device) -> str | None:
+    """"cuda", "interpret" (CPU under ATTNREWRITE_KERNELS=interpret), or None: the reference runs.
+
+    The interpreter needs TRITON_INTERPRET=1 set before triton is first imported (Triton's own
+    library functions are compiled or interpreted from then on); asking for it without that is
+    an error rather than a silent fall-back to the reference.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "cuda"
+    if device.type == "cpu" and interpreting():
+        if not INTERPRETER_ON_AT_IMPORT:
+            raise RuntimeError("ATTNREWRITE_KERNELS=interpret needs TRITON_INTERPRET=1 in the environment "
+                               "before the process imports triton")
+        return "interpret"
+    return None
+
+
+def mask_kind(mask, lq: int) -> str:
+    """none | key (one bias row shared by every query: key padding) | additive | boolean."""
+    if mask is None:
+        return "none"
+    if mask.dim() < 2 or mask.shape[-2] == 1 or lq == 1:
+        return "key"
+    return "boolean" if mask.dtype == torch.bool else "additive"
+
+
+def prepare_mask(mask, kind: str, q, lk: int, target: str):
+    """(tensor, (stride_b, stride_h, stride_m, stride_n)) as the kernels read it: a key row as
+    fp32 bias, a full boolean mask as uint8, a full additive one as it is (fp32 when the
+    interpreter would meet bf16); broadcast axes get stride 0."""
+    b, h, lq = q.shape[:3]
+    if kind == "none":
+        return q, (0, 0, 0, 0)
+    m = mask.to(q.device)
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if kind == "key":
+        m = m[..., -1:, :]
+        m = torch.zeros(m.shape, dtype=torch.float32, device=q.device).masked_fill(~m, -math.inf) \
+            if m.dtype == torch.bool else m.to(torch.float32)
+        m = m.expand(b, h, 1, lk)
+        return m, (m.stride(0), m.stride(1), 0, m.stride(3))
+    if kind == "boolean":
+        m = m.view(torch.uint8)
+    elif target == "interpret" or m.dtype not in HALF_OR_SINGLE:
+        m = m.to(torch.float32)
+    m = m.expand(b, h, lq, lk)
+    return m, m.stride()
+
+
+def _window_params(params, causal: bool) -> tuple:
+    mode, _, window, sinks, band = params[:5]
+    backward = band == "backward" or (band == "auto" and causal)
+    before, after = (window - 1, 0) if backward else (window // 2, window // 2)
+    return (("BEFORE", int(before)), ("AFTER", int(after)), ("SINKS", int(sinks)))
+
+
+def template_for(op_name: str, params: tuple, causal: bool):
+    """(template, its constants) for an op call, or (None, why no template covers it)."""
+    if op_name == "exact_attention":
+        return "exact", ()
+    if op_name == "sparse_attention":
+        mode = params[0]
+        if mode == "window":
+            return "window", _window_params(params, causal)
+        if mode == "topk":
+            select = params[8] if len(params) > 8 else "exact"
+            if select != "exact":
+                return None, (f"sparse mode=topk select={select}: its candidates come from pooled block "
+                              "scores; the top-k template gathers an exact selection only")
+            return "topk", ()
+        return None, (f"sparse mode={mode}: its block selection ranks every block's dense softmax mass, "
+                      "so it runs in PyTorch (the block-sparse kernel runs on given block lists)")
+    if op_name == "preconditioned_attention":
+        mode = params[0]
+        if mode not in ("output-norm", "row-equilibrate"):
+            return None, f"preconditioned mode={mode!r} has no template"
+        return "preconditioned", (("EQUILIBRATE", mode == "row-equilibrate"),)
+    if op_name == "conv_basis_attention":
+        return None, ("conv-basis needs FFTs (torch.fft) and a start-column search; no Triton "
+                      "template covers it yet")
+    return None, f"{op_name} has no template"
+
+
+def select(op_name: str, q, k, v, mask, scale, softcap, causal, dropout_p, params, target: str):
+    """(KernelConfig, "") or (None, the reason the reference runs)."""
+    template, constants = template_for(op_name, tuple(params), bool(causal))
+    if template is None:
+        return None, constants
+    if dropout_p:
+        return None, "dropout is active: the kernels draw no dropout mask (the reference does, from its seed)"
+    dtype = HALF_OR_SINGLE.get(q.dtype)
+    if dtype is None:
+        return None, f"{q.dtype} has no template (float16, bfloat16 and float32 do)"
+    if dtype == "bfloat16" and target == "interpret":
+        return None, "the Triton interpreter has no bfloat16 arithmetic"
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        return None, "q, k and v differ in dtype"
+    d, dv = q.shape[-1], v.shape[-1]
+    if max(d, dv) > MAX_HEAD_DIM:
+        return None, f"head_dim {max(d, dv)} is over {MAX_HEAD_DIM}"
+    if q.shape[1] % k.shape[1] or k.shape[0] not in (1, q.shape[0]):
+        return None, "k/v heads or batch do not divide q's"
+    cfg = KernelConfig(template=template, head_dim=d, head_dim_v=dv, dtype=dtype, causal=bool(causal),
+                       mask=mask_kind(mask, q.shape[-2]), group=q.shape[1] // k.shape[1],
+                       softcap=float(softcap or 0.0), params=constants, target=target)
+    return cfg, ""
+
+
+def _call(op_name, args):
+    q, k, v, mask, scale, softcap, causal, dropout_p, *params = args
+    target = target_for(q.device)
+    if target is None:
+        return None, None
+    cfg, _ = select(op_name, q, k, v, mask, scale, softcap, causal, dropout_p, params, target)
+    if cfg is None:
+        return None, None
+    m = prepare_mask(mask, cfg.mask, q, k.shape[-2], target)
+    extra = ()
+    if cfg.template == "preconditioned":
+        extra = (_gains(params[1], q),)
+    elif cfg.template == "topk":
+        extra = (topk_indices(q, k, mask, scale, softcap, causal, params[1]),)
+    CALLS[cfg] = CALLS.get(cfg, 0) + 1
+    return load(cfg), (q, k, v, m, float(scale), *extra)
+
+
+def topk_indices(q, k, mask, scale, softcap, causal, kept: int, chunk_elements: int = 1 << 22):
+    """(B, H, Lq, min(kept, Lk)) indices of each row's highest masked scores, as sparse's top-k
+    mode selects them: scores (q·scale)·kᵀ in fp32 for half inputs, soft-capped, plus the mask
+    (False / bias), causal keys removed; torch.topk; rows in chunks of ≤ chunk_elements scores."""
+    b, h, lq, _ = q.shape
+    cdt = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    kx = k.to(cdt).repeat_interleave(h // k.shape[1], 1).expand(b, h, *k.shape[2:])
+    lk = kx.shape[2]
+    m = mask
+    if m is not None:
+        while m.dim() < 4:
+            m = m.unsqueeze(0)
+    rows = max(1, chunk_elements // max(b * h * lk, 1))
+    out = []
+    for i0 in range(0, lq, rows):
+        i1 = min(i0 + rows, lq)
+        s = (q[:, :, i0:i1].to(cdt) * scale) @ kx.transpose(-1, -2)
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        if m is not None:
+            mr = m if m.shape[-2] == 1 else m[..., i0:i1, :]
+            s = s.masked_fill(~mr, -math.inf) if mr.dtype == torch.bool else s + mr.to(s.dtype)
+        if causal:
+            i = torch.arange(i0, i1, device=q.device)[:, None] + (lk - lq)
+            s = s.masked_fill(torch.arange(lk, device=q.device) > i, -math.inf)
+        out.append(s.topk(min(int(kept), lk), dim=-1).indices)
+    return torch.cat(out, 2)
+
+
+def _gains(gain, q):
+    g = torch.tensor([float(x) for x in gain], dtype=torch.float32, device=q.device)
+    return g.expand(q.shape[1]).contiguous()
+
+
+def forward(op_name: str, args) -> torch.Tensor | None:
+    """The op's output from its generated kernel, or None (the reference runs)."""
+    module, call = _call(op_name, args)
+    if module is None:
+        return None
+    return module.forward(*call)[0]
+
+
+def backward(op_name: str, grad, args) -> tuple | None:
+    """(dq, dk, dv) from the generated backward kernels, or None (the reference's VJP runs)."""
+    module, call = _call(op_name, args)
+    if module is None or not hasattr(module, "backward"):
+        return None
+    return module.backward(grad, *call)
+
+
+def describe(op_name: str, q, k, v, mask, scale, softcap, causal, dropout_p, params) -> dict:
+    """What the report says about a site's kernel: {"kernel": {name, hash, template, target,
+    backward, config, calls}, "kernel_reason": ""} or {"kernel": None, "kernel_reason": why}.
+    The target is this process's: "interpret" under ATTNREWRITE_KERNELS=interpret, else "cuda"
+    (what the op runs on CUDA tensors). `calls`: how many forward and backward calls this process
+    has run with the configuration so far (the check runs the rewritten program, so a count > 0
+    shows the kernel really ran)."""
+    target = "interpret" if interpreting() else "cuda"
+    cfg, reason = select(op_name, q, k, v, mask, scale, softcap, causal, dropout_p, params, target)
+    if cfg is None:
+        return {"kernel": None, "kernel_reason": reason}
+    has_backward = cfg.template in BACKWARD_TEMPLATES
+    return {"kernel": {"name": cfg.name, "hash": cfg.hash, "template": cfg.template, "target": target,
+                       "backward": "kernel" if has_backward else "reference", "config": cfg.as_dict(),
+                       "calls": CALLS.get(cfg, 0)},
+            "kernel_reason": "" if has_backward else f"{cfg.template}: forward only; the backward runs the reference"}
+
+
+BACKWARD_TEMPLATES = ("exact",)
+CALLS: dict = {}          # KernelConfig -> forward/backward calls made through the ops in this process
+
+
+# ---------------------------------------------------------------- block-sparse attention on given lists
+
+def block_lists(keep: torch.Tensor, full: torch.Tensor | None = None):
+    """FlexAttention's layout from block indicators keep/full (B|1, H|1, Qblocks, Kblocks), bool:
+    (kv_num, kv_idx, full_num, full_idx), int32, indices in increasing order, valid ones first.
+    Blocks in `full` (a subset of keep) skip the element mask; the rest of keep are partial."""
+    full = torch.zeros_like(keep) if full is None else full & keep
+    partial = keep & ~full
+
+    def lists(ind):
+        order = torch.sort((~ind).to(torch.int8), dim=-1, stable=True).indices
+        return ind.sum(-1).to(torch.int32), order.to(torch.int32).contiguous()
+
+    kv_num, kv_idx = lists(partial)
+    full_num, full_idx = lists(full)
+    return kv_num, kv_idx, full_num, full_idx
+
+
+def block_sparse_attention(q, k, v, layout, block_m: int, block_n: int, *, mask=None, scale=None,
+                           softcap: float = 0.0, causal: bool = False) -> torch.Tensor:
+    """Attention of q (B, H, Lq, D) over k/v (B|1, Hkv, Lk, D) restricted to the listed key blocks
+    (`layout` from block_lists; query blocks of block_m rows, key blocks of block_n keys), through
+    the generated block_sparse kernel on the tensors' device (CUDA, or the interpreter on CPU)."""
+    target = target_for(q.device)
+    if target is None:
+        raise RuntimeError("block_sparse_attention runs on CUDA tensors, or on CPU under ATTNREWRITE_KERNELS=interpret")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    cfg, reason = select("exact_attention", q, k, v, mask, scale, softcap, causal, 0.0, (), target)
+    if cfg is None:
+        raise ValueError(f"no block-sparse kernel for this call: {reason}")
+    cfg = dataclasses.replace(cfg, template="block_sparse",
+                              params=(("SPARSE_M", int(block_m)), ("SPARSE_N", int(block_n))))
+    m = prepare_mask(mask, cfg.mask, q, k.shape[-2], target)
+    return load(cfg).forward(q, k, v, m, float(scale), *layout)[0]

@@ -1,0 +1,218 @@
+"""Template: exact attention, FlashAttention-2 style (read by generate.py, never imported).
+
+Forward: one program per (query block, batch·head); it walks the key blocks the block can
+see (all of them, or up to its last diagonal when causal), keeps the online softmax in base
+2, and writes O and each row's max and sum. GQA reads kv head h // GROUP; K/V are never
+repeated. Backward (recomputes O and each row's max and sum with the forward kernel first, since
+the op's backward receives only the inputs): Δ = rowsum(O∘dO); dK, dV with one program per
+(key block, batch·kv head) that loops over the GROUP query heads sharing it (no atomics);
+dQ with one program per (query block, batch·head).
+"""
+import torch
+import triton
+import triton.language as tl
+
+# --- template body ---
+
+
+@triton.jit
+def _visible(offs_m, offs_n, Lq, Lk):
+    return _causal(offs_m, offs_n, Lq, Lk)
+
+
+@triton.jit
+def _key_range(start_m, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full, hi): a query block starting at start_m sees keys [0, hi); the key blocks below
+    `full` are visible to every row of it (no element mask needed)."""
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(Lk, start_m + BLOCK_M + Lk - Lq), 0)
+        full = tl.maximum(tl.minimum(Lk, start_m + 1 + Lk - Lq), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = Lk
+        full = Lk // BLOCK_N * BLOCK_N
+    return full, hi
+
+
+@triton.jit
+def attn_fwd(Q, K, V, Mask, O, M, L, sm_scale,
+             sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+             smb, smh, smm, smn, H, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_b = tl.program_id(1) // H
+    off_h = tl.program_id(1) % H
+    off_hk = off_h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    q = _load_rows(Q + off_b * sqb + off_h * sqh, offs_m, sqm, Lq, offs_d, HEAD_DIM)
+    k_base = K + off_b * skb + off_hk * skh
+    v_base = V + off_b * svb + off_hk * svh
+    mask_base = Mask + off_b * smb + off_h * smh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    full, hi = _key_range(start_m, Lq, Lk, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skn, svn, mask_base, smm, smn, sm_scale,
+                            offs_m, 0, full, Lq, Lk, BLOCK_N, False)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skn, svn, mask_base, smm, smn, sm_scale,
+                            offs_m, full, hi, Lq, Lk, BLOCK_N, True)
+    out, m_row, l_row = _finish(acc, m_i, l_i)
+    o_ptrs = O + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(M + tl.program_id(1) * Lq + offs_m, m_row, mask=offs_m < Lq)
+    tl.store(L + tl.program_id(1) * Lq + offs_m, l_row, mask=offs_m < Lq)
+
+
+@triton.jit
+def attn_bwd_delta(O, DO, Delta, Lq, ROWS: tl.constexpr):
+    """Δ = rowsum(O ∘ dO) over contiguous (B·H·Lq, Dv) rows."""
+    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs_dv = tl.arange(0, DV_PAD)
+    base = tl.program_id(1) * Lq * HEAD_DIM_V
+    inside = (offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V)
+    o = tl.load(O + base + offs_m[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=inside, other=0.0)
+    do = tl.load(DO + base + offs_m[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=inside, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + tl.program_id(1) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _ds(q, kt, v, do, m_row, l_row, delta, sm_scale, offs_m, offs_n, mask_base, smm, smn, Lq, Lk):
+    """(p, dS) of one tile: the softmax weights rebuilt from each row's stored max and sum, and
+    the gradient with respect to the scaled scores (through the soft-cap)."""
+    s2, t = _scores(q, kt, sm_scale, mask_base, smm, smn, offs_m, offs_n, Lq, Lk)
+    s2 = tl.where(_visible(offs_m, offs_n, Lq, Lk) & (offs_n[None, :] < Lk), s2, float("-inf"))
+    p = tl.exp2(s2 - m_row[:, None]) / l_row[:, None]
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP != 0.0:
+        ds = ds * (1.0 - t * t)
+    return p, ds
+
+
+@triton.jit
+def attn_bwd_dkdv(Q, K, V, Mask, DO, M, L, Delta, DK, DV, sm_scale,
+                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                  smb, smh, smm, smn, H, HKV, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    off_b = tl.program_id(1) // HKV
+    off_hk = tl.program_id(1) % HKV
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    k = _load_rows(K + off_b * skb + off_hk * skh, offs_n, skn, Lk, offs_d, HEAD_DIM)
+    v = _load_rows(V + off_b * svb + off_hk * svh, offs_n, svn, Lk, offs_dv, HEAD_DIM_V)
+    kt = tl.trans(k)
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+    lo = 0
+    if CAUSAL:     # query i sees key j iff i >= j - (Lk - Lq)
+        lo = tl.maximum(start_n - (Lk - Lq), 0) // BLOCK_M * BLOCK_M
+    for g in range(GROUP):
+        off_h = off_hk * GROUP + g
+        bh = off_b * H + off_h
+        q_base = Q + off_b * sqb + off_h * sqh
+        do_base = DO + off_b * sdob + off_h * sdoh
+        mask_base = Mask + off_b * smb + off_h * smh
+        for start_m in range(lo, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = _load_rows(q_base, offs_m, sqm, Lq, offs_d, HEAD_DIM)
+            do = _load_rows(do_base, offs_m, sdom, Lq, offs_dv, HEAD_DIM_V)
+            m_row = tl.load(M + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+            l_row = tl.load(L + bh * Lq + offs_m, mask=offs_m < Lq, other=1.0)
+            delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            p, ds = _ds(q, kt, v, do, m_row, l_row, delta, sm_scale, offs_m, offs_n, mask_base, smm, smn, Lq, Lk)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+    base = tl.program_id(1) * Lk
+    tl.store(DK + (base + offs_n[:, None]) * HEAD_DIM + offs_d[None, :], dk * sm_scale,
+             mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < HEAD_DIM))
+    tl.store(DV + (base + offs_n[:, None]) * HEAD_DIM_V + offs_dv[None, :], dv,
+             mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
+def attn_bwd_dq(Q, K, V, Mask, DO, M, L, Delta, DQ, sm_scale,
+                sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
+                smb, smh, smm, smn, H, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_b = tl.program_id(1) // H
+    off_h = tl.program_id(1) % H
+    off_hk = off_h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    q = _load_rows(Q + off_b * sqb + off_h * sqh, offs_m, sqm, Lq, offs_d, HEAD_DIM)
+    do = _load_rows(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, Lq, offs_dv, HEAD_DIM_V)
+    m_row = tl.load(M + tl.program_id(1) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
+    l_row = tl.load(L + tl.program_id(1) * Lq + offs_m, mask=offs_m < Lq, other=1.0)
+    delta = tl.load(Delta + tl.program_id(1) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    k_base = K + off_b * skb + off_hk * skh
+    v_base = V + off_b * svb + off_hk * svh
+    mask_base = Mask + off_b * smb + off_h * smh
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    full, hi = _key_range(start_m, Lq, Lk, BLOCK_M, BLOCK_N)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_base, offs_n, skn, Lk, offs_d, HEAD_DIM)
+        v = _load_rows(v_base, offs_n, svn, Lk, offs_dv, HEAD_DIM_V)
+        p, ds = _ds(q, tl.trans(k), v, do, m_row, l_row, delta, sm_scale, offs_m, offs_n, mask_base, smm, smn, Lq, Lk)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    tl.store(DQ + (tl.program_id(1) * Lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], dq * sm_scale,
+             mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM))
+
+
+# ---------------------------------------------------------------- host side
+
+def forward(q, k, v, mask, scale):
+    """(out, (m, l)): q (B, H, Lq, D), k/v (B|1, Hkv, Lk, D|Dv), mask = (tensor, its 4 strides)
+    as the dispatcher prepares it; out in q's dtype; m, l (B·H, Lq) fp32: each row's max (base 2)
+    and sum, for the backward."""
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    out = q.new_empty((b, h, lq, v.shape[-1]))
+    m = torch.empty((b * h, lq), dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    kx, vx = k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])
+    attn_fwd[(triton.cdiv(lq, FWD_BLOCK_M), b * h)](
+        q, kx, vx, mask[0], out, m, l, scale, *q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3],
+        *out.stride()[:3], *mask[1], h, lq, lk, BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
+        num_warps=FWD_WARPS, num_stages=FWD_STAGES)
+    return out, (m, l)
+
+
+def backward(grad, q, k, v, mask, scale):
+    """(dq, dk, dv) in q, k, v's dtypes and shapes (a batch-broadcast k/v gets its gradient summed)."""
+    b, h, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    out, (m, l) = forward(q, k, v, mask, scale)
+    grad = grad.to(q.dtype).contiguous()
+    delta = torch.empty_like(m)
+    attn_bwd_delta[(triton.cdiv(lq, 64), b * h)](out, grad, delta, lq, ROWS=64)
+    kx, vx = k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])
+    dq = torch.empty((b, h, lq, q.shape[-1]), dtype=torch.float32, device=q.device)
+    dk = torch.empty((b, hkv, lk, k.shape[-1]), dtype=torch.float32, device=q.device)
+    dv = torch.empty((b, hkv, lk, v.shape[-1]), dtype=torch.float32, device=q.device)
+    strides = (*q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3], *grad.stride()[:3], *mask[1])
+    tiles = dict(BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_WARPS, num_stages=BWD_STAGES)
+    attn_bwd_dkdv[(triton.cdiv(lk, BWD_BLOCK_N), b * hkv)](
+        q, kx, vx, mask[0], grad, m, l, delta, dk, dv, scale, *strides, h, hkv, lq, lk, **tiles)
+    attn_bwd_dq[(triton.cdiv(lq, BWD_BLOCK_M), b * h)](
+        q, kx, vx, mask[0], grad, m, l, delta, dq, scale, *strides, h, lq, lk, **tiles)
+    if k.shape[0] != b:
+        dk, dv = dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def aot_kernels(dtype, mask_dtype):
+    """(kernel, pointer types, constexprs, warps, stages) for every kernel above, for an
+    ahead-of-time compile: dtype is q/k/v's Triton type ("fp16"), mask_dtype the mask's."""
+    ptr, f32 = "*" + dtype, "*fp32"
+    io = {"Q": ptr, "K": ptr, "V": ptr, "Mask": "*" + mask_dtype}
+    fwd = dict(BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N)
+    bwd = dict(BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N)
+    return [(attn_fwd, {**io, "O": ptr, "M": f32, "L": f32}, fwd, FWD_WARPS, FWD_STAGES),
+            (attn_bwd_delta, {"O": ptr, "DO": ptr, "Delta": f32}, {"ROWS": 64}, 4, 1),
+            (attn_bwd_dkdv, {**io, "DO": ptr, "M": f32, "L": f32, "Delta": f32, "DK": f32, "DV": f32}, bwd,
+             BWD_WARPS, BWD_STAGES),
+            (attn_bwd_dq, {**io, "DO": ptr, "M": f32, "L": f32, "Delta": f32, "DQ": f32}, bwd, BWD_WARPS, BWD_STAGES)]

@@ -1,0 +1,89 @@
+"""Template: preconditioned attention (read by generate.py, never imported).
+
+The exact flash loop with two changes, chosen by EQUILIBRATE:
+  row-equilibrate  a second accumulator l2 = Σ exp(2s) beside l = Σ exp(s) (both rescaled as the
+                   running max moves, l2 by alpha²); the output is acc / sqrt(l2), i.e. weights
+                   e^s / (Σ e^{2s})^{1/2} (the softmax row divided by its L2 norm);
+  output-norm      the epilogue divides each output row by its L2 norm (0 for a zero row).
+Both then multiply by the head's gain (GAIN[h], a fp32 vector). Forward only: the op's backward
+runs the PyTorch reference.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# --- template body ---
+
+
+@triton.jit
+def _visible(offs_m, offs_n, Lq, Lk):
+    return _causal(offs_m, offs_n, Lq, Lk)
+
+
+@triton.jit
+def attn_fwd(Q, K, V, Mask, O, Gain, sm_scale,
+             sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+             smb, smh, smm, smn, H, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_b = tl.program_id(1) // H
+    off_h = tl.program_id(1) % H
+    off_hk = off_h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    q = _load_rows(Q + off_b * sqb + off_h * sqh, offs_m, sqm, Lq, offs_d, HEAD_DIM)
+    k_base = K + off_b * skb + off_hk * skh
+    v_base = V + off_b * svb + off_hk * svh
+    mask_base = Mask + off_b * smb + off_h * smh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    l2_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(Lk, start_m + BLOCK_M + Lk - Lq), 0)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt = _load_cols(k_base, offs_n, skn, Lk, offs_d, HEAD_DIM)
+        v = _load_rows(v_base, offs_n, svn, Lk, offs_dv, HEAD_DIM_V)
+        s2, t = _scores(q, kt, sm_scale, mask_base, smm, smn, offs_m, offs_n, Lq, Lk)
+        s2 = tl.where(_visible(offs_m, offs_n, Lq, Lk) & (offs_n[None, :] < Lk), s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s2 - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        l2_i = l2_i * alpha * alpha + tl.sum(p * p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    if EQUILIBRATE:
+        out = acc / tl.sqrt(tl.where(l2_i == 0.0, 1.0, l2_i))[:, None]
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        norm = tl.sqrt(tl.sum(out * out, 1))
+        out = out / tl.where(norm == 0.0, 1.0, norm)[:, None]
+    out = out * tl.load(Gain + off_h)
+    o_ptrs = O + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+# ---------------------------------------------------------------- host side
+
+def forward(q, k, v, mask, scale, gain):
+    """(out, None): gain is a fp32 vector with one entry per query head."""
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    out = q.new_empty((b, h, lq, v.shape[-1]))
+    kx, vx = k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])
+    attn_fwd[(triton.cdiv(lq, FWD_BLOCK_M), b * h)](
+        q, kx, vx, mask[0], out, gain, scale, *q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3],
+        *out.stride()[:3], *mask[1], h, lq, lk, BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
+        num_warps=FWD_WARPS, num_stages=FWD_STAGES)
+    return out, None
+
+
+def aot_kernels(dtype, mask_dtype):
+    """(kernel, pointer types, constexprs, warps, stages) for an ahead-of-time compile."""
+    ptr = "*" + dtype
+    io = {"Q": ptr, "K": ptr, "V": ptr, "Mask": "*" + mask_dtype, "O": ptr, "Gain": "*fp32"}
+    return [(attn_fwd, io, dict(BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N), FWD_WARPS, FWD_STAGES)]

@@ -1,0 +1,88 @@
+"""Template: sparse attention, window mode — a band around each query's diagonal plus sink keys
+(read by generate.py, never imported).
+
+Row i (its key position i' = i + Lk - Lq) keeps key j iff
+    i' - BEFORE <= j <= i' + AFTER   or   j < SINKS,   and j <= i' when CAUSAL,
+and renormalises its softmax over those keys (the site's mask still applies). One program per
+(query block, batch·head) visits three disjoint key ranges: the sink blocks below the band,
+the band's blocks, and sink blocks above the band (two-sided windows only), so the work per row
+is O(BLOCK_M + BEFORE + AFTER + SINKS), never Lk. Forward only: the op's backward runs the
+PyTorch reference.
+"""
+import torch
+import triton
+import triton.language as tl
+
+# --- template body ---
+
+
+@triton.jit
+def _visible(offs_m, offs_n, Lq, Lk):
+    diag = offs_m[:, None] + (Lk - Lq)
+    keep = ((offs_n[None, :] >= diag - BEFORE) & (offs_n[None, :] <= diag + AFTER)) | (offs_n[None, :] < SINKS)
+    if CAUSAL:
+        keep = keep & (offs_n[None, :] <= diag)
+    return keep
+
+
+@triton.jit
+def attn_fwd(Q, K, V, Mask, O, M, L, sm_scale,
+             sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+             smb, smh, smm, smn, H, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    off_b = tl.program_id(1) // H
+    off_h = tl.program_id(1) % H
+    off_hk = off_h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, DV_PAD)
+    q = _load_rows(Q + off_b * sqb + off_h * sqh, offs_m, sqm, Lq, tl.arange(0, D_PAD), HEAD_DIM)
+    k_base = K + off_b * skb + off_hk * skh
+    v_base = V + off_b * svb + off_hk * svh
+    mask_base = Mask + off_b * smb + off_h * smh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    first = start_m + Lk - Lq                              # the block's first and last diagonal
+    last = tl.minimum(start_m + BLOCK_M, Lq) - 1 + Lk - Lq
+    band_end = last + AFTER
+    if CAUSAL:
+        band_end = last
+    band_lo = tl.minimum(tl.maximum(first - BEFORE, 0), Lk) // BLOCK_N * BLOCK_N
+    band_hi = tl.cdiv(tl.minimum(tl.maximum(band_end + 1, 0), Lk), BLOCK_N) * BLOCK_N
+    band_hi = tl.maximum(band_hi, band_lo)
+    sinks_hi = tl.cdiv(tl.minimum(SINKS, Lk), BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skn, svn, mask_base, smm, smn, sm_scale,
+                            offs_m, 0, tl.minimum(sinks_hi, band_lo), Lq, Lk, BLOCK_N, True)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skn, svn, mask_base, smm, smn, sm_scale,
+                            offs_m, band_lo, band_hi, Lq, Lk, BLOCK_N, True)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skn, svn, mask_base, smm, smn, sm_scale,
+                            offs_m, band_hi, sinks_hi, Lq, Lk, BLOCK_N, True)
+    out, m_row, l_row = _finish(acc, m_i, l_i)
+    o_ptrs = O + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_dv[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
+    tl.store(M + tl.program_id(1) * Lq + offs_m, m_row, mask=offs_m < Lq)
+    tl.store(L + tl.program_id(1) * Lq + offs_m, l_row, mask=offs_m < Lq)
+
+
+# ---------------------------------------------------------------- host side
+
+def forward(q, k, v, mask, scale):
+    """(out, (m, l)) as the exact template's forward, over the band and sinks only."""
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    out = q.new_empty((b, h, lq, v.shape[-1]))
+    m = torch.empty((b * h, lq), dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    kx, vx = k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])
+    attn_fwd[(triton.cdiv(lq, FWD_BLOCK_M), b * h)](
+        q, kx, vx, mask[0], out, m, l, scale, *q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3],
+        *out.stride()[:3], *mask[1], h, lq, lk, BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
+        num_warps=FWD_WARPS, num_stages=FWD_STAGES)
+    return out, (m, l)
+
+
+def aot_kernels(dtype, mask_dtype):
+    """(kernel, pointer types, constexprs, warps, stages) for an ahead-of-time compile."""
+    ptr = "*" + dtype
+    io = {"Q": ptr, "K": ptr, "V": ptr, "Mask": "*" + mask_dtype, "O": ptr, "M": "*fp32", "L": "*fp32"}
+    return [(attn_fwd, io, dict(BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N), FWD_WARPS, FWD_STAGES)]
