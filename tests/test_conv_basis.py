@@ -6,9 +6,7 @@ import math
 
 import pytest
 import torch
-import torch.utils._pytree as pytree
 from hypothesis import given, settings, strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnrewrite
 from attnrewrite import pipeline
@@ -408,19 +406,7 @@ def test_starts_option_parses_norm_search_and_columns():
 
 # ------------------------------------------------------------------ memory: O(k·n·d), never n × n
 
-class MaxNumel(TorchDispatchMode):
-    """The largest tensor any aten op produces (as in test_sparse's peak-tensor test)."""
-
-    def __init__(self):
-        super().__init__()
-        self.max = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.max = max(self.max, t.numel())
-        return out
+from test_sparse import MaxNumel  # noqa: E402 - the largest tensor any aten op produces
 
 
 @pytest.mark.parametrize("causal,starts", [(True, "norm"), (False, "search")])

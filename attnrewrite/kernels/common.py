@@ -137,3 +137,20 @@ def _finish(acc, m_i, l_i):
     dead = l_i == 0.0
     out = acc / tl.where(dead, 1.0, l_i)[:, None]
     return out, tl.where(dead, float("inf"), m_i), tl.where(dead, 1.0, l_i)
+
+
+def launch_rows(kernel, q, k, v, mask, scale):
+    """Launch a forward kernel with the (Q, K, V, Mask, O, M, L, scale, strides…) signature of
+    the exact and window templates, one program per FWD_BLOCK_M query rows of one (batch,
+    head); returns (out, (m, l)): each row's max (base 2) and sum in fp32, for the backward."""
+    b, h, lq, _ = q.shape
+    lk = k.shape[2]
+    out = q.new_empty((b, h, lq, v.shape[-1]))
+    m = torch.empty((b * h, lq), dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    kx, vx = k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])
+    kernel[(triton.cdiv(lq, FWD_BLOCK_M), b * h)](
+        q, kx, vx, mask[0], out, m, l, scale, *q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3],
+        *out.stride()[:3], *mask[1], h, lq, lk, BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
+        num_warps=FWD_WARPS, num_stages=FWD_STAGES)
+    return out, (m, l)

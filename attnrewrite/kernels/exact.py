@@ -168,17 +168,7 @@ def forward(q, k, v, mask, scale):
     """(out, (m, l)): q (B, H, Lq, D), k/v (B|1, Hkv, Lk, D|Dv), mask = (tensor, its 4 strides)
     as the dispatcher prepares it; out in q's dtype; m, l (B·H, Lq) fp32: each row's max (base 2)
     and sum, for the backward."""
-    b, h, lq, _ = q.shape
-    lk = k.shape[2]
-    out = q.new_empty((b, h, lq, v.shape[-1]))
-    m = torch.empty((b * h, lq), dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    kx, vx = k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])
-    attn_fwd[(triton.cdiv(lq, FWD_BLOCK_M), b * h)](
-        q, kx, vx, mask[0], out, m, l, scale, *q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3],
-        *out.stride()[:3], *mask[1], h, lq, lk, BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
-        num_warps=FWD_WARPS, num_stages=FWD_STAGES)
-    return out, (m, l)
+    return launch_rows(attn_fwd, q, k, v, mask, scale)
 
 
 def backward(grad, q, k, v, mask, scale):
