@@ -55,6 +55,10 @@ rows scores n_c keys; k' = min(k, n_c).
   sparse block    Σ G·c·n_c·(4D + 10 + 3[sc] + [add]) + G·nq·D      O(nq·n·D)      2 + L(D) + s₁ + 4L(n_c)
                                                                                   + L(b²) + Sd(⌈n_c/b⌉) + 13
                                                                                   [+ L(⌈n_c/b⌉) + 3 if mass < 1]
+  select=pooled   2G·nqb·D·nkb (pooled logits) + Σ_I 4G·b·D·κ_I·b      O(n²D/b² +     means, pooled logits,
+  (block, topk)   (query block I's b padded rows against its κ_I kept    Σκ_I·b²·D)    Sd(nkb) + Sd(κ), then
+                  blocks: ⌈density·n_I⌉ in float32, topk ≥ ⌈k/b⌉ + 1),                 the chunk's scores,
+                  + means and elementwise; nqb, nkb = blocks of q, k                   softmax and P·V
   conv_basis      per head and triangle (1 if causal, else 2):     n ≤ 512:       1 + search + L(D) + 3[sc]
                   2nDk' (start columns, matmul) + search ≈ 2TnD    O(n²·D),       + L(k'n) + [1 if 2 triangles]
                   + (5 + 3[sc])k'n + 3mn, then dense 2n²m           else           + 6 + apply + #triangles + 2;
@@ -116,6 +120,8 @@ from __future__ import annotations
 import ast
 import math
 import operator
+
+import numpy as np
 
 from .site import AttentionSite
 
@@ -344,6 +350,8 @@ def sparse_model(d, o):
         depth_alg = score_alg + 3 * L(max(omega, default=1)) + 4
         return _finish(d, t, depth, flops_alg, depth_alg, "sparse/window")
     causal = int(d.causal)
+    if o["select"] == "pooled":
+        return _pooled_model(d, o, t, score)
     if mode == "topk":
         chunks = _row_chunks(nq, G * (nk + min(o["k"], nk) * D))
     else:
@@ -391,6 +399,62 @@ def sparse_model(d, o):
     depth_alg = (score_alg + 2 * L(max(vis)) + 3 + L(b * b) + Sd(-(-max(vis) // b)) + 2
                  + L(widest_kept) + 1 + 1 + L(widest_kept))
     return _finish(d, t, depth, flops_alg, depth_alg, "sparse/block")
+
+
+def _pooled_keep(d: _Dims, o: dict) -> list[int]:
+    """Key blocks each query block keeps under select=pooled, as the reference's budget: ⌈density·n_I⌉
+    (in float32, as it computes), n_I = the key blocks query block I sees; topk keeps at least
+    ⌈k/b⌉ + 1; never more than n_I, never fewer than 1."""
+    b, nqb = o["block"], -(-d.Lq // o["block"])
+    out = []
+    for i in range(nqb):
+        n = -(-d.visible(min((i + 1) * b, d.Lq) - 1) // b)
+        keep = math.ceil(float(np.float32(o["density"]) * np.float32(n)))
+        if o["mode"] == "topk":
+            keep = max(keep, -(-o["k"] // b) + 1)
+        out.append(min(max(keep, 1), max(n, 1)))
+    return out
+
+
+def _pooled_model(d: _Dims, o: dict, t: _Tally, score: int) -> dict:
+    """sparse block/topk with select=pooled: block means of q and k, the pooled logits
+    (nq/b × nk/b per head) ranked, then every query block scores only its kept key blocks
+    (whole blocks of b padded rows × kept·b keys) and applies P·V over them; topk takes its k
+    best among those keys first. No key outside the kept blocks is ever scored."""
+    G, nq, nk, D, b = d.G, d.Lq, d.Lk, d.D, o["block"]
+    nqb, nkb = -(-nq // b), -(-nk // b)
+    keep = _pooled_keep(d, o)
+    t.hold("padded q, k, v", G * (nqb + 2 * nkb) * b * D, d.ec, G * max(nqb, nkb) * b * D)
+    t.other += G * (nqb + nkb) * (b + 1) * D                       # block sums and means
+    t.mm(G, nqb, D, nkb)                                           # pooled logits
+    t.other += G * nqb * (D + nkb * (3 * d.sc + 1))                # q̄·scale, softcap, + offset
+    t.hold("pooled logits", G * nqb * nkb, d.ec, G * min(nqb, max(1, SPARSE_CHUNK_ELEMENTS // max(G * nkb, 1))) * nkb)
+    t.hold("chosen blocks", 2 * G * nqb * max(keep), 8, G * nqb * max(keep))
+    kept_alg = 0
+    for i, kb in enumerate(keep):
+        keys = kb * b
+        t.mm(G, b, D, keys)                                        # scores of the block's rows
+        t.mm(G, b, keys, D)                                        # P·V over the candidates
+        t.hold("K, V gathered", 2 * G * keys * D, d.ec, G * keys * D)
+        t.hold("S, P", 2 * G * b * keys, d.ec, G * b * keys)
+        if o["mode"] == "topk":
+            kc = min(o["k"], keys)
+            t.other += G * b * (keys * (3 * d.sc + int(d.mask == "additive")) + kc * 5)
+        else:
+            t.other += G * b * keys * (3 * d.sc + int(d.mask == "additive") + 5)
+        rows = range(i * b, min((i + 1) * b, nq))
+        kept_alg += sum(min(d.visible(r), keys) for r in rows)
+    widest = max(keep) * b
+    rank = L(b) + 1 + score + 1 + Sd(nkb) + Sd(max(keep))         # means, pooled logits, top, sort
+    if o["mode"] == "topk":
+        kc = min(o["k"], widest)
+        tail = Sd(widest) + (2 * L(kc) + 7) + 1 + L(kc)
+    else:
+        tail = (2 * L(widest) + 7) + 1 + L(widest)
+    depth = rank + score + int(d.mask != "none") + int(d.causal) + tail
+    pooled = G * ((nqb + nkb) * (b + 1) * D + nqb * (D + nkb * (2 * D + 1 + 3 * d.sc)))
+    flops_alg = pooled + G * (nq * D + kept_alg * (4 * D + 5 + 3 * d.sc + int(d.mask != "none")))
+    return _finish(d, t, depth, min(flops_alg, t.matmul + t.fft + t.other), depth, f"sparse/{o['mode']} pooled")
 
 
 def _sampled_diagonals(n: int, strict: bool) -> int:

@@ -118,6 +118,31 @@ def test_sparse_chunked_matmul_flops_match_flop_counter(site, options):
         assert model["flops_matmul"] < site_cost(site, "exact", {})["flops_matmul"]
 
 
+@pytest.mark.parametrize("options", [{"mode": "block", "block": 8, "density": 0.25},
+                                     {"mode": "block", "block": 8, "density": 1.0},
+                                     {"mode": "topk", "block": 8, "density": 0.1, "k": 5}],
+                         ids=["block-quarter", "block-all", "topk"])
+@pytest.mark.parametrize("hkv,lq,lk,causal", [(4, 33, 33, False), (2, 33, 33, True), (4, 200, 260, True)])
+def test_sparse_pooled_matmul_flops_match_flop_counter(hkv, lq, lk, causal, options):
+    """select=pooled: the pooled logits, then each query block's rows against its kept blocks only."""
+    site = make_site(b=1, hkv=hkv, lq=lq, lk=lk, d=8, causal=causal)
+    options = {**options, "select": "pooled"}
+    model = site_cost(site, "sparse", options)
+    assert model["flops_matmul"] == sparse_counted(site, options)
+    assert model["runs"] == f"sparse/{options['mode']} pooled"
+
+
+def test_sparse_pooled_is_priced_below_scoring_every_key():
+    """At 10 % density and n = 4096 the pooled choice scores about a tenth of the keys; the exact
+    ranking scores all of them (and its P·V is dense)."""
+    site = make_site(b=1, h=4, hkv=4, lq=4096, d=64, causal=True)
+    o = {"mode": "block", "block": 64, "density": 0.1}
+    pooled, ranked = site_cost(site, "sparse", {**o, "select": "pooled"}), site_cost(site, "sparse", o)
+    assert pooled["flops_matmul"] < 0.15 * ranked["flops_matmul"]
+    assert pooled["peak_extra_bytes"] <= ranked["peak_extra_bytes"]
+    assert pooled["flops_algorithm"] <= pooled["flops"]
+
+
 @pytest.mark.parametrize("path", ["dense", "fft"])
 @pytest.mark.parametrize("options", [{"k": 4}, {"k": 64}, {"k": 4, "starts": [3, 9, 40]}], ids=["k4", "k64", "starts"])
 @pytest.mark.parametrize("n,causal", [(16, False), (33, True), (33, False)])

@@ -654,3 +654,20 @@ def test_end_to_end_global_budget(hf):
         assert len(s["options"]["head_density"]) == 4 and all(0 < x <= 1 for x in s["options"]["head_density"])
     exact_rung = sparse.auto_ladder(SimpleNamespace(kv_len=8, q_len=8, causal=False), rep["sites"][0]["options"])[-1]
     assert exact_rung == {"density": 1.0, "mass": 1.0, "head_density": []}
+
+
+def test_auto_tune_with_global_budget(hf):
+    """auto=true with budget=global: every rung scales the shared per-head densities by the same
+    factor (d / density); a tight tolerance ends on the exact rung, a loose one on the cheapest."""
+    kw = dict(mode="block", block=2, density=0.5, budget="global")
+    planned = {s["id"]: s["options"]["head_density"]
+               for s in attnrewrite.rewrite(hf["bert"], "sparse", check=False, **kw).report["sites"]}
+    for tol, density in ((1e-6, 1.0), (10.0, 1 / 16)):
+        rep = attnrewrite.rewrite(hf["bert"], "sparse", tolerance=tol, auto=True, **kw).report
+        assert rep["check"]["passed"] is True and rep["check"]["rel_err"] <= tol
+        for s in rep["sites"]:
+            o = s["options"]
+            assert s["status"] == "rewritten" and o["budget"] == "global" and o["density"] == density
+            want = [] if density == 1.0 else [min(1.0, x * density / 0.5) for x in planned[s["id"]]]
+            assert o["head_density"] == pytest.approx(want)
+    assert rep["check"]["rel_err"] > 1e-3             # the cheapest rung is not exact
