@@ -10,8 +10,10 @@ Per sequence length n and head dim d (bf16, batch 1, 16 heads, median of do_benc
                    FlexAttention with the same mask_mod
   top-k            64 keys per row (the PyTorch selection included), forward, vs causal SDPA-flash
   preconditioned   row-equilibrate forward vs SDPA-flash
-  conv-basis       has no Triton template: its op runs the PyTorch reference (torch.fft) on the GPU;
-                   timed against SDPA-flash for reference
+  conv-basis       k = 16 start columns, forward through its op (causal and not): the start search and the
+                   FFT apply in PyTorch (torch.fft), the start columns, the normalisation and the exact
+                   rows in the generated kernels; vs SDPA-flash, and (n ≤ 16k) vs the same op's PyTorch
+                   reference
 A ratio is baseline time / our time (> 1: ours is faster). Goals (issue 9): exact ≥ 0.9× SDPA-flash
 forward; block-sparse at 10% ≥ 5× dense SDPA at 16k and ≥ 1.0× FlexAttention; conv-basis (k ≤ 16)
 ≥ 3× SDPA at 64k. Without a CUDA device it prints one line and exits 0.
@@ -28,6 +30,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from triton.testing import do_bench
 
 from attnrewrite import kernels
+from attnrewrite.variants import conv_basis
 
 HEADS, WINDOW, SINKS, BLOCK, DENSITY = 16, 256, 4, 128, 0.10
 
@@ -103,11 +106,14 @@ def rows_for(n: int, d: int, fwd_bwd: bool = True):
     pargs = (q, k, v, None, scale, 0.0, False, 0.0, "row-equilibrate", [1.0])
     add("preconditioned fwd", lambda: kernels.forward("preconditioned_attention", pargs),
         lambda: sdpa_flash(q, k, v, False), "sdpa-flash")
-    if n <= 16384:                                             # the float64 FFT reference grows fast
-        cargs = (q, k, v, None, scale, 0.0, True, 0.0, 16, None, 0.0)
-        add("conv-basis k=16 fwd (PyTorch reference, no template)",
-            lambda: torch.ops.attnrewrite.conv_basis_attention(*cargs),
-            lambda: sdpa_flash(q, k, v, True), "sdpa-flash causal")
+    for causal in (True, False):
+        cargs = (q, k, v, None, scale, 0.0, causal, 0.0, 16, None, 0.0)
+        name = f"conv-basis k=16 fwd{' causal' if causal else ''} (kernels + torch.fft)"
+        add(name, lambda: torch.ops.attnrewrite.conv_basis_attention(*cargs),
+            lambda: sdpa_flash(q, k, v, causal), f"sdpa-flash{' causal' if causal else ''}")
+        if n <= 16384:                                         # the PyTorch reference grows fast
+            add(name, lambda: torch.ops.attnrewrite.conv_basis_attention(*cargs),
+                lambda: conv_basis.reference(*cargs), "its PyTorch reference")
     return rows
 
 

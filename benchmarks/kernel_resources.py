@@ -28,9 +28,14 @@ def configs():
     for d in (64, 128):
         yield KernelConfig("window", d, d, "bfloat16", causal=True, params=WINDOW)
         yield KernelConfig("block_sparse", d, d, "bfloat16", params=(("SPARSE_M", 128), ("SPARSE_N", 128)))
+        yield KernelConfig("block_sparse", d, d, "bfloat16", causal=True, mask="key", group=2,
+                           params=(("SPARSE_M", 64), ("SPARSE_N", 64)))
         yield KernelConfig("topk", d, d, "bfloat16", causal=True, mask="boolean")
         for eq in (False, True):
             yield KernelConfig("preconditioned", d, d, "bfloat16", mask="key", params=(("EQUILIBRATE", eq),))
+        for work64 in (False, True):                       # conv-basis: float32 (FFT path) or float64 work
+            yield KernelConfig("conv_basis", d, d, "bfloat16", causal=True, mask="key", group=2,
+                               params=(("WORK_F64", work64),))
 
 
 def main(argv=None) -> int:
@@ -54,7 +59,9 @@ def main(argv=None) -> int:
                     tiles = "64 rows"
                 if cfg.template == "topk":                      # one query row per program
                     tiles = f"1×{s['FWD_BLOCK_N']}"
-                template = cfg.template + "".join(f" {k}={v}" for k, v in cfg.params if k == "EQUILIBRATE")
+                if cfg.template == "conv_basis":                # rows of a head against a tile, no tl.dot
+                    tiles = f"{s['FWD_BLOCK_M']} rows"
+                template = cfg.template + "".join(f" {k}={v}" for k, v in cfg.params if k in ("EQUILIBRATE", "WORK_F64"))
                 bad += r["spill_bytes"] > 0 or r["shared"] > r["shared_limit"]
                 line = (f"| {r['kernel']} | {template} | {cfg.dtype} | {cfg.head_dim} | {cfg.mask} | {tiles} | "
                         f"{r['warps']} | {r['stages']} | {r['arch']} | {r['registers']} | {r['spill_bytes']} | {r['shared']} |")

@@ -20,9 +20,18 @@ CONFIGS = [
                  params=(("AFTER", 0), ("BEFORE", 255), ("SINKS", 4))),
     KernelConfig("block_sparse", 64, 64, "bfloat16", causal=False, mask="none",
                  params=(("SPARSE_M", 128), ("SPARSE_N", 128))),
+    KernelConfig("block_sparse", 128, 128, "float16", causal=True, mask="key", group=2, softcap=30.0,
+                 params=(("SPARSE_M", 64), ("SPARSE_N", 64))),
+    KernelConfig("block_sparse", 64, 64, "float32", causal=True, mask="key",
+                 params=(("SPARSE_M", 64), ("SPARSE_N", 64))),
     KernelConfig("preconditioned", 64, 64, "float16", causal=False, mask="additive",
                  params=(("EQUILIBRATE", True),)),
     KernelConfig("topk", 128, 128, "bfloat16", causal=True, mask="boolean"),
+    KernelConfig("conv_basis", 128, 128, "bfloat16", causal=True, mask="key", group=4, softcap=30.0,
+                 params=(("WORK_F64", False),)),
+    KernelConfig("conv_basis", 64, 64, "float16", causal=False, mask="none", params=(("WORK_F64", True),)),
+    KernelConfig("conv_basis", 256, 256, "float32", causal=False, mask="key", softcap=30.0,
+                 params=(("WORK_F64", True),)),
 ]
 
 

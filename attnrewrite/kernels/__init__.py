@@ -1,7 +1,7 @@
 """Generated Triton kernels behind the variant ops.
 
 generate.py specialises a template (exact.py, window.py, topk.py, block_sparse.py,
-preconditioned.py, with the helpers in common.py — template text, never imported) to one
+preconditioned.py, conv_basis.py, with the helpers in common.py — template text, never imported) to one
 site's configuration and loads it; dispatch.py decides, per op call, which configuration runs or why the PyTorch
 reference does. See docs/kernels.md.
 """

@@ -139,6 +139,60 @@ def _finish(acc, m_i, l_i):
     return out, tl.where(dead, float("inf"), m_i), tl.where(dead, 1.0, l_i)
 
 
+@triton.jit
+def attn_bwd_delta(O, DO, Delta, Lq, ROWS: tl.constexpr):
+    """Δ = rowsum(O ∘ dO) over contiguous (B·H·Lq, Dv) rows."""
+    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs_dv = tl.arange(0, DV_PAD)
+    base = tl.program_id(1) * Lq * HEAD_DIM_V
+    inside = (offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V)
+    o = tl.load(O + base + offs_m[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=inside, other=0.0)
+    do = tl.load(DO + base + offs_m[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=inside, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + tl.program_id(1) * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.jit
+def _row_stats(M, L, Delta, row0, offs_m, Lq):
+    """The forward's row max and normaliser and the backward's Δ for rows offs_m of one (batch, head)
+    whose first row is row0 of the (B·H·Lq,) buffers; rows past Lq read as dead (p = 0)."""
+    live = offs_m < Lq
+    return (tl.load(M + row0 + offs_m, mask=live, other=float("inf")),
+            tl.load(L + row0 + offs_m, mask=live, other=1.0),
+            tl.load(Delta + row0 + offs_m, mask=live, other=0.0))
+
+
+@triton.jit
+def _store_stats(M, L, row0, offs_m, Lq, m_row, l_row):
+    """The forward's row max and normaliser, kept for the backward."""
+    tl.store(M + row0 + offs_m, m_row, mask=offs_m < Lq)
+    tl.store(L + row0 + offs_m, l_row, mask=offs_m < Lq)
+
+
+@triton.jit
+def _store_grad(G, row0, offs, Ln, x, DIM: tl.constexpr, PAD: tl.constexpr):
+    """A gradient tile x (rows offs, PAD columns) into the contiguous (·, DIM) buffer G from row row0."""
+    offs_d = tl.arange(0, PAD)
+    tl.store(G + (row0 + offs[:, None]) * DIM + offs_d[None, :], x, mask=(offs[:, None] < Ln) & (offs_d[None, :] < DIM))
+
+
+@triton.jit
+def _ds(q, kt, v, do, m_row, l_row, delta, sm_scale, offs_m, offs_n, mask_base, smm, smn, Lq, Lk,
+        EDGE: tl.constexpr):
+    """(p, dS) of one tile: the softmax weights rebuilt from each row's stored max and sum, and
+    the gradient with respect to the scaled scores (through the soft-cap). EDGE as in `_attend`:
+    the tile may hold keys a row must not see, so it is masked."""
+    s2, t = _scores(q, kt, sm_scale, mask_base, smm, smn, offs_m, offs_n, Lq, Lk)
+    if EDGE:
+        s2 = tl.where(_visible(offs_m, offs_n, Lq, Lk) & (offs_n[None, :] < Lk), s2, float("-inf"))
+    p = tl.exp2(s2 - m_row[:, None]) / l_row[:, None]
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP != 0.0:
+        ds = ds * (1.0 - t * t)
+    return p, ds
+
+
 def launch_rows(kernel, q, k, v, mask, scale):
     """Launch a forward kernel with the (Q, K, V, Mask, O, M, L, scale, strides…) signature of
     the exact and window templates, one program per FWD_BLOCK_M query rows of one (batch,

@@ -9,7 +9,12 @@ reference. Kernels run for CUDA tensors, and for CPU tensors when ATTNREWRITE_KE
 
 `select(op_name, ...)` is the one decision: a KernelConfig, or None and the reason. This
 module never imports attnrewrite.variants: it knows each op by its name and its schema's
-parameter order, which are permanent (saved programs bind to them).
+parameter order, which are permanent (saved programs bind to them). Where a kernel needs a
+variant's own data-dependent choice — sparse mode=block's kept blocks — the variant registers
+that function here (`register_block_selection`) and the kernel runs on what it returns.
+Where the op stays a PyTorch pipeline with kernels as some of its steps — conv-basis, whose start
+search and FFTs are torch code — the variant registers the pipeline (`register_host`): its plan
+decides the configuration, its run calls the loaded kernels.
 """
 from __future__ import annotations
 
@@ -89,6 +94,18 @@ def _window_params(params, causal: bool) -> tuple:
     return (("BEFORE", int(before)), ("AFTER", int(after)), ("SINKS", int(sinks)))
 
 
+def _block_params(op_name: str, params) -> tuple:
+    """("block_sparse", its constants) for sparse mode=block, or (None, why not): the selection
+    runs in PyTorch (the variant's registered BLOCK_SELECTIONS hook), the kernel on its blocks."""
+    block = int(params[5])
+    if block % 16:
+        return None, (f"sparse mode=block block={block}: the block-sparse kernel needs blocks that are a "
+                      "multiple of 16 (its tiles divide them, and a GPU dot takes at least 16 rows)")
+    if op_name not in BLOCK_SELECTIONS:
+        return None, f"sparse mode=block: no block selection is registered for {op_name}"
+    return "block_sparse", (("SPARSE_M", block), ("SPARSE_N", block))
+
+
 def template_for(op_name: str, params: tuple, causal: bool):
     """(template, its constants) for an op call, or (None, why no template covers it)."""
     if op_name == "exact_attention":
@@ -103,21 +120,26 @@ def template_for(op_name: str, params: tuple, causal: bool):
                 return None, (f"sparse mode=topk select={select}: its candidates come from pooled block "
                               "scores; the top-k template gathers an exact selection only")
             return "topk", ()
-        return None, (f"sparse mode={mode}: its block selection ranks every block's dense softmax mass, "
-                      "so it runs in PyTorch (the block-sparse kernel runs on given block lists)")
+        if mode == "block":
+            return _block_params(op_name, params)
+        return None, f"sparse mode={mode!r} has no template"
     if op_name == "preconditioned_attention":
         mode = params[0]
         if mode not in ("output-norm", "row-equilibrate"):
             return None, f"preconditioned mode={mode!r} has no template"
         return "preconditioned", (("EQUILIBRATE", mode == "row-equilibrate"),)
     if op_name == "conv_basis_attention":
-        return None, ("conv-basis needs FFTs (torch.fft) and a start-column search; no Triton "
-                      "template covers it yet")
+        if op_name not in HOSTS:
+            return None, f"conv-basis: no host pipeline is registered for {op_name} (its FFTs run in PyTorch)"
+        return "conv_basis", ()
     return None, f"{op_name} has no template"
 
 
-def select(op_name: str, q, k, v, mask, scale, softcap, causal, dropout_p, params, target: str):
-    """(KernelConfig, "") or (None, the reason the reference runs)."""
+def select(op_name: str, q, k, v, mask, scale, softcap, causal, dropout_p, params, target: str,
+           plan: list | None = None):
+    """(KernelConfig, "") or (None, the reason the reference runs). For an op with a registered host
+    pipeline (HOSTS: conv-basis) the variant's plan decides causal, the mask kind and the working
+    precision; a list passed as `plan` receives that plan, for the run."""
     template, constants = template_for(op_name, tuple(params), bool(causal))
     if template is None:
         return None, constants
@@ -135,19 +157,30 @@ def select(op_name: str, q, k, v, mask, scale, softcap, causal, dropout_p, param
         return None, f"head_dim {max(d, dv)} is over {MAX_HEAD_DIM}"
     if q.shape[1] % k.shape[1] or k.shape[0] not in (1, q.shape[0]):
         return None, "k/v heads or batch do not divide q's"
+    kind = mask_kind(mask, q.shape[-2])
+    if op_name in HOSTS:
+        found = HOSTS[op_name].plan(q, k, v, mask, bool(causal), tuple(params))
+        if isinstance(found, str):
+            return None, found
+        causal, key_bias, work = found
+        kind = "none" if key_bias is None else "key"
+        constants = (*constants, ("WORK_F64", work == torch.float64))
+        if plan is not None:
+            plan.append(found)
     cfg = KernelConfig(template=template, head_dim=d, head_dim_v=dv, dtype=dtype, causal=bool(causal),
-                       mask=mask_kind(mask, q.shape[-2]), group=q.shape[1] // k.shape[1],
+                       mask=kind, group=q.shape[1] // k.shape[1],
                        softcap=float(softcap or 0.0), params=constants, target=target)
     return cfg, ""
 
 
-def _call(op_name, args):
+def _call(op_name, args, backward: bool = False):
+    """(module, its forward's or backward's arguments after the gradient), or (None, None)."""
     q, k, v, mask, scale, softcap, causal, dropout_p, *params = args
     target = target_for(q.device)
     if target is None:
         return None, None
     cfg, _ = select(op_name, q, k, v, mask, scale, softcap, causal, dropout_p, params, target)
-    if cfg is None:
+    if cfg is None or (backward and cfg.template not in BACKWARD_TEMPLATES):
         return None, None
     m = prepare_mask(mask, cfg.mask, q, k.shape[-2], target)
     extra = ()
@@ -155,6 +188,8 @@ def _call(op_name, args):
         extra = (_gains(params[1], q),)
     elif cfg.template == "topk":
         extra = (topk_indices(q, k, mask, scale, softcap, causal, params[1]),)
+    elif cfg.template == "block_sparse":
+        extra = _selected_lists(op_name, args, dict(cfg.params)["SPARSE_M"], backward)
     CALLS[cfg] = CALLS.get(cfg, 0) + 1
     return load(cfg), (q, k, v, m, float(scale), *extra)
 
@@ -195,6 +230,8 @@ def _gains(gain, q):
 
 def forward(op_name: str, args) -> torch.Tensor | None:
     """The op's output from its generated kernel, or None (the reference runs)."""
+    if op_name in HOSTS:
+        return _host_forward(op_name, args)
     module, call = _call(op_name, args)
     if module is None:
         return None
@@ -203,8 +240,8 @@ def forward(op_name: str, args) -> torch.Tensor | None:
 
 def backward(op_name: str, grad, args) -> tuple | None:
     """(dq, dk, dv) from the generated backward kernels, or None (the reference's VJP runs)."""
-    module, call = _call(op_name, args)
-    if module is None or not hasattr(module, "backward"):
+    module, call = _call(op_name, args, backward=True)
+    if module is None:
         return None
     return module.backward(grad, *call)
 
@@ -224,14 +261,84 @@ def describe(op_name: str, q, k, v, mask, scale, softcap, causal, dropout_p, par
     return {"kernel": {"name": cfg.name, "hash": cfg.hash, "template": cfg.template, "target": target,
                        "backward": "kernel" if has_backward else "reference", "config": cfg.as_dict(),
                        "calls": CALLS.get(cfg, 0)},
-            "kernel_reason": "" if has_backward else f"{cfg.template}: forward only; the backward runs the reference"}
+            "kernel_reason": "" if has_backward else HOSTS[op_name].note if op_name in HOSTS
+            else f"{cfg.template}: forward only; the backward runs the reference"}
 
 
-BACKWARD_TEMPLATES = ("exact",)
+BACKWARD_TEMPLATES = ("exact", "block_sparse")
 CALLS: dict = {}          # KernelConfig -> forward/backward calls made through the ops in this process
 
 
-# ---------------------------------------------------------------- block-sparse attention on given lists
+# ---------------------------------------------------------------- ops whose kernels are steps of a PyTorch pipeline
+
+@dataclasses.dataclass(frozen=True)
+class Host:
+    """A variant whose op stays a PyTorch pipeline with generated kernels as some of its steps
+    (conv-basis: the start search and the FFTs are torch code, the start columns, the normalisation
+    and the exact rows are kernels). The variant registers it (register_host), so this module needs
+    no copy of the pipeline and never imports attnrewrite.variants.
+
+      plan(q, k, v, mask, causal, params) -> (causal, key_bias or None, working dtype): how the
+          variant would compute the call — what the kernels are specialised on — or a str, why the
+          reference runs instead;
+      run(module, args, plan) -> the op's output, calling the loaded module's host functions;
+      note: the report's kernel_reason (the backward runs the reference)."""
+    plan: object
+    run: object
+    note: str
+
+
+HOSTS: dict = {}          # op name -> Host
+
+
+def register_host(op_name: str, plan, run, note: str) -> None:
+    HOSTS[op_name] = Host(plan, run, note)
+
+
+def _host_forward(op_name: str, args):
+    q, k, v, mask, scale, softcap, causal, dropout_p, *params = args
+    target = target_for(q.device)
+    if target is None:
+        return None
+    found: list = []
+    cfg, _ = select(op_name, q, k, v, mask, scale, softcap, causal, dropout_p, params, target, plan=found)
+    if cfg is None:
+        return None
+    CALLS[cfg] = CALLS.get(cfg, 0) + 1
+    return HOSTS[op_name].run(load(cfg), args, found[0])
+
+
+# ---------------------------------------------------------------- block-sparse: sparse mode=block, and given lists
+
+BLOCK_SELECTIONS: dict = {}   # op name -> fn(*the op's reference arguments) -> kept blocks (B, H, Qblocks, Kblocks)
+
+
+def register_block_selection(op_name: str, fn) -> None:
+    """Let `op_name` run on the block-sparse kernel: `fn`, called with the op's reference
+    arguments (q, k, v, mask, scale, softcap, causal, dropout_p, *params), returns the key blocks
+    each query block keeps, bool (B, H, ⌈Lq/block⌉, ⌈Lk/block⌉). The variant registers its own
+    selection, so this module needs no copy of it (and never imports attnrewrite.variants)."""
+    BLOCK_SELECTIONS[op_name] = fn
+
+
+def uncut_blocks(query_blocks: int, key_blocks: int, block_m: int, block_n: int, lq: int, lk: int,
+                 causal: bool, device=None) -> torch.Tensor:
+    """(Qblocks, Kblocks) bool: the key blocks every row of a query block sees whole — inside Lk,
+    and (causal) at or below the diagonal of the block's first row — so a kept one may be full."""
+    i = torch.arange(query_blocks, device=device)[:, None]
+    j = torch.arange(key_blocks, device=device)[None, :]
+    inside = (j + 1) * block_n <= lk
+    return inside & ((j + 1) * block_n - 1 <= i * block_m + lk - lq) if causal else inside
+
+
+def _selected_lists(op_name: str, args, block: int, backward: bool) -> tuple:
+    """The layout of the blocks the op's registered selection keeps (kept blocks that no element
+    mask cuts are full); for the backward also its transpose."""
+    q, k = args[0], args[1]
+    keep = BLOCK_SELECTIONS[op_name](*args)
+    full = keep & uncut_blocks(*keep.shape[-2:], block, block, q.shape[-2], k.shape[-2], bool(args[6]), q.device)
+    return block_lists(keep, full) + (block_lists(keep.mT, full.mT) if backward else ())
+
 
 def block_lists(keep: torch.Tensor, full: torch.Tensor | None = None):
     """FlexAttention's layout from block indicators keep/full (B|1, H|1, Qblocks, Kblocks), bool:
@@ -249,14 +356,52 @@ def block_lists(keep: torch.Tensor, full: torch.Tensor | None = None):
     return kv_num, kv_idx, full_num, full_idx
 
 
+def block_indicator(num: torch.Tensor, idx: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The bool indicator (…, Qblocks, blocks) of the first num entries of each list in idx
+    (entries outside [0, blocks) dropped): block_lists' inverse."""
+    slot = torch.arange(idx.shape[-1], device=idx.device)
+    col = torch.where(slot < num[..., None], idx.long(), blocks).clamp(0, blocks)
+    ind = torch.zeros(*col.shape[:-1], blocks + 1, dtype=torch.bool, device=idx.device)
+    return ind.scatter_(-1, col, True)[..., :blocks]
+
+
+def transposed_lists(layout, key_blocks: int) -> tuple:
+    """FlexAttention's q_num, q_idx, full_q_num, full_q_idx for a layout: per key block, the query
+    blocks whose partial (full) lists name it — what the dK/dV kernel walks."""
+    kv_num, kv_idx, full_num, full_idx = layout
+    partial, full = block_indicator(kv_num, kv_idx, key_blocks), block_indicator(full_num, full_idx, key_blocks)
+    return block_lists((partial | full).mT, full.mT)
+
+
+class _BlockSparse(torch.autograd.Function):
+    """block_sparse_attention under autograd: the generated forward, and the generated backward
+    over the layout and its transpose."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, call):
+        module, mask, scale, layout, key_blocks = call
+        ctx.save_for_backward(q, k, v)
+        ctx.call = call
+        return module.forward(q, k, v, mask, scale, *layout)[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        module, mask, scale, layout, key_blocks = ctx.call
+        grads = module.backward(grad, *ctx.saved_tensors, mask, scale, *layout, *transposed_lists(layout, key_blocks))
+        return (*grads, None)
+
+
 def block_sparse_attention(q, k, v, layout, block_m: int, block_n: int, *, mask=None, scale=None,
                            softcap: float = 0.0, causal: bool = False) -> torch.Tensor:
     """Attention of q (B, H, Lq, D) over k/v (B|1, Hkv, Lk, D) restricted to the listed key blocks
-    (`layout` from block_lists; query blocks of block_m rows, key blocks of block_n keys), through
-    the generated block_sparse kernel on the tensors' device (CUDA, or the interpreter on CPU)."""
+    (`layout` from block_lists; query blocks of block_m rows, key blocks of block_n keys, both
+    multiples of 16), through the generated block_sparse kernel on the tensors' device (CUDA, or
+    the interpreter on CPU). Differentiable in q, k and v (the template's backward kernels)."""
     target = target_for(q.device)
     if target is None:
         raise RuntimeError("block_sparse_attention runs on CUDA tensors, or on CPU under ATTNREWRITE_KERNELS=interpret")
+    if block_m % 16 or block_n % 16:
+        raise ValueError(f"block sizes {block_m}×{block_n}: the block-sparse kernel needs multiples of 16")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cfg, reason = select("exact_attention", q, k, v, mask, scale, softcap, causal, 0.0, (), target)
     if cfg is None:
@@ -264,4 +409,4 @@ def block_sparse_attention(q, k, v, layout, block_m: int, block_n: int, *, mask=
     cfg = dataclasses.replace(cfg, template="block_sparse",
                               params=(("SPARSE_M", int(block_m)), ("SPARSE_N", int(block_n))))
     m = prepare_mask(mask, cfg.mask, q, k.shape[-2], target)
-    return load(cfg).forward(q, k, v, m, float(scale), *layout)[0]
+    return _BlockSparse.apply(q, k, v, (load(cfg), m, float(scale), tuple(layout), -(-k.shape[-2] // block_n)))

@@ -59,35 +59,7 @@ def attn_fwd(Q, K, V, Mask, O, M, L, sm_scale,
     out, m_row, l_row = _finish(acc, m_i, l_i)
     o_ptrs = O + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_dv[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(M + tl.program_id(1) * Lq + offs_m, m_row, mask=offs_m < Lq)
-    tl.store(L + tl.program_id(1) * Lq + offs_m, l_row, mask=offs_m < Lq)
-
-
-@triton.jit
-def attn_bwd_delta(O, DO, Delta, Lq, ROWS: tl.constexpr):
-    """Δ = rowsum(O ∘ dO) over contiguous (B·H·Lq, Dv) rows."""
-    offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    offs_dv = tl.arange(0, DV_PAD)
-    base = tl.program_id(1) * Lq * HEAD_DIM_V
-    inside = (offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V)
-    o = tl.load(O + base + offs_m[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=inside, other=0.0)
-    do = tl.load(DO + base + offs_m[:, None] * HEAD_DIM_V + offs_dv[None, :], mask=inside, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + tl.program_id(1) * Lq + offs_m, delta, mask=offs_m < Lq)
-
-
-@triton.jit
-def _ds(q, kt, v, do, m_row, l_row, delta, sm_scale, offs_m, offs_n, mask_base, smm, smn, Lq, Lk):
-    """(p, dS) of one tile: the softmax weights rebuilt from each row's stored max and sum, and
-    the gradient with respect to the scaled scores (through the soft-cap)."""
-    s2, t = _scores(q, kt, sm_scale, mask_base, smm, smn, offs_m, offs_n, Lq, Lk)
-    s2 = tl.where(_visible(offs_m, offs_n, Lq, Lk) & (offs_n[None, :] < Lk), s2, float("-inf"))
-    p = tl.exp2(s2 - m_row[:, None]) / l_row[:, None]
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
-    if SOFTCAP != 0.0:
-        ds = ds * (1.0 - t * t)
-    return p, ds
+    _store_stats(M, L, tl.program_id(1) * Lq, offs_m, Lq, m_row, l_row)
 
 
 @triton.jit
@@ -118,17 +90,14 @@ def attn_bwd_dkdv(Q, K, V, Mask, DO, M, L, Delta, DK, DV, sm_scale,
             offs_m = start_m + tl.arange(0, BLOCK_M)
             q = _load_rows(q_base, offs_m, sqm, Lq, offs_d, HEAD_DIM)
             do = _load_rows(do_base, offs_m, sdom, Lq, offs_dv, HEAD_DIM_V)
-            m_row = tl.load(M + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-            l_row = tl.load(L + bh * Lq + offs_m, mask=offs_m < Lq, other=1.0)
-            delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-            p, ds = _ds(q, kt, v, do, m_row, l_row, delta, sm_scale, offs_m, offs_n, mask_base, smm, smn, Lq, Lk)
+            m_row, l_row, delta = _row_stats(M, L, Delta, bh * Lq, offs_m, Lq)
+            p, ds = _ds(q, kt, v, do, m_row, l_row, delta, sm_scale, offs_m, offs_n, mask_base, smm, smn, Lq, Lk,
+                        True)
             dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
     base = tl.program_id(1) * Lk
-    tl.store(DK + (base + offs_n[:, None]) * HEAD_DIM + offs_d[None, :], dk * sm_scale,
-             mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < HEAD_DIM))
-    tl.store(DV + (base + offs_n[:, None]) * HEAD_DIM_V + offs_dv[None, :], dv,
-             mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_grad(DK, base, offs_n, Lk, dk * sm_scale, HEAD_DIM, D_PAD)
+    _store_grad(DV, base, offs_n, Lk, dv, HEAD_DIM_V, DV_PAD)
 
 
 @triton.jit
@@ -144,9 +113,7 @@ def attn_bwd_dq(Q, K, V, Mask, DO, M, L, Delta, DQ, sm_scale,
     offs_dv = tl.arange(0, DV_PAD)
     q = _load_rows(Q + off_b * sqb + off_h * sqh, offs_m, sqm, Lq, offs_d, HEAD_DIM)
     do = _load_rows(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, Lq, offs_dv, HEAD_DIM_V)
-    m_row = tl.load(M + tl.program_id(1) * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-    l_row = tl.load(L + tl.program_id(1) * Lq + offs_m, mask=offs_m < Lq, other=1.0)
-    delta = tl.load(Delta + tl.program_id(1) * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    m_row, l_row, delta = _row_stats(M, L, Delta, tl.program_id(1) * Lq, offs_m, Lq)
     k_base = K + off_b * skb + off_hk * skh
     v_base = V + off_b * svb + off_hk * svh
     mask_base = Mask + off_b * smb + off_h * smh
@@ -156,10 +123,10 @@ def attn_bwd_dq(Q, K, V, Mask, DO, M, L, Delta, DQ, sm_scale,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(k_base, offs_n, skn, Lk, offs_d, HEAD_DIM)
         v = _load_rows(v_base, offs_n, svn, Lk, offs_dv, HEAD_DIM_V)
-        p, ds = _ds(q, tl.trans(k), v, do, m_row, l_row, delta, sm_scale, offs_m, offs_n, mask_base, smm, smn, Lq, Lk)
+        p, ds = _ds(q, tl.trans(k), v, do, m_row, l_row, delta, sm_scale, offs_m, offs_n, mask_base, smm, smn,
+                    Lq, Lk, True)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
-    tl.store(DQ + (tl.program_id(1) * Lq + offs_m[:, None]) * HEAD_DIM + offs_d[None, :], dq * sm_scale,
-             mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM))
+    _store_grad(DQ, tl.program_id(1) * Lq, offs_m, Lq, dq * sm_scale, HEAD_DIM, D_PAD)
 
 
 # ---------------------------------------------------------------- host side

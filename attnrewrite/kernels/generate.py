@@ -33,7 +33,7 @@ from triton.compiler import ASTSource
 HERE = Path(__file__).parent
 BODY_MARK = "# --- template body ---"
 MASK_KINDS = ("none", "key", "additive", "boolean")   # MASK constant: index in this tuple
-TEMPLATES = ("exact", "window", "block_sparse", "preconditioned", "topk")
+TEMPLATES = ("exact", "window", "block_sparse", "preconditioned", "topk", "conv_basis")
 SHARED_LIMIT = {80: 166912, 90: 232448}               # bytes of shared memory one block may use
 TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "uint8": "u8", "int32": "i32"}
 
@@ -61,6 +61,11 @@ class KernelConfig:
         if self.target == "interpret":            # tiny tiles (16 = the GPU's tl.dot minimum)
             return {"FWD_BLOCK_M": 16, "FWD_BLOCK_N": 16, "FWD_WARPS": 1, "FWD_STAGES": 1,
                     "BWD_BLOCK_M": 16, "BWD_BLOCK_N": 16, "BWD_WARPS": 1, "BWD_STAGES": 1}
+        if self.template == "conv_basis":          # a row against a tile, no tl.dot: tiles of ≤ 2048
+            d = max(_pow2(self.head_dim), _pow2(self.head_dim_v), 16)   # values, 8 per thread of 8 warps
+            rows = max(8, min(64, 2048 // d))      # (16 per thread of 4 warps spilled 8 bytes on sm_80 for
+            return {f"{p}_{k}": v for p in ("FWD", "BWD")    # bf16, d 128, causal + key bias, float64 work)
+                    for k, v in (("BLOCK_M", rows), ("BLOCK_N", rows), ("WARPS", 8), ("STAGES", 1))}
         d = max(_pow2(self.head_dim), _pow2(self.head_dim_v), 16)
         # (BLOCK_M, BLOCK_N, warps, stages), chosen so that no kernel spills on sm_80 or sm_90
         # (tests/test_kernels_aot.py, benchmarks/KERNELS.md): ≤ 16 scores per thread, fewer
@@ -77,7 +82,9 @@ class KernelConfig:
             fwd, bwd = (64, 32, 8, 2), (16, 32, 8, 1)
         params = dict(self.params)
         if self.template == "block_sparse":        # tiles divide the layout's blocks
-            fwd = (min(fwd[0], params["SPARSE_M"]), min(fwd[1], params["SPARSE_N"]), *fwd[2:])
+            fit = lambda t, n: min(t, n & -n)        # noqa: E731 - the largest power of two dividing n, ≤ t
+            fwd = (fit(fwd[0], params["SPARSE_M"]), fit(fwd[1], params["SPARSE_N"]), *fwd[2:])
+            bwd = (fit(bwd[0], params["SPARSE_M"]), fit(bwd[1], params["SPARSE_N"]), *bwd[2:])
         keys = ("BLOCK_M", "BLOCK_N", "WARPS", "STAGES")
         return {**{f"FWD_{k}": v for k, v in zip(keys, fwd)}, **{f"BWD_{k}": v for k, v in zip(keys, bwd)}}
 
@@ -260,4 +267,4 @@ def signature(kernel, pointers: dict, constexprs: dict) -> dict:
     return sig
 
 
-FLOATS = ("sm_scale",)
+FLOATS = ("sm_scale", "reliable")

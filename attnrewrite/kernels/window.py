@@ -60,8 +60,7 @@ def attn_fwd(Q, K, V, Mask, O, M, L, sm_scale,
     out, m_row, l_row = _finish(acc, m_i, l_i)
     o_ptrs = O + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_dv[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
-    tl.store(M + tl.program_id(1) * Lq + offs_m, m_row, mask=offs_m < Lq)
-    tl.store(L + tl.program_id(1) * Lq + offs_m, l_row, mask=offs_m < Lq)
+    _store_stats(M, L, tl.program_id(1) * Lq, offs_m, Lq, m_row, l_row)
 
 
 # ---------------------------------------------------------------- host side

@@ -98,6 +98,16 @@ class Builder:
     def transpose(self, x: str, perm) -> str:
         return x if perm is None else self.op("Transpose", x, perm=list(perm))
 
+    def reduce(self, op_type: str, x: str, axes, keepdims: int = 1) -> str:
+        """A Reduce* node over `axes`, which are an input from opset 18 on (ReduceSum: 13)."""
+        if (op_type == "ReduceSum" and self.opset >= 13) or self.opset >= 18:
+            return self.op(op_type, x, self.ints(*axes), keepdims=keepdims)
+        return self.op(op_type, x, axes=list(axes), keepdims=keepdims)
+
+    def compare(self, op_type: str, x: str, y: str) -> str:
+        """A comparison (Less, Equal, …) or logical op: a bool output."""
+        return self.op(op_type, x, y, dtype=TensorProto.BOOL)
+
     def shape_of(self, x: str, start: int, end: int) -> str:
         return self.op("Slice", self.op("Shape", x, dtype=TensorProto.INT64), self.ints(start),
                        self.ints(end), dtype=TensorProto.INT64)
@@ -565,6 +575,18 @@ def _subgraph_inputs(node) -> set:
     return names
 
 
+def _subgraph_made(node) -> set:
+    """Names defined inside `node`'s subgraphs (their inputs, initializers and node outputs)."""
+    names = set()
+    for a in node.attribute:
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+            names |= {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            for n in sub.node:
+                names.update(n.output)
+                names |= _subgraph_made(n)
+    return names
+
+
 def sweep(model: onnx.ModelProto) -> None:
     """Remove nodes and initializers nothing reaches from the graph outputs."""
     g = model.graph
@@ -649,6 +671,7 @@ def changed_subgraph(original: onnx.ModelProto, rewritten: onnx.ModelProto,
     old_inits = {t.name for t in original.graph.initializer}
     inits = [t for t in rewritten.graph.initializer if t.name not in old_inits]
     made = {o for n in nodes for o in n.output if o} | {t.name for t in inits}
+    made |= {x for n in nodes for x in _subgraph_made(n)}
     src = Graph(rewritten, inferred)          # original values keep their inferred types
     before = Graph(original, inferred)
 
@@ -662,7 +685,7 @@ def changed_subgraph(original: onnx.ModelProto, rewritten: onnx.ModelProto,
 
     inputs, seen = [], set()
     for n in nodes:
-        for i in n.input:
+        for i in [*n.input, *sorted(_subgraph_inputs(n))]:          # (an If branch reads outer values)
             if i and i not in made and i not in seen:
                 seen.add(i)
                 vi = info(i, src)

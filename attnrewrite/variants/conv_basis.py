@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from onnx import helper
 
+from ..kernels.dispatch import register_host
 from ..passes import onnx_rewrite as R
 from .exact import reference as exact_reference
 from .base import BACKWARD_OPS, MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax
@@ -352,9 +353,12 @@ def _exact_rows(q, k, v, rows, key_bias, causal, softcap):
     return torch.cat(out)
 
 
-def attend_heads(q, k, v, key_bias, causal, softcap, count, starts, eps, stats=None, delta=1e-9, segment=1):
+def attend_heads(q, k, v, key_bias, causal, softcap, count, starts, eps, stats=None, delta=1e-9, segment=1,
+                 steps=None):
     """G heads in q's dtype (float32 or float64): q (G, n, d) already scaled, k (G, n, d), v (G, n, dv),
-    key_bias (G, n) or None; starts: "norm", "search" or a list of fixed columns."""
+    key_bias (G, n) or None; starts: "norm", "search" or a list of fixed columns. steps: None (PyTorch
+    throughout), or _KernelSteps — the start columns and the normalisation with the exact rows from
+    the generated kernels, the rest (start search, FFT apply) the same code."""
     g, n, _ = q.shape
     if key_bias is None:
         w = torch.ones(g, n, dtype=q.dtype, device=q.device)
@@ -373,7 +377,9 @@ def attend_heads(q, k, v, key_bias, causal, softcap, count, starts, eps, stats=N
             st = find_starts(qq, kk, count, eps, strict, ww, softcap)
         else:
             st = torch.tensor(sorted({0, *[min(s, n - 1) for s in starts]}), device=q.device).expand(g, -1)
-        plans.append((st.contiguous(), _start_columns(qq, kk, st, softcap, strict)))
+        st = st.contiguous()
+        plans.append((st, _start_columns(qq, kk, st, softcap, strict) if steps is None else
+                      steps.start_columns(st, strict)))
     c = torch.stack([cols.flatten(1).amax(-1) for _, cols in plans], -1).amax(-1)
     c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))
     y = torch.zeros_like(x)
@@ -382,13 +388,17 @@ def attend_heads(q, k, v, key_bias, causal, softcap, count, starts, eps, stats=N
         part, err = _conv_apply(torch.exp(cols - c[:, None, None]), st, xx)
         y += part.flip(1) if strict else part
         noise = noise + (err.flip(1) if strict else err)
-    norm = y[..., -1]
-    out = y[..., :-1] / norm.clamp_min(torch.finfo(norm.dtype).tiny)[..., None]
-    bad = norm <= (RELIABLE if q.dtype == torch.float64 else RELIABLE_F32) * noise
-    for h in bad.any(-1).nonzero()[:, 0].tolist():
-        rows = bad[h].nonzero()[:, 0]
-        out[h, rows] = _exact_rows(q[h], k[h], v[h], rows, None if key_bias is None else key_bias[h],
-                                   causal, softcap)
+    reliable = RELIABLE if q.dtype == torch.float64 else RELIABLE_F32
+    if steps is not None:
+        out, bad = steps.finish(y, noise, reliable)
+    else:
+        norm = y[..., -1]
+        out = y[..., :-1] / norm.clamp_min(torch.finfo(norm.dtype).tiny)[..., None]
+        bad = norm <= reliable * noise
+        for h in bad.any(-1).nonzero()[:, 0].tolist():
+            rows = bad[h].nonzero()[:, 0]
+            out[h, rows] = _exact_rows(q[h], k[h], v[h], rows, None if key_bias is None else key_bias[h],
+                                       causal, softcap)
     if stats is not None:
         stats["fallback_rows"] = stats.get("fallback_rows", 0) + int(bad.sum())
         stats["rows"] = stats.get("rows", 0) + g * n
@@ -452,15 +462,23 @@ def _attend(q, k, v, mask, scale, softcap, causal, dropout_p, count, starts, eps
             stats["exact_fallback"] = "mask is not causal + per-key" if split is None else "dropout"
         return exact_reference(q, k, v, mask, scale, softcap, causal, dropout_p)
     causal, key_bias = split
-    dt = working_dtype(precision, q.dtype, n)
+    return _attend_split(q, k, v, key_bias, scale, softcap, causal, count, starts, eps, stats, delta, segment,
+                         working_dtype(precision, q.dtype, n))
+
+
+def _attend_split(q, k, v, key_bias, scale, softcap, causal, count, starts, eps, stats, delta, segment, dt,
+                  kernels=None):
+    """_attend once the mask is split into causal + key_bias (B', H', n) or None, in working dtype dt;
+    kernels: the generated conv_basis module for the op's kernel path (see _KernelSteps), or None."""
     qw = q.to(dt) * scale
     kw, vw = expand_kv(q, k).to(dt), expand_kv(q, v).to(dt)
     b, h, n, d = qw.shape
     kb = None
     if key_bias is not None:
         kb = key_bias.expand(b, h, n).reshape(b * h, n).to(dt)
+    steps = None if kernels is None else _KernelSteps(kernels, q, k, v, scale, kb)
     out = attend_heads(qw.reshape(b * h, n, d), kw.reshape(b * h, n, d), vw.reshape(b * h, n, -1), kb,
-                       causal, softcap, count, starts, eps, stats, delta, segment)
+                       causal, softcap, count, starts, eps, stats, delta, segment, steps)
     return out.reshape(b, h, n, -1).to(q.dtype)
 
 
@@ -477,6 +495,59 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
 op = define_attention_op(OP_NAME, reference, "int k_basis, int[]? starts, float eps, str search=\"norm\", "
                          "float delta=1e-09, int segment=1, str precision=\"auto\"")
 backward_op = BACKWARD_OPS[OP_NAME]
+
+
+# ----------------------------------------------------------------------------- the op on generated kernels
+
+class _KernelSteps:
+    """attend_heads' steps on the generated conv_basis kernels (attnrewrite/kernels/conv_basis.py),
+    which read the op's own q, k, v (site dtype, kv heads not repeated) in the working precision."""
+
+    def __init__(self, module, q, k, v, scale, key_bias):
+        self.module, self.q, self.k, self.v, self.scale = module, q, k, v, scale
+        self.key_bias = None if key_bias is None else key_bias.contiguous()
+
+    def start_columns(self, starts, strict: bool):
+        return self.module.start_columns(self.q, self.k, self.scale, starts, strict)
+
+    def finish(self, y, noise, reliable: float):
+        """(out (G, n, dv) in q's dtype, bad (G, n)): the normalised rows, the unreliable ones
+        recomputed exactly in place."""
+        out, bad = self.module.normalise(y, noise, reliable, self.q.dtype)
+        rows = bad.flatten().nonzero()[:, 0]
+        self.module.exact_rows(self.q, self.k, self.v, self.key_bias, self.scale, rows, out)
+        return out, bad
+
+
+def _kernel_plan(q, k, v, mask, causal: bool, params: tuple):
+    """(causal, key bias or None, working dtype) as the reference computes this call, or why the
+    kernels do not run (the reference computes exact attention there)."""
+    n = k.shape[-2]
+    if q.shape[-2] != n:
+        return f"conv-basis needs q_len == kv_len (got {q.shape[-2]} and {n}); the op computes exact attention"
+    split = split_mask(mask, causal, n)
+    if split is None:
+        return "the mask is not causal + per-key: the op computes exact attention (PyTorch)"
+    precision = params[6] if len(params) > 6 and params[6] else "auto"
+    return (*split, working_dtype(precision, q.dtype, n))
+
+
+def kernel_forward(module, args, plan, stats=None):
+    """The op with the generated kernels (`module`): the PyTorch start search, kernel start columns,
+    the PyTorch FFT apply, then kernel normalisation and exact rows — the reference's starts and
+    fallback rows, its numbers up to round-off. `plan` from _kernel_plan; `stats` as _attend's."""
+    q, k, v, mask, scale, softcap, causal, dropout_p, count, fixed, eps, search, delta, segment = \
+        (*args, *[None] * 14)[:14]
+    causal, key_bias, dt = plan
+    return _attend_split(q, k, v, key_bias, scale, softcap, causal, count,
+                         fixed if fixed is not None else (search or "norm"), eps, stats,
+                         1e-9 if delta is None else delta, segment or 1, dt, kernels=module)
+
+
+register_host(OP_NAME, _kernel_plan, kernel_forward,
+              "conv_basis: forward only — the start search and the FFT apply run in PyTorch between the "
+              "kernels (start columns; normalisation with the reliability test; exact rows); the backward "
+              "runs the reference")
 
 
 def op_args(site, options: dict) -> tuple:
@@ -543,7 +614,7 @@ def _offset_table(n_max: int):
     return table
 
 
-def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
+def _onnx_dense(b, site, q, k, v, mask, options: dict) -> str:
     """Standard ONNX ops (onnxruntime CPU), dense: the same H̃ the reference builds for n ≤ DENSE_MAX_N.
 
     Dense memory: the (B, H, n, n) scores S = softcap(scale·q·kᵀ) are materialised (no FFT).
@@ -580,16 +651,10 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
     ninf = f(-math.inf)
     big = np.iinfo(np.int64)
 
-    def reduce(op, x, axes, keepdims=1):
-        if (op == "ReduceSum" and b.opset >= 13) or b.opset >= 18:     # axes as an input
-            return b.op(op, x, b.ints(*axes), keepdims=keepdims)
-        return b.op(op, x, axes=list(axes), keepdims=keepdims)
+    reduce, cmp = b.reduce, b.compare
 
     def where(c, x, y):
         return b.op("Where", c, x, y, dtype=b.dtype(x))
-
-    def cmp(op, x, y):
-        return b.op(op, x, y, dtype=BOOL)
 
     def flip(x, axes):
         n_ax = len(axes)
@@ -717,3 +782,395 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
     ex = where(b.op("And", causal, cmp("Less", off, i(0)), dtype=BOOL), ninf, ex)
     exact = b.op("MatMul", R.safe_softmax(b, ex), v)
     return b.cast(where(bad, exact, approx), out_dt)
+
+
+ONNX_DFT_MIN_N = DENSE_MAX_N + 1   # the DFT lowering from this length on (static, or checked at run time)
+ONNX_DFT_OPSET = 17                # the DFT op (opset 17: axis attribute; 20: axis input)
+ONNX_DIAG_GROUP = 8                # sampled diagonals gathered at once (group·n·d values per head)
+
+
+def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
+    """Standard ONNX ops (onnxruntime CPU) for the site, dense or through the DFT op.
+
+    The path follows the reference's own choice for float32 inputs (`precision=auto`): the
+    dense float64 H̃ (`_onnx_dense`) up to DENSE_MAX_N, float32 FFT convolutions
+    (`_onnx_dft`) above it. A static length picks the path at rewrite time (DFT from
+    ONNX_DFT_MIN_N on); a dynamic one holds both in an `If` on the run-time length, so a model
+    exported with dynamic axes costs nothing extra at short lengths and O(k·n·d) at long ones.
+    `precision=float64`, or a model below opset 17 (no DFT op), keeps the dense lowering.
+    Needs Lq == Lk; starts=search is not lowered (the site is kept with that reason).
+    """
+    if isinstance(site.q_len, int) and isinstance(site.kv_len, int) and site.q_len != site.kv_len:
+        raise R.Unsupported(f"{NAME}: needs q_len == kv_len (got {site.q_len} and {site.kv_len})")
+    if options.get("starts") == "search":
+        raise R.Unsupported(f"{NAME}: starts=search has no ONNX lowering yet (starts=norm or fixed columns do)")
+    precision = op_args(site, options)[6]
+    if b.opset < ONNX_DFT_OPSET or precision == "float64":
+        return _onnx_dense(b, site, q, k, v, mask, options)
+    n = site.kv_len if isinstance(site.kv_len, int) else site.q_len
+    if isinstance(n, int):
+        lower = _onnx_dft if n >= ONNX_DFT_MIN_N else _onnx_dense
+        return lower(b, site, q, k, v, mask, options)
+    TP = R.TensorProto
+    long = b.op("GreaterOrEqual", b.op("Squeeze", b.shape_of(k, 2, 3), b.ints(0)),
+                b.const(np.array(ONNX_DFT_MIN_N, np.int64)), dtype=TP.BOOL)
+    branches = []
+    for lower in (_onnx_dft, _onnx_dense):
+        start = len(b.nodes)
+        y = lower(b, site, q, k, v, mask, options)
+        nodes = b.nodes[start:]
+        del b.nodes[start:]
+        branches.append(helper.make_graph(nodes, b.fresh(lower.__name__), [],
+                                          [helper.make_tensor_value_info(y, b.dtype(y), None)]))
+    return b.op("If", long, then_branch=branches[0], else_branch=branches[1], dtype=b.dtype(q))
+
+
+def _onnx_dft(b, site, q, k, v, mask, options: dict) -> str:
+    """The reference's FFT path in standard ONNX ops, float32: memory O(k·n·d), no (n, n) tensor.
+
+      start search  the sampled diagonals s[j + t, j] = q[j + t]·k[j] (the offsets t of
+                    `find_starts`: static n exactly, dynamic n from the same table as the
+                    dense lowering), ONNX_DIAG_GROUP offsets at a time (one Gather of q rows
+                    and one batched MatMul); the ranking in float64 as the reference's short
+                    path; TopK(Min(k, n)), eps, k ≥ n → every column; fixed starts as given.
+      columns       colᵢ[t] = s[sᵢ + t, sᵢ] from q·k[starts]ᵀ (n × k); kernᵢ = exp(colᵢ − c),
+                    c the largest over both triangles. A repeated start keeps its first copy.
+      apply         overlap-save as `_overlap_save`, block P = fft_block(n): the columns of
+                    X = [V·w | w] cut into segments (one block ∩ one start's columns, at most
+                    nb + k', placed by ScatterElements), each transformed once by `DFT` (real
+                    input, onesided, zero-padded by the op to 2P); each start's kernel windows
+                    (nb of 2P lags) once; per frequency the complex (nb × S)·(S × m) product as
+                    one real MatMul of [Tr; Ti] with [Xr | Xi]; one inverse `DFT` (onesided →
+                    real) per output block and column. Bidirectional: the strict upper
+                    triangle is the same on the reversed sequence, flipped back and added (a
+                    run-time causal mask selects). Memory O((1 + k/nb)·n·d + k·n).
+      fallback      the reference's test: normaliser ≤ RELIABLE_F32 × its FFT error estimate
+                    (n ≤ DENSE_MAX_N: Σᵢ ‖kernᵢ‖·‖w on block i‖ per head; above: per row block
+                    of fft_block(n), Σ over the start blocks reaching it of ‖kernel window‖·
+                    ‖w on the block‖), × unit round-off × log₂ of the transform size. The
+                    unreliable rows (R = the most in any head) are taken by TopK, scored
+                    exactly against every key (R·n per head), and scattered back.
+    Masks: causal + per-key bias as `split_mask`; a constant causal mask is the causal flag;
+    a mask with one query row is a key mask; with n rows the causal test runs on the mask's
+    rows (the last key each row keeps), and the key bias is its last (causal) or first row.
+    """
+    TP = R.TensorProto
+    F32, F64, I64, BOOL = TP.FLOAT, TP.DOUBLE, TP.INT64, TP.BOOL
+    count, fixed, eps = op_args(site, options)[:3]
+    out_dt = b.dtype(q)
+    q, k, v = (b.cast(x, F32) for x in (q, k, v))
+    if isinstance(site.heads, int) and isinstance(site.kv_heads, int) and site.heads != site.kv_heads:
+        k, v = R.repeat_kv(b, k, site.heads, site.kv_heads), R.repeat_kv(b, v, site.heads, site.kv_heads)
+    causal = bool(site.causal)
+    if mask is not None and R.constant_causal(b, mask):
+        mask, causal = None, True                                  # the constant causal pattern: the flag
+    f32 = lambda x: b.const(np.array(x, np.float32))              # noqa: E731 - a 0-d float
+    f64 = lambda x: b.const(np.array(x, np.float64))              # noqa: E731 - a 0-d double
+    i = lambda x: b.const(np.array(x, np.int64))                  # noqa: E731 - a 0-d int64
+    big = np.iinfo(np.int64)
+    static_n = site.kv_len if isinstance(site.kv_len, int) else site.q_len
+    static_n = static_n if isinstance(static_n, int) else None
+
+    reduce, cmp = b.reduce, b.compare
+
+    def where(c, x, y):
+        return b.op("Where", c, x, y, dtype=b.dtype(x))
+
+    def flip(x, axis=2):
+        return b.op("Slice", x, b.ints(-1), b.ints(big.min), b.ints(axis), b.ints(-1))
+
+    def unsq(x, *axes):
+        return b.op("Unsqueeze", x, b.ints(*axes))
+
+    def cat(*xs, axis=0):
+        return b.op("Concat", *xs, axis=axis, dtype=b.dtype(xs[0]))
+
+    def finite_or_zero(x):
+        return where(b.op("Or", b.op("IsInf", x, dtype=BOOL), b.op("IsNaN", x, dtype=BOOL), dtype=BOOL),
+                     b.scalar_like(0.0, x), x)
+
+    def dft(x, length, axis, inverse=0):
+        if b.opset >= 20:
+            return b.op("DFT", x, length, i(axis), onesided=1, inverse=inverse, dtype=F32)
+        return b.op("DFT", x, length, axis=axis, onesided=1, inverse=inverse, dtype=F32)
+
+    qs = b.op("Mul", q, f32(R.resolve_scale(b, site)))            # scaled in float32, as the reference
+    bh = b.shape_of(q, 0, 2)                                       # (2,) B, H
+    n1 = b.shape_of(k, 2, 3)                                       # (1,) n
+    n0 = b.op("Squeeze", n1, b.ints(0))
+    last = b.op("Sub", n0, i(1))
+    ar = b.op("Range", i(0), n0, i(1), dtype=I64)                  # (n,)
+    bhn = cat(bh, n1)
+
+    # ---- the mask: causal (static, or tested on the mask's rows) + per-key bias -> weights w
+    if mask is None:
+        w, kb = b.op("Expand", f32(1.0), bhn), None
+    else:
+        m = where(mask, f64(0.0), f64(-math.inf)) if b.dtype(mask) == BOOL else b.cast(mask, F64)
+        m = where(cmp("LessOrEqual", m, f64(MASK_REMOVED)), f64(-math.inf), m)
+        m = b.op("Expand", m, cat(b.ints(1, 1, 1), n1))            # rank 4, its own rows (1 or n)
+        rows = b.shape_of(m, 2, 3)
+        if not causal:                                             # every key after the row removed?
+            kept = cmp("Greater", m, f64(-math.inf))
+            last_kept = reduce("ReduceMax", where(kept, ar, i(-1)), [3], keepdims=0)      # (B', H', rows)
+            rr = b.op("Range", i(0), b.op("Squeeze", rows, b.ints(0)), i(1), dtype=I64)
+            tril = reduce("ReduceMin", b.op("Cast", cmp("LessOrEqual", last_kept, rr), to=TP.INT32,
+                                             dtype=TP.INT32), [0, 1, 2], keepdims=0)
+            causal = b.op("And", cmp("Greater", tril, b.const(np.array(0, np.int32))),
+                          cmp("Greater", b.op("Squeeze", rows, b.ints(0)), i(1)), dtype=BOOL)
+            row = where(causal, b.op("Sub", rows, b.ints(1)), b.ints(0))
+        else:
+            row = b.op("Sub", rows, b.ints(1))
+        kb = b.cast(b.op("Expand", b.op("Squeeze", b.op("Gather", m, row, axis=2), b.ints(2)), bhn), F32)
+        w = b.op("Exp", b.op("Sub", kb, finite_or_zero(reduce("ReduceMax", kb, [2]))))   # (B, H, n)
+    x = cat(b.op("Mul", v, unsq(w, 3)), unsq(w, 3), axis=3)        # [V·w | w] (B, H, n, dv + 1)
+    dv = b.op("Squeeze", b.shape_of(v, 3, 4), b.ints(0))
+    static_causal = causal if isinstance(causal, bool) else None
+
+    # ---- the sampled diagonals' offsets and gap weights
+    if static_n is not None:
+        grid = torch.logspace(0, math.log10(max(static_n - 1, 1)), SAMPLED_DIAGONALS).long().tolist()
+        table = sorted(t for t in {*range(min(8, static_n)), *grid} if t < static_n)
+        offs, n_offs = b.const(np.array(table, np.int64)), len(table)
+    else:
+        cache = b.__dict__.setdefault("_conv_basis_consts", {})
+        if "offsets" not in cache:
+            cache["offsets"] = b.const(_offset_table(ONNX_OFFSET_TABLE_N))
+        offs = b.op("Cast", b.op("Gather", cache["offsets"], b.op("Min", n0, i(ONNX_OFFSET_TABLE_N)), axis=0),
+                    to=I64, dtype=I64)                             # −1 = padding
+        n_offs = _offset_table(ONNX_OFFSET_TABLE_N).shape[1]
+    nxt = cat(b.op("Slice", offs, b.ints(1), b.ints(big.max)), b.ints(-1))
+    nxt = where(cmp("GreaterOrEqual", nxt, i(0)), nxt, n0)
+    gap = b.op("Cast", where(cmp("GreaterOrEqual", offs, i(0)), b.op("Sub", nxt, offs), i(0)), to=F64, dtype=F64)
+    kk = b.op("Min", b.ints(int(count)), n1)                       # (1,)
+    kk0 = b.op("Squeeze", kk, b.ints(0))
+    every = cmp("Equal", kk0, n0)
+    kidx = b.op("Range", i(0), kk0, i(1), dtype=I64)               # (k',)
+
+    def softcapped(s):
+        if not site.softcap:
+            return s
+        cap = b.scalar_like(float(site.softcap), s)
+        return b.op("Mul", b.op("Tanh", b.op("Div", s, cap)), cap)
+
+    def diagonals(qp, kp):
+        """(B, H, T, n) float32 raw scores qp[j + t]·kp[j] (garbage where j + t ≥ n or t < 0)."""
+        kcol = unsq(kp, 4)                                         # (B, H, n, d, 1)
+        out = []
+        for a in range(0, n_offs, ONNX_DIAG_GROUP):
+            part = b.op("Slice", offs, b.ints(a), b.ints(a + ONNX_DIAG_GROUP), b.ints(0))
+            idx = b.op("Min", b.op("Max", b.op("Add", unsq(ar, 1), unsq(part, 0)), i(0)), last)  # (n, G)
+            rowsq = b.op("Gather", qp, idx, axis=2)                # (B, H, n, G, d)
+            out.append(b.op("Squeeze", b.op("MatMul", rowsq, kcol), b.ints(4)))                   # (B, H, n, G)
+        d = out[0] if len(out) == 1 else cat(*out, axis=3)
+        return b.op("Transpose", d, perm=[0, 1, 3, 2])
+
+    def starts_of(qp, kp, wp, strict):
+        """(B, H, k') start columns (unsorted, repeats allowed), as find_starts / fixed columns."""
+        if fixed is not None:
+            st = sorted({0, *[int(s) for s in fixed]})
+            st = b.op("Min", b.const(np.array(st, np.int64)), last)
+            return b.op("Expand", unsq(st, 0, 1), cat(bh, b.shape_of(st, 0, 1)))
+        lo = 1 if strict else 0
+        okt = cmp("GreaterOrEqual", offs, i(lo))                   # (T,)
+        rows = b.op("Add", unsq(offs, 1), ar)                      # (T, n): j + t
+        valid = b.op("And", unsq(okt, 1), cmp("Less", rows, n0), dtype=BOOL)
+        d = softcapped(b.cast(diagonals(qp, kp), F64))
+        d = where(valid, d, f64(-math.inf))                        # (B, H, T, n): s[j + t, j]
+        h = b.op("Exp", b.op("Sub", d, reduce("ReduceMax", d, [2, 3])))
+        prev = b.op("Slice", b.op("Pad", h, b.ints(0, 0, 0, 1, 0, 0, 0, 0), f64(0.0)), b.ints(0), n1, b.ints(3))
+        bj = where(b.op("And", valid, cmp("Greater", ar, i(0)), dtype=BOOL), b.op("Sub", h, prev), f64(0.0))
+        norm2 = reduce("ReduceSum", b.op("Mul", unsq(where(okt, gap, f64(0.0)), 1), b.op("Mul", bj, bj)), [2],
+                       keepdims=0)
+        norm2 = b.op("Mul", norm2, b.cast(wp, F64))
+        norm2 = where(cmp("Equal", ar, i(0)), f64(math.inf), norm2)
+        vals, inds = b.fresh("TopK"), b.fresh("TopK_indices")
+        b.nodes.append(helper.make_node("TopK", [norm2, kk], [vals, inds], name=b.fresh("TopK_node"),
+                                        axis=-1, largest=1, sorted=1))
+        b.types[vals], b.types[inds] = F64, I64
+        second = b.op("Gather", vals, b.op("Min", i(1), b.op("Sub", kk0, i(1))), axis=2)
+        floor = where(cmp("Greater", kk0, i(1)), b.op("Mul", f64(eps * eps), second),
+                      b.op("Gather", vals, i(0), axis=2))
+        keep = b.op("Or", cmp("Greater", vals, unsq(floor, 2)), cmp("Equal", inds, i(0)), dtype=BOOL)
+        return where(every, b.op("Expand", unsq(kidx, 0, 1), cat(bh, kk)), where(keep, inds, i(0)))
+
+    def part(qp, kp, wp, strict):
+        """(start columns' logits (B, H, k', n), owner mask (B, H, k', n) float32) of one triangle."""
+        st = starts_of(qp, kp, wp, strict)                         # (B, H, k')
+        st3 = unsq(st, 3)                                          # (B, H, k', 1)
+        kn = b.shape_of(st, 2, 3)                                  # (1,) k'
+        kidx = b.op("Range", i(0), b.op("Squeeze", kn, b.ints(0)), i(1), dtype=I64)
+        ks = b.op("GatherElements", kp, b.op("Expand", st3, cat(bh, kn, b.shape_of(kp, 3, 4))), axis=2)  # (B, H, k', d)
+        s = softcapped(b.op("MatMul", ks, b.op("Transpose", qp, perm=[0, 1, 3, 2])))       # (B, H, k', n): s[r, sᵢ]
+        rows = b.op("Add", st3, ar)                                # sᵢ + t
+        cols = b.op("GatherElements", s, b.op("Min", rows, last), axis=3)
+        dead = cmp("GreaterOrEqual", rows, n0)
+        if strict:
+            dead = b.op("Or", dead, cmp("Equal", ar, i(0)), dtype=BOOL)
+        cols = where(dead, f32(-math.inf), cols)
+        own = reduce("ReduceMax", where(cmp("LessOrEqual", st3, ar), st3, i(-1)), [2])   # (B, H, 1, n): s(j)
+        earlier = cmp("Greater", unsq(kidx, 1), unsq(kidx, 0))     # [i, i']: i' before i
+        dup = reduce("ReduceMax", b.op("Cast", b.op("And", cmp("Equal", st3, unsq(st, 2)), earlier, dtype=BOOL),
+                                       to=TP.INT32, dtype=TP.INT32), [3])                 # (B, H, k', 1)
+        owns = b.op("And", cmp("Equal", own, st3), cmp("Equal", dup, b.const(np.array(0, np.int32))), dtype=BOOL)
+        return cols, b.op("Cast", owns, to=F32, dtype=F32)
+
+    # ---- powers of two at run time (a dynamic length's block and bit lengths)
+    pows = None if static_n is not None else b.const(np.array([1 << e for e in range(1, 48)], np.int64))
+
+    def pow2_at_least(m):                                          # 0-d: the smallest power of two ≥ m (≥ 2)
+        return reduce("ReduceMin", where(cmp("GreaterOrEqual", pows, m), pows, i(big.max)), [0], keepdims=0)
+
+    unit = UNIT[torch.float32]
+
+    def bit_length(m):                                             # 0-d float32: m's bit length (m ≥ 1)
+        return b.op("Cast", reduce("ReduceSum", b.op("Cast", cmp("LessOrEqual", cat(b.ints(1), pows), m),
+                                                     to=I64, dtype=I64), [0], keepdims=0), to=F32, dtype=F32)
+
+    def noise_head(kern, owns, wp):
+        """(B, H, 1): Σᵢ ‖kernᵢ‖·‖w on start i's columns‖ × unit × log₂(the dense path's size)."""
+        wsq = reduce("ReduceSum", b.op("Mul", owns, unsq(b.op("Mul", wp, wp), 2)), [3], keepdims=0)
+        s = reduce("ReduceSum", b.op("Mul", reduce("ReduceL2", kern, [3], keepdims=0), b.op("Sqrt", wsq)), [2])
+        bits = f32(float((2 * static_n - 1).bit_length())) if static_n is not None else \
+            bit_length(b.op("Sub", b.op("Mul", n0, i(2)), i(1)))
+        return b.op("Mul", b.op("Mul", s, f32(unit)), bits)
+
+    if static_n is not None:
+        p_blk = b.const(np.array(fft_block(static_n), np.int64))
+    else:                                                          # fft_block at run time
+        p_blk = b.op("Max", i(FFT_MIN_BLOCK), pow2_at_least(b.op("Max", i(1), b.op(
+            "Div", b.op("Add", n0, i(FFT_BLOCKS - 1)), i(FFT_BLOCKS)))))
+    nb = b.op("Div", b.op("Add", n0, b.op("Sub", p_blk, i(1))), p_blk)
+    blk = b.op("Div", ar, p_blk)                                   # (n,) the row's block
+    p1 = unsq(p_blk, 0)                                            # (1,) P
+    p2 = b.op("Mul", p_blk, i(2))                                  # 2P, the transform size
+    nb1 = unsq(nb, 0)
+    delta = b.op("Range", i(0), nb, i(1), dtype=I64)               # (nb,) blocks / lags in blocks
+
+    def apply(kern, owns, xp):
+        """Σᵢ kernᵢ ∗ (xp on start i's columns): (B, H, n, m), overlap-save as `_overlap_save`.
+
+        Segments are the runs of columns with one block and one owning start (at most nb + k');
+        each is transformed once (2P), each start's kernel once per block lag, and output block
+        o is Σₛ window(owner s, o − block s)·X̂ₛ, per frequency one (2nb × S)·(S × 2m) real
+        MatMul for the complex product, then one inverse transform per block and column."""
+        m1 = b.shape_of(xp, 3, 4)
+        kn = b.shape_of(owns, 2, 3)
+        own = b.op("ArgMax", owns, axis=2, keepdims=0)             # (B, H, n): the owning start's slot
+        key = b.op("Add", b.op("Mul", blk, b.op("Squeeze", kn, b.ints(0))), own)
+        new = b.op("Cast", b.op("Not", cmp("Equal", b.op("Slice", key, b.ints(1), b.ints(big.max), b.ints(2)),
+                                           b.op("Slice", key, b.ints(0), b.ints(-1), b.ints(2)))), to=I64, dtype=I64)
+        seg = b.op("CumSum", b.op("Pad", new, b.ints(0, 0, 1, 0, 0, 0), i(0)), i(2))   # (B, H, n) segment of j
+        nseg = b.op("Add", nb1, kn)                                # (1,) S, an upper bound
+        slot = b.op("Add", b.op("Mul", seg, p_blk), b.op("Mod", ar, p_blk))
+        xs = b.op("Expand", f32(0.0), cat(bh, b.op("Mul", nseg, p1), m1))
+        xs = b.op("ScatterElements", xs, b.op("Expand", unsq(slot, 3), cat(bhn, m1)), xp, axis=2)
+        xs = b.op("Transpose", b.op("Reshape", xs, cat(bh, nseg, p1, m1)), perm=[0, 1, 2, 4, 3])
+        xf = dft(unsq(xs, 5), p2, 4)                               # (B, H, S, m, P + 1, 2)
+        xf = b.op("Transpose", xf, perm=[0, 1, 4, 2, 5, 3])        # (B, H, F, S, 2, m)
+        xf = b.op("Reshape", xf, b.ints(0, 0, 0, 0, -1))           # (B, H, F, S, [re | im])
+        zero = b.op("Expand", i(0), cat(bh, nseg))
+        seg_blk = b.op("ScatterElements", zero, seg, b.op("Expand", blk, bhn), axis=2)    # (B, H, S)
+        seg_own = b.op("ScatterElements", zero, seg, own, axis=2)
+        right = b.op("Sub", b.op("Mul", b.op("Add", nb, i(1)), p_blk), b.op("Add", n0, b.op("Sub", p_blk, i(1))))
+        kp = b.op("Pad", kern, cat(b.ints(0, 0, 0), b.op("Sub", p1, b.ints(1)), b.ints(0, 0, 0), unsq(right, 0)),
+                  f32(0.0))                                        # (B, H, k', (nb + 1)·P)
+        widx = b.op("Add", unsq(b.op("Mul", delta, p_blk), 1), b.op("Range", i(0), p2, i(1), dtype=I64))
+        wf = dft(unsq(b.op("Gather", kp, widx, axis=3), 5), p2, 4)  # (B, H, k', nb, P + 1, 2)
+        wf = b.op("Reshape", wf, cat(b.ints(0, 0, -1), b.shape_of(wf, 4, 6)))   # (B, H, k'·nb, F, 2)
+        lag = b.op("Sub", unsq(delta, 0, 1, 3), unsq(seg_blk, 2))  # (B, H, nb, S): o − block s
+        pick = b.op("Add", b.op("Mul", unsq(seg_own, 2), nb), b.op("Max", lag, i(0)))
+        tm = b.op("GatherND", wf, unsq(b.op("Reshape", pick, b.ints(0, 0, -1)), 3), batch_dims=2)  # (B, H, nb·S, F, 2)
+        live = unsq(b.op("Reshape", cmp("GreaterOrEqual", lag, i(0)), b.ints(0, 0, -1)), 3, 4)
+        tm = where(live, tm, f32(0.0))
+        tm = b.op("Reshape", tm, cat(bh, nb1, nseg, b.ints(-1, 2)))
+        tm = b.op("Transpose", tm, perm=[0, 1, 4, 5, 2, 3])        # (B, H, F, 2, nb, S)
+        tm = b.op("Reshape", tm, cat(b.ints(0, 0, 0, -1), nseg))  # (B, H, F, [Tr; Ti], S)
+        prod = b.op("MatMul", tm, xf)                              # (B, H, F, 2nb, 2m)
+        blocks = lambda r0, r1, c0, c1: b.op("Slice", prod, cat(r0, c0), cat(r1, c1), b.ints(3, 4))   # noqa: E731
+        z = b.ints(0)
+        nb2, m2 = b.op("Mul", nb1, b.ints(2)), b.op("Mul", m1, b.ints(2))
+        yr = b.op("Sub", blocks(z, nb1, z, m1), blocks(nb1, nb2, m1, m2))
+        yi = b.op("Add", blocks(z, nb1, m1, m2), blocks(nb1, nb2, z, m1))
+        y = b.op("Transpose", cat(unsq(yr, 5), unsq(yi, 5), axis=5), perm=[0, 1, 3, 4, 2, 5])   # (B, H, nb, m, F, 2)
+        y = dft(y, p2, 4, inverse=1)                               # (B, H, nb, m, 2P, 1)
+        y = b.op("Squeeze", b.op("Slice", y, b.op("Sub", p1, b.ints(1)), b.op("Sub", b.op("Mul", p1, b.ints(2)),
+                                                                                b.ints(1)), b.ints(4)), b.ints(5))
+        y = b.op("Reshape", b.op("Transpose", y, perm=[0, 1, 2, 4, 3]), cat(bh, b.ints(-1), m1))
+        return b.op("Slice", y, b.ints(0), n1, b.ints(2))
+
+    def noise_rows(kern, owns, wp):
+        """(B, H, n): the overlap-save path's estimate (module notes), per row block of P."""
+        k2 = b.op("Cast", b.op("Mul", kern, kern), to=F64, dtype=F64)
+        csum = b.op("Pad", b.op("CumSum", k2, i(3)), b.ints(0, 0, 0, 1, 0, 0, 0, 0), f64(0.0))   # Σ_{lag < x}
+        hi = b.op("Min", b.op("Add", b.op("Mul", b.op("Add", delta, i(1)), p_blk), i(1)), n0)
+        lo = b.op("Min", b.op("Max", b.op("Add", b.op("Mul", b.op("Sub", delta, i(1)), p_blk), i(1)), i(0)), n0)
+        wn2 = b.op("Sub", b.op("Gather", csum, hi, axis=3), b.op("Gather", csum, lo, axis=3))
+        wn = b.cast(b.op("Sqrt", b.op("Max", wn2, f64(0.0))), F32)          # (B, H, k', nb) window norms
+        pad = b.op("Sub", b.op("Mul", nb, p_blk), n0)
+        wsq = b.op("Mul", owns, unsq(b.op("Mul", wp, wp), 2))     # (B, H, k', n)
+        wsq = b.op("Pad", wsq, cat(b.ints(0, 0, 0, 0, 0, 0, 0), unsq(pad, 0)), f32(0.0))
+        wsq = b.op("Reshape", wsq, cat(b.shape_of(owns, 0, 3), unsq(nb, 0), unsq(p_blk, 0)))
+        xn = b.op("Sqrt", reduce("ReduceSum", wsq, [4], keepdims=1))  # (B, H, k', nb, 1) ‖w on segment‖
+        lag = b.op("Sub", unsq(delta, 1), unsq(delta, 0))          # (nb, nb): o − β
+        tm = b.op("Gather", wn, b.op("Max", lag, i(0)), axis=3)    # (B, H, k', nb, nb)
+        tm = where(cmp("GreaterOrEqual", lag, i(0)), tm, f32(0.0))
+        per_block = reduce("ReduceSum", b.op("MatMul", tm, xn), [2, 4], keepdims=0)       # (B, H, nb)
+        bits = f32(float(fft_block(static_n).bit_length())) if static_n is not None else bit_length(p_blk)
+        return b.op("Mul", b.op("Mul", b.op("Gather", per_block, blk, axis=2), f32(unit)), bits)
+
+    # ---- both triangles: starts, columns, one shift c, the convolutions and the error estimates
+    parts = [(qs, k, x, w, False)]
+    if static_causal is not True:                                  # the strictly upper triangle, reversed
+        parts.append((flip(qs), flip(k), flip(x), flip(w), True))
+    plans = [part(qp, kp, wp, strict) for qp, kp, _, wp, strict in parts]
+    tops = [reduce("ReduceMax", cols, [2, 3]) for cols, _ in plans]
+    if len(tops) == 2 and static_causal is None:
+        tops[1] = where(causal, f32(-math.inf), tops[1])
+    c = finite_or_zero(tops[0] if len(tops) == 1 else b.op("Max", *tops))
+    y = noise = None
+    for (_, _, xp, wp, strict), (cols, owns) in zip(parts, plans):
+        kern = b.op("Exp", b.op("Sub", cols, c))
+        yp = apply(kern, owns, xp)
+        if static_n is not None and static_n <= DENSE_MAX_N:
+            np_ = noise_head(kern, owns, wp)
+        elif static_n is not None:
+            np_ = noise_rows(kern, owns, wp)
+        else:
+            np_ = where(cmp("Greater", n0, i(DENSE_MAX_N)), noise_rows(kern, owns, wp),
+                        b.op("Expand", noise_head(kern, owns, wp), bhn))
+        if strict:
+            yp, np_ = flip(yp), flip(np_)
+            if static_causal is None:
+                yp, np_ = where(causal, f32(0.0), yp), where(causal, f32(0.0), np_)
+        y = yp if y is None else b.op("Add", y, yp)
+        noise = np_ if noise is None else b.op("Add", noise, np_)
+    norm = b.op("Squeeze", b.op("Slice", y, unsq(dv, 0), b.ints(big.max), b.ints(3)), b.ints(3))   # (B, H, n)
+    approx = b.op("Div", b.op("Slice", y, b.ints(0), unsq(dv, 0), b.ints(3)),
+                  unsq(b.op("Max", norm, f32(np.finfo(np.float32).tiny)), 3))
+    bad = cmp("LessOrEqual", norm, b.op("Mul", noise, f32(RELIABLE_F32)))
+
+    # ---- the unreliable rows, recomputed exactly: R = the most in any head, picked by TopK
+    flag = b.op("Cast", bad, to=F32, dtype=F32)
+    r = b.op("Max", b.ints(1), b.op("Cast", reduce("ReduceMax", reduce("ReduceSum", flag, [2]), [0, 1, 2], keepdims=0),
+                                   to=I64, dtype=I64))
+    r = b.op("Reshape", r, b.ints(1))
+    vals, rows = b.fresh("TopK"), b.fresh("TopK_indices")
+    b.nodes.append(helper.make_node("TopK", [flag, r], [vals, rows], name=b.fresh("TopK_node"),
+                                    axis=-1, largest=1, sorted=0))
+    b.types[vals], b.types[rows] = F32, I64
+    rows4 = unsq(rows, 3)                                          # (B, H, R, 1)
+    qr = b.op("GatherElements", qs, b.op("Expand", rows4, cat(bh, r, b.shape_of(qs, 3, 4))), axis=2)
+    s = softcapped(b.op("MatMul", qr, b.op("Transpose", k, perm=[0, 1, 3, 2])))          # (B, H, R, n)
+    if kb is not None:
+        s = b.op("Add", s, unsq(kb, 2))
+    if static_causal is not False:
+        after = cmp("Greater", ar, rows4)
+        if static_causal is None:
+            after = b.op("And", causal, after, dtype=BOOL)
+        s = where(after, f32(-math.inf), s)
+    exact = b.op("MatMul", R.safe_softmax(b, s), v)               # (B, H, R, dv)
+    ridx = b.op("Expand", rows4, cat(bh, r, unsq(dv, 0)))
+    picked = where(unsq(cmp("Greater", vals, f32(0.5)), 3), exact, b.op("GatherElements", approx, ridx, axis=2))
+    out = b.op("ScatterElements", approx, ridx, picked, axis=2)
+    return b.cast(out, out_dt)

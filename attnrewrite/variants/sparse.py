@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from onnx import helper
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels.dispatch import register_block_selection
 from ..passes import onnx_rewrite as R
 from .base import BACKWARD_OPS, Param, compute_dtype, define_attention_op, expand_kv, is_causal_mask
 
@@ -204,6 +205,13 @@ def _block_keep(s, p, block: int, density: float, mass: float, n_keep=None):
     """Ω for block mode from a chunk of dense scores s and their softmax p (B, H, c, Lk), the
     chunk's first row starting a block; `n_keep` (…, nq, 1): blocks per query block, else the
     density budget."""
+    keep = _block_choice(s, p, block, density, mass, n_keep)
+    c, lk = s.shape[-2:]
+    return keep.repeat_interleave(block, -2)[..., :c, :].repeat_interleave(block, -1)[..., :lk]
+
+
+def _block_choice(s, p, block: int, density: float, mass: float, n_keep=None):
+    """_block_keep's choice per block: (B, H, ⌈c/block⌉, ⌈Lk/block⌉) bool."""
     b = block
     bsz, h, c, lk = s.shape
     nq, nk = -(-c // b), -(-lk // b)
@@ -220,8 +228,7 @@ def _block_keep(s, p, block: int, density: float, mass: float, n_keep=None):
     if mass < 1.0:                                                      # keep until the mass target is met:
         before = mass_sorted.cumsum(-1) - mass_sorted                   # mass of the better-ranked blocks
         keep &= before < mass * rows                                    # (the block crossing it is kept)
-    keep = torch.zeros_like(keep).scatter(-1, order, keep)
-    return keep.repeat_interleave(b, -2)[..., :c, :].repeat_interleave(b, -1)[..., :lk]
+    return torch.zeros_like(keep).scatter(-1, order, keep)
 
 
 # ---------------------------------------------------------------- block statistics, budgets, pooled selection
@@ -534,10 +541,34 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
     return torch.cat(outs, 2).to(q.dtype)
 
 
+def kept_blocks(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float,
+                mode: str, top_k: int, window: int, sinks: int, band: str, block: int,
+                density: float, mass: float, select: str = "exact", head_density=()):
+    """Block mode's selection alone, as `reference` makes it: (B, H, ⌈Lq/block⌉, ⌈Lk/block⌉) bool,
+    the key blocks each query block keeps (the same chunks, ranking and budgets; no output).
+    The block-sparse kernel runs on it (registered with kernels.dispatch below)."""
+    o = dict(zip(_ORDER, (mode, top_k, window, sinks, band, block, density, mass, select, tuple(head_density))))
+    cdt = compute_dtype(q.dtype)
+    with torch.no_grad():
+        qc, kx = q.to(cdt), expand_kv(q, k).to(cdt)
+        (b, h, lq, _), lk = qc.shape, kx.shape[-2]
+        keep = torch.zeros(b, h, -(-lq // block), -(-lk // block), dtype=torch.bool, device=q.device)
+        plan = _block_plan(qc, kx, mask, causal, o, scale, softcap) if lq and lk else None
+        if plan is not None and plan["pooled"]:
+            return keep.scatter_(-1, plan["idx"], plan["valid"])
+        for i0, i1 in _row_chunks(qc, kx, v.shape[-1], o, causal, plan):
+            s = _dense_scores(qc, kx, mask, scale, softcap, causal, i0, i1)
+            n_keep = None if plan is None else _plan_rows(plan, i0, i1, block)["n_keep"]
+            chosen = _block_choice(s, _softmax(s), block, density, mass, n_keep)
+            keep[:, :, i0 // block:i0 // block + chosen.shape[-2], :chosen.shape[-1]] = chosen
+    return keep
+
+
 op = define_attention_op(OP_NAME, reference, "str mode, int top_k, int window, int sinks, str band, "
                                              "int block, float density, float mass, str select, "
                                              "float[] head_density")
 backward_op = BACKWARD_OPS[OP_NAME]
+register_block_selection(OP_NAME, kept_blocks)
 
 
 def op_args(site, options: dict) -> tuple:
