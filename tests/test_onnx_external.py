@@ -87,3 +87,58 @@ def test_the_output_data_file_matches_the_source_bytes(external_model, tmp_path,
     assert wa.keys() == wb.keys()
     for name in wa:
         np.testing.assert_array_equal(wa[name], wb[name])
+
+
+@pytest.fixture(scope="module")
+def external_constants(tmp_path_factory):
+    """The legacy export of TinyAttention with every tensor external, Constant nodes' values
+    included (as the exporter writes a model over 2 GB): its qkv weight (3 KiB) moved into a
+    Constant node, beside the small shape Constants. plain.onnx: the same model, self-contained."""
+    d = tmp_path_factory.mktemp("external_constants")
+    torch.manual_seed(0)
+    m, x = TinyAttention().eval(), torch.randn(2, 6, 16)
+    torch.onnx.export(m, (x,), str(d / "plain.onnx"), input_names=["x"], dynamo=False, opset_version=17)
+    model = onnx.load(d / "plain.onnx")
+    w = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    model.graph.initializer.remove(w)
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], [w.name], value=w))
+    onnx.save(model, d / "plain.onnx")
+    onnx.save(model, d / "model.onnx", save_as_external_data=True, location="weights.bin", size_threshold=0,
+              convert_attribute=True)
+    kept = onnx.load(d / "model.onnx", load_external_data=False)
+    assert sum(a.t.data_location == onnx.TensorProto.EXTERNAL for n in kept.graph.node for a in n.attribute
+               if n.op_type == "Constant") > 1, "the fixture should hold external Constant values"
+    return d, x.numpy()
+
+
+@pytest.mark.parametrize("on_disk", [False, True], ids=["read-in", "kept-on-disk"])
+def test_external_constant_values_load_check_and_rewrite(external_constants, monkeypatch, capsys, on_disk):
+    """Constant values stored externally are checked and read in — or, above the limit, the large
+    one stays on disk and is copied into the output's data file — and the rewritten model computes
+    what the original does."""
+    d, x = external_constants
+    if on_disk:
+        monkeypatch.setattr(onnx_fe, "INLINE_MAX_BYTES", 1024)     # shapes read in, the 3 KiB weight kept
+        monkeypatch.setattr(onnx_fe, "KEEP_ON_DISK_BYTES", 0)
+    loaded = onnx_fe.load_model(d / "model.onnx")
+    assert any(n.op_type == "Constant" and n.attribute[0].t.data_location == onnx.TensorProto.EXTERNAL
+               for n in loaded.graph.node) == on_disk
+    out = d / f"out-{on_disk}" / "model.exact.onnx"
+    code = main([str(d / "model.onnx"), "--variant", "exact", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    ref = ort.InferenceSession(str(d / "plain.onnx"), providers=["CPUExecutionProvider"])
+    new = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(new.run(None, {"x": x})[0], ref.run(None, {"x": x})[0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_missing_external_constant_value_is_named(external_constants, tmp_path, capsys):
+    d, _ = external_constants
+    model = onnx.load(d / "model.onnx", load_external_data=False)
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute[0].t.data_location == onnx.TensorProto.EXTERNAL:
+            n.attribute[0].t.external_data[0].value = "gone.bin"         # the location entry
+    onnx.save(model, d / "missing.onnx")
+    assert main([str(d / "missing.onnx"), "--variant", "exact", "-o", str(tmp_path / "o.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "gone.bin" in err and "missing" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o.onnx").exists()

@@ -79,8 +79,26 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
 
 
 def external_tensors(model: onnx.ModelProto) -> list:
-    """Initializers (of every graph) whose bytes live in an external file."""
-    return [t for g in _graphs(model.graph) for t in g.initializer if t.data_location == TensorProto.EXTERNAL]
+    """Tensors (initializers and node attributes such as Constant's value, in every graph) whose
+    bytes live in an external file."""
+    return [t for t in _all_tensors(model) if t.data_location == TensorProto.EXTERNAL]
+
+
+def _attribute_tensors(model: onnx.ModelProto):
+    """The tensors held by node attributes (Constant's value, …) in every graph."""
+    for g in _graphs(model.graph):
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == onnx.AttributeProto.TENSORS:
+                    yield from a.tensors
+
+
+def _all_tensors(model: onnx.ModelProto):
+    for g in _graphs(model.graph):
+        yield from g.initializer
+    yield from _attribute_tensors(model)
 
 
 def external_span(t: TensorProto, base_dir: Path) -> tuple[Path, int, int]:
@@ -169,6 +187,11 @@ def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
     domain the checker does not look into — their edges (defined before use, no dangling
     names, one producer per value) are still checked."""
     m = onnx_detect.light_copy(model)
+    for t in _attribute_tensors(m):       # a value left on disk (a huge Constant): empty, structure kept
+        if t.data_location == TensorProto.EXTERNAL:
+            del t.external_data[:], t.dims[:]
+            t.dims.append(0)
+            t.data_location = TensorProto.DEFAULT
     m.functions.extend(model.functions)
     m.graph.sparse_initializer.extend(model.graph.sparse_initializer)
     ops = runtime_only_ops(model)
@@ -221,6 +244,7 @@ def save_model(model: onnx.ModelProto, out: Path, *, external: bool | None = Non
     m.CopyFrom(model)
     tensors = [t for g in _graphs(m.graph) for t in g.initializer]
     big = [t for t in tensors if t.data_location == TensorProto.EXTERNAL or _nbytes(t) >= SMALL_TENSOR]
+    big += [t for t in _attribute_tensors(m) if t.data_location == TensorProto.EXTERNAL]   # copied, not read in
     if external is None:
         external = sum(_nbytes(t) for t in big) >= EXTERNAL_MIN_BYTES
     external = external or any(t.data_location == TensorProto.EXTERNAL for t in big)

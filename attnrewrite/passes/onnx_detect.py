@@ -184,8 +184,9 @@ class Graph:
         n = self.producer.get(name)
         if n is not None and n.op_type == "Constant":
             for a in n.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
+                if a.name == "value":            # (a value left on disk is unknown here, as an initializer's)
+                    external = a.t.data_location == onnx.TensorProto.EXTERNAL and not a.t.raw_data
+                    return None if external else numpy_helper.to_array(a.t)
                 if a.name in ("value_float", "value_int"):
                     return np.array(onnx.helper.get_attribute_value(a))
                 if a.name in ("value_floats", "value_ints"):
@@ -214,8 +215,8 @@ class Graph:
             return np.full([int(s) for s in shape.ravel()], fill.ravel()[0], dtype=fill.dtype)
         if op == "Concat" and args and all(a is not None and a.ndim <= 1 for a in args):
             return _known(np.concatenate([a.astype(object).ravel() for a in args]))   # a Reshape's dynamic shape
-        if any(a is None for a in args[:1 if op in self.UNARY else 2]):
-            return None
+        if not args or any(a is None for a in args[:1 if op in self.UNARY else 2]):
+            return None                   # (no inputs: a Constant whose value is not known here)
         a = args[0]
         if a.dtype == object and op not in ("Gather", "Slice", "Squeeze", "Unsqueeze"):
             return None
