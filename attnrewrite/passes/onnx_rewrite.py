@@ -355,7 +355,9 @@ def decomposed_scores(b: Builder, site: AttentionSite, q: str, k: str, mask: str
     """softcap(scale·q·kᵀ) + mask, in q's dtype, (B, H, Lq, Lk); k already has H heads.
 
     The scale multiplies q (Lq·D values), not the scores (Lq·Lk)."""
-    q = b.op("Mul", q, b.scalar_like(resolve_scale(b, site), q))
+    scale = resolve_scale(b, site)
+    if scale != 1.0:                          # (T5 scales nothing)
+        q = b.op("Mul", q, b.scalar_like(scale, q))
     s = b.op("MatMul", q, b.op("Transpose", k, perm=[0, 1, 3, 2]))
     if site.softcap:
         cap = b.scalar_like(float(site.softcap), q)

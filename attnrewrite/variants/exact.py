@@ -106,7 +106,9 @@ def _onnx_causal_blocks(b, site, q, k, v) -> str | None:
     if not (isinstance(lq, int) and isinstance(lk, int) and CAUSAL_MIN_LEN <= lq <= lk):
         return None
     i64 = lambda x: b.const(np.array(x, np.int64))                 # noqa: E731 - a 0-d int64
-    q = b.op("Mul", q, b.scalar_like(R.resolve_scale(b, site), q))
+    scale = R.resolve_scale(b, site)
+    if scale != 1.0:                          # (T5 scales nothing)
+        q = b.op("Mul", q, b.scalar_like(scale, q))
     kt = b.op("Transpose", k, perm=[0, 1, 3, 2])
     bounds = sorted({round(i * lq / CAUSAL_BLOCKS) for i in range(CAUSAL_BLOCKS + 1)})
     outs = []
