@@ -48,6 +48,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_onnx_speed import _session  # noqa: E402 - one onnxruntime session setup for both benchmarks
 
 FAMILIES = ["bert", "roberta", "distilbert", "gpt2", "gpt_neox", "opt", "falcon", "llama", "mistral",
             "qwen2", "phi", "gemma", "t5", "bart", "vit", "whisper"]
@@ -172,15 +175,6 @@ def prepare(family: str, n: int, tmp: Path) -> dict:
             "opset": next(o.version for o in orig.opset_import if o.domain in ("", "ai.onnx")),
             "nodes": [len(orig.graph.node), len(r.program.graph.node)],
             "export_s": export_s, "rewrite_s": rewrite_s, "note": "; ".join(notes)}
-
-
-def _session(path: Path, arena: bool):
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = 2, 1
-    so.log_severity_level = 4
-    so.enable_cpu_mem_arena = arena
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _feeds(npz: Path) -> dict:
