@@ -49,17 +49,9 @@ def attn_fwd(Q, K, V, Mask, O, M, L, KvNum, KvIdx, FullNum, FullIdx, sm_scale,
              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
              smb, smh, smm, smn, snb, snh, snm, sib, sih, sim, sin,
              H, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    off_b = tl.program_id(1) // H
-    off_h = tl.program_id(1) % H
-    off_hk = off_h // GROUP
+    start_m, offs_m, off_b, off_h, q, k_base, v_base, mask_base = _query_tile(
+        Q, K, V, Mask, sqb, sqh, sqm, skb, skh, svb, svh, smb, smh, H, Lq, BLOCK_M)
     block = start_m // SPARSE_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, DV_PAD)
-    q = _load_rows(Q + off_b * sqb + off_h * sqh, offs_m, sqm, Lq, tl.arange(0, D_PAD), HEAD_DIM)
-    k_base = K + off_b * skb + off_hk * skh
-    v_base = V + off_b * svb + off_hk * svh
-    mask_base = Mask + off_b * smb + off_h * smh
     num = off_b * snb + off_h * snh + block * snm
     idx = off_b * sib + off_h * sih + block * sim
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -70,8 +62,7 @@ def attn_fwd(Q, K, V, Mask, O, M, L, KvNum, KvIdx, FullNum, FullIdx, sm_scale,
     acc, m_i, l_i = _listed(acc, m_i, l_i, q, k_base, v_base, skn, svn, mask_base, smm, smn, sm_scale, offs_m,
                             KvNum + num, KvIdx + idx, sin, Lq, Lk, BLOCK_N, True)
     out, m_row, l_row = _finish(acc, m_i, l_i)
-    o_ptrs = O + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_out(O, off_b, off_h, sob, soh, som, offs_m, Lq, out)
     _store_stats(M, L, tl.program_id(1) * Lq, offs_m, Lq, m_row, l_row)
 
 
@@ -152,20 +143,11 @@ def attn_bwd_dq(Q, K, V, Mask, DO, M, L, Delta, DQ, KvNum, KvIdx, FullNum, FullI
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                 smb, smh, smm, smn, snb, snh, snm, sib, sih, sim, sin,
                 H, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    off_b = tl.program_id(1) // H
-    off_h = tl.program_id(1) % H
-    off_hk = off_h // GROUP
+    start_m, offs_m, off_b, off_h, q, k_base, v_base, mask_base = _query_tile(
+        Q, K, V, Mask, sqb, sqh, sqm, skb, skh, svb, svh, smb, smh, H, Lq, BLOCK_M)
     block = start_m // SPARSE_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
-    q = _load_rows(Q + off_b * sqb + off_h * sqh, offs_m, sqm, Lq, offs_d, HEAD_DIM)
-    do = _load_rows(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, Lq, offs_dv, HEAD_DIM_V)
+    do = _load_rows(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, Lq, tl.arange(0, DV_PAD), HEAD_DIM_V)
     m_row, l_row, delta = _row_stats(M, L, Delta, tl.program_id(1) * Lq, offs_m, Lq)
-    k_base = K + off_b * skb + off_hk * skh
-    v_base = V + off_b * svb + off_hk * svh
-    mask_base = Mask + off_b * smb + off_h * smh
     num = off_b * snb + off_h * snh + block * snm
     idx = off_b * sib + off_h * sih + block * sim
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
@@ -194,19 +176,7 @@ def _lists(num, idx, full_num, full_idx, b, h):
 def forward(q, k, v, mask, scale, kv_num, kv_idx, full_num, full_idx):
     """(out, (m, l)) as the exact template's forward; the four int32 lists broadcast over batch
     and heads (size-1 axes allowed), kv_idx and full_idx sharing one shape."""
-    b, h, lq, _ = q.shape
-    lk = k.shape[2]
-    out = q.new_empty((b, h, lq, v.shape[-1]))
-    m = torch.empty((b * h, lq), dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    kx, vx = k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])
-    lists = _lists(kv_num, kv_idx, full_num, full_idx, b, h)
-    attn_fwd[(triton.cdiv(lq, FWD_BLOCK_M), b * h)](
-        q, kx, vx, mask[0], out, m, l, *lists, scale,
-        *q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3], *out.stride()[:3], *mask[1],
-        *lists[0].stride(), *lists[1].stride(), h, lq, lk, BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
-        num_warps=FWD_WARPS, num_stages=FWD_STAGES)
-    return out, (m, l)
+    return launch_rows(attn_fwd, q, k, v, mask, scale, _lists(kv_num, kv_idx, full_num, full_idx, *q.shape[:2]))
 
 
 def backward(grad, q, k, v, mask, scale, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx):
@@ -216,15 +186,7 @@ def backward(grad, q, k, v, mask, scale, kv_num, kv_idx, full_num, full_idx, q_n
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     out, (m, l) = forward(q, k, v, mask, scale, kv_num, kv_idx, full_num, full_idx)
-    grad = grad.to(q.dtype).contiguous()
-    delta = torch.empty_like(m)
-    attn_bwd_delta[(triton.cdiv(lq, 64), b * h)](out, grad, delta, lq, ROWS=64)
-    kx, vx = k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])
-    dq = torch.empty((b, h, lq, q.shape[-1]), dtype=torch.float32, device=q.device)
-    dk = torch.empty((b, hkv, lk, k.shape[-1]), dtype=torch.float32, device=q.device)
-    dv = torch.empty((b, hkv, lk, v.shape[-1]), dtype=torch.float32, device=q.device)
-    strides = (*q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3], *grad.stride()[:3], *mask[1])
-    tiles = dict(BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_WARPS, num_stages=BWD_STAGES)
+    grad, delta, kx, vx, (dq, dk, dv), strides, tiles = backward_buffers(out, m, grad, q, k, v, mask)
     by_key = _lists(q_num, q_idx, full_q_num, full_q_idx, b, h)
     attn_bwd_dkdv[(triton.cdiv(lk, BWD_BLOCK_N), b * hkv)](
         q, kx, vx, mask[0], grad, m, l, delta, dk, dv, *by_key, scale, *strides,
@@ -233,9 +195,7 @@ def backward(grad, q, k, v, mask, scale, kv_num, kv_idx, full_num, full_idx, q_n
     attn_bwd_dq[(triton.cdiv(lq, BWD_BLOCK_M), b * h)](
         q, kx, vx, mask[0], grad, m, l, delta, dq, *by_query, scale, *strides,
         *by_query[0].stride(), *by_query[1].stride(), h, lq, lk, **tiles)
-    if k.shape[0] != b:
-        dk, dv = dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return backward_result(dq, dk, dv, q, k, v)
 
 
 def aot_kernels(dtype, mask_dtype):

@@ -153,6 +153,42 @@ def attn_bwd_delta(O, DO, Delta, Lq, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _key_range(start_m, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(full, hi): a query block starting at start_m sees keys [0, hi); the key blocks below
+    `full` are visible to every row of it (no element mask needed)."""
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(Lk, start_m + BLOCK_M + Lk - Lq), 0)
+        full = tl.maximum(tl.minimum(Lk, start_m + 1 + Lk - Lq), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = Lk
+        full = Lk // BLOCK_N * BLOCK_N
+    return full, hi
+
+
+@triton.jit
+def _query_tile(Q, K, V, Mask, sqb, sqh, sqm, skb, skh, svb, svh, smb, smh, H, Lq, BLOCK_M: tl.constexpr):
+    """This program's query tile — rows start_m … start_m + BLOCK_M of head program_id(1) — as
+    (start_m, offs_m, off_b, off_h, q, k_base, v_base, mask_base): its batch and query head, its
+    q rows, and where its (GQA-shared) keys and values and its mask start."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_b = tl.program_id(1) // H
+    off_h = tl.program_id(1) % H
+    off_hk = off_h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_rows(Q + off_b * sqb + off_h * sqh, offs_m, sqm, Lq, tl.arange(0, D_PAD), HEAD_DIM)
+    return (start_m, offs_m, off_b, off_h, q, K + off_b * skb + off_hk * skh, V + off_b * svb + off_hk * svh,
+            Mask + off_b * smb + off_h * smh)
+
+
+@triton.jit
+def _store_out(O, off_b, off_h, sob, soh, som, offs_m, Lq, out):
+    """The tile's output rows, in O's dtype."""
+    offs_dv = tl.arange(0, DV_PAD)
+    tl.store(O + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_dv[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
+
+
+@triton.jit
 def _row_stats(M, L, Delta, row0, offs_m, Lq):
     """The forward's row max and normaliser and the backward's Δ for rows offs_m of one (batch, head)
     whose first row is row0 of the (B·H·Lq,) buffers; rows past Lq read as dead (p = 0)."""
@@ -193,18 +229,48 @@ def _ds(q, kt, v, do, m_row, l_row, delta, sm_scale, offs_m, offs_n, mask_base, 
     return p, ds
 
 
-def launch_rows(kernel, q, k, v, mask, scale):
+def backward_buffers(out, m, grad, q, k, v, mask):
+    """What the backward kernels share once the forward has been rerun (out, and each row's max
+    m): the gradient made contiguous in q's dtype, Δ = rowsum(O∘dO) (attn_bwd_delta), k/v
+    broadcast over the batch, fp32 dq/dk/dv buffers, the strides every backward kernel takes
+    (q, k, v, dO, mask) and its launch settings."""
+    b, h, lq, _ = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    grad = grad.to(q.dtype).contiguous()
+    delta = torch.empty_like(m)
+    attn_bwd_delta[(triton.cdiv(lq, 64), b * h)](out, grad, delta, lq, ROWS=64)
+    kx, vx = k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])
+    dq = torch.empty((b, h, lq, q.shape[-1]), dtype=torch.float32, device=q.device)
+    dk = torch.empty((b, hkv, lk, k.shape[-1]), dtype=torch.float32, device=q.device)
+    dv = torch.empty((b, hkv, lk, v.shape[-1]), dtype=torch.float32, device=q.device)
+    strides = (*q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3], *grad.stride()[:3], *mask[1])
+    tiles = dict(BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_WARPS, num_stages=BWD_STAGES)
+    return grad, delta, kx, vx, (dq, dk, dv), strides, tiles
+
+
+def backward_result(dq, dk, dv, q, k, v):
+    """The fp32 gradients in q, k, v's dtypes and shapes (a batch-broadcast k/v's summed)."""
+    b = q.shape[0]
+    if k.shape[0] != b:
+        dk, dv = dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def launch_rows(kernel, q, k, v, mask, scale, lists=()):
     """Launch a forward kernel with the (Q, K, V, Mask, O, M, L, scale, strides…) signature of
-    the exact and window templates, one program per FWD_BLOCK_M query rows of one (batch,
-    head); returns (out, (m, l)): each row's max (base 2) and sum in fp32, for the backward."""
+    the exact and window templates — or, given the block-sparse template's four `lists`,
+    (…, L, *lists, scale, strides…, the counts' and the indices' strides, …) — one program per
+    FWD_BLOCK_M query rows of one (batch, head); returns (out, (m, l)): each row's max (base 2)
+    and sum in fp32, for the backward."""
     b, h, lq, _ = q.shape
     lk = k.shape[2]
     out = q.new_empty((b, h, lq, v.shape[-1]))
     m = torch.empty((b * h, lq), dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     kx, vx = k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])
+    list_strides = [s for t in lists[:2] for s in t.stride()]          # counts, then indices
     kernel[(triton.cdiv(lq, FWD_BLOCK_M), b * h)](
-        q, kx, vx, mask[0], out, m, l, scale, *q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3],
-        *out.stride()[:3], *mask[1], h, lq, lk, BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
+        q, kx, vx, mask[0], out, m, l, *lists, scale, *q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3],
+        *out.stride()[:3], *mask[1], *list_strides, h, lq, lk, BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
         num_warps=FWD_WARPS, num_stages=FWD_STAGES)
     return out, (m, l)

@@ -21,33 +21,11 @@ def _visible(offs_m, offs_n, Lq, Lk):
 
 
 @triton.jit
-def _key_range(start_m, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(full, hi): a query block starting at start_m sees keys [0, hi); the key blocks below
-    `full` are visible to every row of it (no element mask needed)."""
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(Lk, start_m + BLOCK_M + Lk - Lq), 0)
-        full = tl.maximum(tl.minimum(Lk, start_m + 1 + Lk - Lq), 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = Lk
-        full = Lk // BLOCK_N * BLOCK_N
-    return full, hi
-
-
-@triton.jit
 def attn_fwd(Q, K, V, Mask, O, M, L, sm_scale,
              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
              smb, smh, smm, smn, H, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    off_b = tl.program_id(1) // H
-    off_h = tl.program_id(1) % H
-    off_hk = off_h // GROUP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
-    q = _load_rows(Q + off_b * sqb + off_h * sqh, offs_m, sqm, Lq, offs_d, HEAD_DIM)
-    k_base = K + off_b * skb + off_hk * skh
-    v_base = V + off_b * svb + off_hk * svh
-    mask_base = Mask + off_b * smb + off_h * smh
+    start_m, offs_m, off_b, off_h, q, k_base, v_base, mask_base = _query_tile(
+        Q, K, V, Mask, sqb, sqh, sqm, skb, skh, svb, svh, smb, smh, H, Lq, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
@@ -57,8 +35,7 @@ def attn_fwd(Q, K, V, Mask, O, M, L, sm_scale,
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skn, svn, mask_base, smm, smn, sm_scale,
                             offs_m, full, hi, Lq, Lk, BLOCK_N, True)
     out, m_row, l_row = _finish(acc, m_i, l_i)
-    o_ptrs = O + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_out(O, off_b, off_h, sob, soh, som, offs_m, Lq, out)
     _store_stats(M, L, tl.program_id(1) * Lq, offs_m, Lq, m_row, l_row)
 
 
@@ -104,19 +81,12 @@ def attn_bwd_dkdv(Q, K, V, Mask, DO, M, L, Delta, DK, DV, sm_scale,
 def attn_bwd_dq(Q, K, V, Mask, DO, M, L, Delta, DQ, sm_scale,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                 smb, smh, smm, smn, H, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    off_b = tl.program_id(1) // H
-    off_h = tl.program_id(1) % H
-    off_hk = off_h // GROUP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    start_m, offs_m, off_b, off_h, q, k_base, v_base, mask_base = _query_tile(
+        Q, K, V, Mask, sqb, sqh, sqm, skb, skh, svb, svh, smb, smh, H, Lq, BLOCK_M)
     offs_d = tl.arange(0, D_PAD)
     offs_dv = tl.arange(0, DV_PAD)
-    q = _load_rows(Q + off_b * sqb + off_h * sqh, offs_m, sqm, Lq, offs_d, HEAD_DIM)
     do = _load_rows(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, Lq, offs_dv, HEAD_DIM_V)
     m_row, l_row, delta = _row_stats(M, L, Delta, tl.program_id(1) * Lq, offs_m, Lq)
-    k_base = K + off_b * skb + off_hk * skh
-    v_base = V + off_b * svb + off_hk * svh
-    mask_base = Mask + off_b * smb + off_h * smh
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     full, hi = _key_range(start_m, Lq, Lk, BLOCK_M, BLOCK_N)
     for start_n in range(0, hi, BLOCK_N):
@@ -143,22 +113,12 @@ def backward(grad, q, k, v, mask, scale):
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     out, (m, l) = forward(q, k, v, mask, scale)
-    grad = grad.to(q.dtype).contiguous()
-    delta = torch.empty_like(m)
-    attn_bwd_delta[(triton.cdiv(lq, 64), b * h)](out, grad, delta, lq, ROWS=64)
-    kx, vx = k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])
-    dq = torch.empty((b, h, lq, q.shape[-1]), dtype=torch.float32, device=q.device)
-    dk = torch.empty((b, hkv, lk, k.shape[-1]), dtype=torch.float32, device=q.device)
-    dv = torch.empty((b, hkv, lk, v.shape[-1]), dtype=torch.float32, device=q.device)
-    strides = (*q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3], *grad.stride()[:3], *mask[1])
-    tiles = dict(BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_WARPS, num_stages=BWD_STAGES)
+    grad, delta, kx, vx, (dq, dk, dv), strides, tiles = backward_buffers(out, m, grad, q, k, v, mask)
     attn_bwd_dkdv[(triton.cdiv(lk, BWD_BLOCK_N), b * hkv)](
         q, kx, vx, mask[0], grad, m, l, delta, dk, dv, scale, *strides, h, hkv, lq, lk, **tiles)
     attn_bwd_dq[(triton.cdiv(lq, BWD_BLOCK_M), b * h)](
         q, kx, vx, mask[0], grad, m, l, delta, dq, scale, *strides, h, lq, lk, **tiles)
-    if k.shape[0] != b:
-        dk, dv = dk.sum(0, keepdim=True), dv.sum(0, keepdim=True)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return backward_result(dq, dk, dv, q, k, v)
 
 
 def aot_kernels(dtype, mask_dtype):

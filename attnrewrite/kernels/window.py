@@ -29,16 +29,8 @@ def _visible(offs_m, offs_n, Lq, Lk):
 def attn_fwd(Q, K, V, Mask, O, M, L, sm_scale,
              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
              smb, smh, smm, smn, H, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    off_b = tl.program_id(1) // H
-    off_h = tl.program_id(1) % H
-    off_hk = off_h // GROUP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, DV_PAD)
-    q = _load_rows(Q + off_b * sqb + off_h * sqh, offs_m, sqm, Lq, tl.arange(0, D_PAD), HEAD_DIM)
-    k_base = K + off_b * skb + off_hk * skh
-    v_base = V + off_b * svb + off_hk * svh
-    mask_base = Mask + off_b * smb + off_h * smh
+    start_m, offs_m, off_b, off_h, q, k_base, v_base, mask_base = _query_tile(
+        Q, K, V, Mask, sqb, sqh, sqm, skb, skh, svb, svh, smb, smh, H, Lq, BLOCK_M)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
@@ -58,8 +50,7 @@ def attn_fwd(Q, K, V, Mask, O, M, L, sm_scale,
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, skn, svn, mask_base, smm, smn, sm_scale,
                             offs_m, band_hi, sinks_hi, Lq, Lk, BLOCK_N, True)
     out, m_row, l_row = _finish(acc, m_i, l_i)
-    o_ptrs = O + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_dv[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < HEAD_DIM_V))
+    _store_out(O, off_b, off_h, sob, soh, som, offs_m, Lq, out)
     _store_stats(M, L, tl.program_id(1) * Lq, offs_m, Lq, m_row, l_row)
 
 
