@@ -116,13 +116,18 @@ def test_iterations_do_not_grow_with_condition_number():
 
 @pytest.mark.parametrize("cond", [1e0, 1e4, 1e8])
 def test_cholesky_start_needs_no_lsqr_iterations(cond):
-    """The preconditioned normal equations, solved directly, already meet LSQR's stopping
-    rules (so no iteration runs) and agree with the LSQR answer and with lstsq."""
+    """The preconditioned normal equations, solved directly, already (nearly) meet LSQR's
+    stopping rules, and agree with the LSQR answer and with lstsq. How many LSQR steps the
+    last digits need depends on the BLAS and the processor at κ = 1e8 (0 or 1 seen), so the
+    test asserts what the start promises: converged, and far fewer steps than from the
+    sketch start."""
     A, B, _ = problem(cond)
     X, info = sketch_precondition_lstsq(A, B)
     X_it, info_it = sketch_precondition_lstsq(A, B, start="sketch")
-    assert info["start"] == "cholesky" and info["iterations"] == [0] * K and all(info["converged"])
+    assert info["start"] == "cholesky" and all(info["converged"])
+    assert max(info["iterations"]) <= 2                   # measured 0 (1 on some processors at 1e8)
     assert min(info_it["iterations"]) >= 10               # LSQR from the sketch start does iterate
+    assert min(info_it["iterations"]) >= 5 * max(max(info["iterations"]), 1)
     res, res_ref = (A @ X - B).norm(dim=0), (A @ torch.linalg.lstsq(A, B).solution - B).norm(dim=0)
     assert float(((res - res_ref).abs() / res_ref).max()) <= 1e-9
     assert normal_residual(A, X, B) <= 1e-10
