@@ -27,7 +27,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests" / d) for d in ("", "models", "passes")]  # test_hf_models, test_onnx_models
 sys.path.insert(0, str(ROOT))
 
 FUSED = ("Attention", "MultiHeadAttention", "GroupQueryAttention")

@@ -47,7 +47,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests" / d) for d in ("", "models", "passes")]  # test_hf_models
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_onnx_speed import _session  # noqa: E402 - one onnxruntime session setup for both benchmarks

@@ -38,7 +38,7 @@ from attnrewrite.cli import main
 @pytest.fixture(scope="module")
 def results():
     env = {**os.environ, "TRITON_INTERPRET": "1", "ATTNREWRITE_KERNELS": "interpret"}
-    run = subprocess.run([sys.executable, str(Path(__file__).parent / "_kernels_interp.py")],
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "_kernels_interp.py")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])

@@ -268,7 +268,7 @@ def test_missing_custom_op_or_pytree_type_is_named_and_import_fixes_it(tmp_path,
     import sys
     ns = f"extlib{os.getpid()}"                       # a library this test process has never imported
     (tmp_path / f"{ns}.py").write_text(LIBRARY.format(ns=ns))
-    (tmp_path / "make.py").write_text(MAKE.format(ns=ns, tests=os.path.dirname(__file__)))
+    (tmp_path / "make.py").write_text(MAKE.format(ns=ns, tests=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     subprocess.run([sys.executable, "make.py"], cwd=tmp_path, check=True, capture_output=True)
     monkeypatch.chdir(tmp_path)
     for name, words in (("op.pt2", f"calls the custom op torch.ops.{ns}.twice"),
