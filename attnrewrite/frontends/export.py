@@ -8,18 +8,23 @@ rewritten in place of a copy (no re-export) and saved with torch.export.save.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+import json
 import logging
 import math
 import os
+import pickle
 import re
 import sys
+import types
 from pathlib import Path
 
 import torch
 from torch._export.converter import TS2EPConverter
 
-from ..io import InputError, atomic_write, what_is
+from ..io import FileSink, InputError, atomic_write, what_is
 from ..passes.fx_rewrite import constants_of, fold_out_maps, parameter_tensors, params_of, program_with_graph
 from .fxgraph import FxFrontEnd, named_float_outputs
 
@@ -142,7 +147,7 @@ def load(model: str | None, inputs: Inputs | None, trust: bool):
         kind = what_is(p)
         if kind != "a torch.export archive":
             raise InputError(f"{p.name} is {kind}, not a torch.export archive")
-        return (ep := load_program(p)), *inputs_for(ep, inputs), "pt2"
+        return (ep := load_program(p, trust)), *inputs_for(ep, inputs), "pt2"
     if suffix in (".pt", ".pth"):
         return _from_torch_file(p, inputs, trust)
     raise InputError(f"unsupported model file '{p.name}': expected .pt2, .pt/.pth, .onnx or pkg.module:factory")
@@ -179,6 +184,15 @@ def check_inputs(ep: torch.export.ExportedProgram, inputs: Inputs) -> None:
                                      f"with a fixed size {w} there")
 
 
+def save_program(program, path) -> None:
+    """torch.export.save through a FileSink: a full disk is an OSError, never an abort."""
+    sink = FileSink(path)
+    try:
+        torch.export.save(program, sink)
+    finally:
+        sink.close()                               # raises the first write error
+
+
 class _Records(logging.Handler):
     def __init__(self):
         super().__init__()
@@ -194,16 +208,98 @@ MISSING = [(re.compile(r"failed to resolve (torch\.ops\.[\w.]+?)(?:\.default)? t
             "returns a {0}, a type no imported library registers with torch's pytree")]
 
 
-def load_program(p: Path) -> torch.export.ExportedProgram:
+UNSAFE = "{name}: {member} {what}; loading it would run code from the file: pass --trust if you trust it"
+
+
+def unsafe_member(p: Path) -> str | None:
+    """Why `p` cannot be loaded without running code from it (the first such member), or None.
+
+    Read with torch's own archive reader, so the names are those torch.export.load reads:
+    a compiled AOTInductor library; constants torch unpickles with no restriction (`custom_obj_*`,
+    `opaque_obj_*`); and every pickled member (sample inputs, weights and constants flagged
+    `use_pickle`, legacy `.pt` weights) that `torch.load(weights_only=True)` refuses.
+    """
+    from torch.export.pt2_archive import _package as pkg
+    from torch.export.pt2_archive.constants import (AOTINDUCTOR_DIR, CONSTANTS_DIR, CUSTOM_OBJ_FILENAME_PREFIX,
+                                                    MODELS_DIR, OPAQUE_OBJ_FILENAME_PREFIX, SAMPLE_INPUTS_DIR,
+                                                    WEIGHTS_DIR)
+    pickled = []
+    try:
+        with pkg.PT2ArchiveReader(str(p)) as reader:
+            names = reader.get_file_names()
+            aoti = [n for n in names if n.startswith(AOTINDUCTOR_DIR)]
+            if aoti:
+                return UNSAFE.format(name=p.name, member=aoti[0], what="is a compiled AOTInductor library")
+            for n in names:
+                if n.endswith(".json") and (n.startswith(WEIGHTS_DIR) or n.startswith(CONSTANTS_DIR)):
+                    base = WEIGHTS_DIR if n.startswith(WEIGHTS_DIR) else CONSTANTS_DIR
+                    config = json.loads(reader.read_string(n)).get("config", {})
+                    for entry in config.values():
+                        path = str(entry.get("path_name", ""))
+                        if path.startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX)):
+                            return UNSAFE.format(name=p.name, member=base + path,
+                                                 what="is a pickled Python object")
+                        if entry.get("use_pickle"):
+                            pickled.append(base + path)
+                elif n.startswith(SAMPLE_INPUTS_DIR) or (n.endswith(".pt") and (
+                        n.startswith(WEIGHTS_DIR) or n.startswith(CONSTANTS_DIR))):
+                    pickled.append(n)
+            if not any(n.startswith(MODELS_DIR) for n in names):
+                return None                            # an older layout: loaded under forced weights_only
+            for member in pickled:
+                try:
+                    torch.load(io.BytesIO(reader.read_bytes(member)), weights_only=True)
+                except Exception:  # noqa: BLE001 - UnpicklingError: more than tensors and containers
+                    return UNSAFE.format(name=p.name, member=member, what="is a pickle holding more than tensors")
+    except InputError:
+        raise
+    except Exception:  # noqa: BLE001 - a damaged archive or config: torch.export.load says what
+        return None
+    return None
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load inside runs with weights_only=True, whatever its caller asked for
+    (torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD), and pickle.loads in torch's archive reader refuses."""
+    from torch.export.pt2_archive import _package as pkg
+
+    def refuse(*a, **k):
+        raise pickle.UnpicklingError("a pickled object (refused without --trust)")
+
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    saved_pickle, saved_obj = pkg.pickle, torch._C._pickle_load_obj
+    pkg.pickle = types.SimpleNamespace(loads=refuse, load=refuse)
+    torch._C._pickle_load_obj = refuse
+    try:
+        yield
+    finally:
+        pkg.pickle, torch._C._pickle_load_obj = saved_pickle, saved_obj
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+
+
+def load_program(p: Path, trust: bool = False) -> torch.export.ExportedProgram:
     """torch.export.load, with a one-line reason when it fails: the custom op or the pytree
-    type nobody imported (torch only logs those), else the archive is damaged."""
+    type nobody imported (torch only logs those), else the archive is damaged.
+
+    Without `trust` no pickle from the archive runs: the archive is inspected first
+    (`unsafe_member`) and loaded with every unpickling forced safe (`weights_only_loads`)."""
+    if not trust:
+        reason = unsafe_member(p)
+        if reason:
+            raise InputError(reason)
     logger = logging.getLogger("torch.export")
     handler, level, propagate = _Records(), logger.level, logger.propagate
     saved = logger.handlers[:]
     logger.handlers, logger.propagate = [handler], False
     logger.setLevel(logging.WARNING)
     try:
-        return torch.export.load(str(p))
+        with (contextlib.nullcontext() if trust else weights_only_loads()):
+            return torch.export.load(str(p))
     except Exception as e:  # noqa: BLE001 - a damaged archive, or one naming ops nobody registered
         causes = [str(e)]
         for r in handler.records:
@@ -217,6 +313,9 @@ def load_program(p: Path) -> torch.export.ExportedProgram:
                 if m:
                     raise InputError(f"{p.name} {words.format(m.group(1))}: pass --import MODULE (the library "
                                      "that defines it) to import it first") from None
+        if not trust and any("Weights only load failed" in t or "refused without --trust" in t for t in causes):
+            raise InputError(f"{p.name} holds a pickle that needs code to load; loading it would run code from "
+                             "the file: pass --trust if you trust it") from None
         first = (causes[-1].strip().splitlines() or [""])[0]
         raise InputError(f"cannot load {p.name} (a damaged or incompatible torch.export archive): {first}") from e
     finally:
@@ -420,7 +519,7 @@ class ExportFrontEnd(FxFrontEnd):
             return named_float_outputs((program or self.program).module()(*args, **kwargs))
 
     def save(self, program, path):
-        atomic_write(path, lambda tmp: torch.export.save(program, tmp))
+        atomic_write(path, lambda tmp: save_program(program, tmp))
         return [Path(path)]
 
     def output_path(self, variant: str):
