@@ -33,7 +33,8 @@ from .io import InputError
 from .report import build_report
 from .site import AttentionSite
 from .variants import VARIANTS
-from .variants.base import Param, parse_params
+from .variants import impl
+from .variants.base import IMPLEMENTATIONS, Param, parse_params
 
 NO_ATTENTION = "no attention found (run with --list --verbose to see why each softmax was not matched)"
 
@@ -379,7 +380,10 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
                     if calibration and s.id in calibration["sites"]:
                         s.check["diagnostics"]["calibration"] = calibration["sites"][s.id]
         tol = tolerance if tolerance is not None else default_tolerance(mod.NAME, found)
-        check_block = end_to_end(output_pairs(fe, program, inputs, reference, progress), tol)
+        with impl.counting() as impl_calls:          # what served this rewrite's op calls
+            pairs = output_pairs(fe, program, inputs, reference, progress)
+        check_block = end_to_end(pairs, tol)
+        check_block["impl_calls"] = impl_calls
         timings["check_s"] = time.perf_counter() - t
         speed = {}
         for i, s in enumerate(found):            # (not timed when the ops run in the Triton interpreter)
@@ -413,8 +417,9 @@ def site_kernels(fe: FrontEnd, sites, mod, captured: dict) -> dict:
         if q is None:
             out[s.id] = {"kernel": None, "kernel_reason": "head_dim is not static and no input set was captured"}
             continue
-        out[s.id] = kernels.describe(mod.OP_NAME, q, k, v, mask, sc["scale"], sc["softcap"], sc["causal"],
-                                     sc["dropout_p"], mod.op_args(s, s.options))
+        args = (q, k, v, mask, sc["scale"], sc["softcap"], sc["causal"], sc["dropout_p"], *mod.op_args(s, s.options))
+        out[s.id] = {**kernels.describe(mod.OP_NAME, *args[:8], args[8:]),
+                     **impl.describe(IMPLEMENTATIONS[mod.OP_NAME], args, "cpu" if q.device.type == "meta" else None)}
     return out
 
 

@@ -48,8 +48,9 @@ def _clean(x):
 def build_report(*, model, fmt, variant, options, inputs_kind, sites, check=None, timings=None,
                  output=None, cost=None, kernels=None) -> dict:
     """The report; `cost` ({"sites": {id: {"before", "after"}}, "total": {"before", "after"}}) adds
-    each site's and the model's cost block; `kernels` ({id: {"kernel", "kernel_reason"}}) each
-    site's generated kernel (or null and why none runs)."""
+    each site's and the model's cost block; `kernels` ({id: {"kernel", "kernel_reason", "impl",
+    "impl_reason"}}) each site's generated kernel (or null and why none runs) and the
+    implementation its op takes on this machine (and why no faster one)."""
     rep = {"schema": SCHEMA, "tool": tool_versions(), "model": model, "format": fmt,
            "variant": variant, "options": options, "output": output, "inputs": inputs_kind,
            "sites": [s.to_dict() for s in sites]}
@@ -108,6 +109,9 @@ def render_table(report: dict, console=None) -> None:
     if costed:
         t.add_column("GFLOP" + (" before→after" if report.get("variant") else ""))
         t.add_column("depth")
+    implemented = any("impl" in s for s in report["sites"])
+    if implemented:
+        t.add_column("impl")
     if checked:
         t.add_column("site rel_err")
         t.add_column("cosine")
@@ -117,6 +121,8 @@ def render_table(report: dict, console=None) -> None:
                s["mask"], "yes" if s["causal"] else "no", s["status"]]
         if costed:
             row += _cost_cells(s.get("cost"), bool(report.get("variant")))
+        if implemented:
+            row.append(s.get("impl") or "-")
         if checked:
             c = s.get("check") or {}
             row += [_fmt(c.get("rel_err")), _fmt(c.get("cosine"))]
@@ -125,6 +131,8 @@ def render_table(report: dict, console=None) -> None:
     for s in report["sites"]:
         if s.get("reason"):
             console.print(f"  site {s['id']}: {s['reason']}")
+        if s.get("impl_reason"):
+            console.print(f"  site {s['id']}: runs {s['impl']} here, not a faster one: {s['impl_reason']}")
         chosen = _brief(s.get("options") or {}, "=") if s["status"] == "rewritten" else ""
         diag = _brief((s.get("check") or {}).get("diagnostics") or {}, " ")
         if chosen or diag:
@@ -155,6 +163,9 @@ def render_table(report: dict, console=None) -> None:
             console.print(f"  gained / lost: attention FLOPs ×{ta['flops'] / max(tb['flops'], 1):.2f}, "
                           f"bytes moved ×{ta['bytes'] / max(tb['bytes'], 1):.2f}, measured attention speed "
                           f"×{tm['speedup']:.2f} of SDPA's; output cosine {worst:.6f}, rel_err {c['rel_err']:.3g}")
+        if c.get("impl_calls"):
+            console.print("  op calls in the check, by implementation: "
+                          + ", ".join(f"{k} {v}" for k, v in sorted(c["impl_calls"].items())))
         verdict = {True: "PASSED", False: "FAILED", None: "not gated"}[c["passed"]]
         tol = f" (tolerance {c['tolerance']:g})" if c["tolerance"] is not None else ""
         console.print(f"  end-to-end rel_err {c['rel_err']:.3g}{tol}: {verdict}")

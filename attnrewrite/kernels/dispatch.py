@@ -228,6 +228,19 @@ def _gains(gain, q):
     return g.expand(q.shape[1]).contiguous()
 
 
+def reason(op_name: str, args) -> str | None:
+    """None when a generated kernel runs this call's forward on its device, else why not."""
+    q, k, v, mask, scale, softcap, causal, dropout_p, *params = args
+    try:
+        target = target_for(q.device)
+    except RuntimeError as e:
+        return str(e)
+    if target is None:
+        return f"no generated kernels on {q.device.type} (CUDA, or the interpreter under ATTNREWRITE_KERNELS=interpret)"
+    cfg, why = select(op_name, q, k, v, mask, scale, softcap, causal, dropout_p, params, target)
+    return None if cfg is not None else why
+
+
 def forward(op_name: str, args) -> torch.Tensor | None:
     """The op's output from its generated kernel, or None (the reference runs)."""
     if op_name in HOSTS:

@@ -32,6 +32,7 @@ import math
 import torch
 
 from .. import kernels
+from . import impl
 from ..site import MASK_FLOOR
 
 NAMESPACE = "attnrewrite"
@@ -118,6 +119,7 @@ def apply_out_map(out: torch.Tensor, out_map, transpose: bool = False) -> torch.
     x = torch.tensor(out_map, dtype=compute_dtype(out.dtype), device=out.device).view(h, dv, dv)
     return torch.matmul(out.to(x.dtype), x.transpose(-1, -2) if transpose else x).to(out.dtype)
 BACKWARD_OPS: dict = {}     # op name -> its `<name>_backward` op
+IMPLEMENTATIONS: dict = {}  # op name -> its implementation table (impl.py), fastest first
 
 
 @contextlib.contextmanager
@@ -160,14 +162,16 @@ def _autograd():
         yield
 
 
-def define_attention_op(name: str, reference, extra_schema: str = ""):
+def define_attention_op(name: str, reference, extra_schema: str = "", fast: tuple = ()):
     """Register `attnrewrite::<name>` and `attnrewrite::<name>_backward`; return the forward op.
 
     Forward: (normal form, extra_schema, dropout_seed, out_map) -> out. Backward:
     (grad, normal form, extra_schema, dropout_seed, out_map) -> (dq, dk, dv), shaped as q, k, v
     (k and v with their own head count); also in BACKWARD_OPS[name].
     `reference(q, k, v, mask, scale, softcap, causal, dropout_p, *params)` is the
-    implementation of both on every device until a kernel is registered for them.
+    implementation of last resort; `fast` holds the variant's faster implementations
+    (impl.Implementation), tried in order after the kernels under the interpreter and before
+    the kernels on CUDA — see impl.py for the whole table. The table is IMPLEMENTATIONS[name].
     """
     params = f", {extra_schema}" if extra_schema else ""
     _lib.define(f"{name}({NORMAL_FORM}{params}, {SEED}, {OUT_MAP}) -> Tensor")
@@ -184,24 +188,29 @@ def define_attention_op(name: str, reference, extra_schema: str = ""):
         args = (*args, *[None] * (n_args - len(args)))
         return args[:-2], args[7], args[-2], args[-1]
 
+    impls = impl.table(name, reference, tuple(fast))
+    IMPLEMENTATIONS[name] = impls
+
     def forward(*args):
         args, dropout_p, seed, out_map = split(args)
-        out = kernels.forward(name, args)                  # the generated kernel, where one covers the call
-        if out is None:
-            with _rng(dropout_p, seed, args[0].device):
-                out = reference(*args)
+        chosen, _ = impl.choose(impls, args)
+        with _rng(dropout_p, seed, args[0].device) if chosen.seeded else contextlib.nullcontext():
+            out = chosen.run(*args)
+        impl.count(chosen, args[0].device)
         return apply_out_map(out, out_map).contiguous()    # the layout the fake implementation states
 
     def backward_reference(grad, *args):
         args, dropout_p, seed, out_map = split(args)
         _require_seed(qualname, dropout_p, seed)
         grad = apply_out_map(grad, out_map, transpose=True)   # through the map first
-        grads = kernels.backward(name, grad, args)
+        chosen, _ = impl.choose(impls, args)
+        grads = kernels.backward(name, grad, args) if chosen.name == "triton" else None
         if grads is not None:
             return tuple(torch.empty_like(t).copy_(g) for g, t in zip(grads, args[:3]))
-        with _rng(dropout_p, seed, args[0].device), _autograd():
+        run = reference if chosen.name == "triton" else chosen.run     # a forward-only kernel: the reference's VJP
+        with _rng(dropout_p, seed, args[0].device) if chosen.seeded else contextlib.nullcontext(), _autograd():
             leaves = [t.detach().requires_grad_() for t in args[:3]]
-            out = reference(*leaves, *args[3:])
+            out = run(*leaves, *args[3:])
             grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
         # each gradient in its input's own layout, as the fake implementation (empty_like) states
         return tuple(torch.zeros_like(t) if g is None else torch.empty_like(t).copy_(g) for g, t in zip(grads, leaves))

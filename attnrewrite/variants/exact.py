@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..passes import onnx_rewrite as R
+from .impl import Implementation
 from .base import BACKWARD_OPS, Param, define_attention_op, expand_kv, masked_scores, safe_softmax
 
 NAME = "exact"
@@ -34,7 +35,48 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
     return out.to(q.dtype)
 
 
-op = define_attention_op(OP_NAME, reference)
+SDPA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def sdpa_covers(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float):
+    """None when scaled_dot_product_attention computes this call, else why it cannot."""
+    if softcap:
+        return "soft-cap: scaled_dot_product_attention has no soft-cap"
+    if q.dtype not in SDPA_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: scaled_dot_product_attention needs one float dtype"
+    if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
+        return f"a {mask.dtype} mask is neither boolean nor additive"
+    if q.shape[1] % k.shape[1] or k.shape[0] not in (1, q.shape[0]):
+        return "k/v heads or batch do not divide q's"
+    return None
+
+
+def sdpa(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float):
+    """The normal form on torch's fused attention (flash / efficient / math, as torch picks):
+    causal bottom-right as is_causal when Lq == Lk and there is no mask, else folded into the
+    mask; GQA through enable_gqa; a batch-1 K/V expanded; rows with no visible key are zeros,
+    as SDPA gives them."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    if k.shape[0] != q.shape[0]:
+        k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])
+    is_causal = bool(causal) and mask is None and lq == lk
+    if causal and not is_causal:
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
+        if mask is None:
+            mask = keep
+        elif mask.dtype == torch.bool:
+            mask = mask & keep
+        else:
+            mask = mask.to(q.dtype).masked_fill(~keep, -math.inf)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(q.dtype)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=float(dropout_p), is_causal=is_causal, scale=float(scale),
+        enable_gqa=q.shape[1] != k.shape[1])
+
+
+SDPA = Implementation("sdpa", sdpa_covers, sdpa, lower=sdpa)
+op = define_attention_op(OP_NAME, reference, fast=(SDPA,))
 backward_op = BACKWARD_OPS[OP_NAME]
 
 

@@ -1,0 +1,172 @@
+"""The implementation table: which code an op call runs, on the device it runs on.
+
+Every variant lists its implementations, fastest first (`IMPLEMENTATIONS` in its module);
+the op takes, per call, the first one whose `covers(*args)` says nothing against the call.
+`args` are the reference's arguments (q, k, v, mask, scale, softcap, causal, dropout_p,
+*variant params). Whatever a variant lists, the table is
+
+    triton      (ATTNREWRITE_KERNELS=interpret only: the kernels are then what is under test)
+    <the variant's fast paths>   e.g. exact → scaled_dot_product_attention, sparse window → FlexAttention
+    triton      the generated kernel, on CUDA, where a template covers the call
+    reference   the variant's PyTorch reference: covers everything
+
+An implementation is differentiable in q, k and v: the op's backward recomputes the forward
+with the same implementation under autograd (its dropout replayed from the seed), unless the
+generated kernels have a backward of their own. `lower` is the same computation as a function
+a tracer can follow (ATen ops, FlexAttention's higher-order op): the compile backend and
+`lowered_module` substitute it for the op so that Inductor compiles it as it compiles any
+attention, with no Python call on the hot path. An implementation without `lower` keeps the
+op in the graph.
+
+The label a report shows is "<name>-<device>" ("sdpa-cpu", "flex-cuda", "triton-sm90",
+"triton-interpret", "reference"). `counting()` collects how many calls each label served
+while it is open (the pipeline opens one around its check), so counts belong to a rewrite,
+not to the process.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import os
+from typing import Callable
+
+import torch
+
+from .. import kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    name: str                                   # sdpa | flex | triton | reference
+    covers: Callable                            # (*args) -> None, or why this implementation cannot run the call
+    run: Callable                               # (*args) -> output (B, H, Lq, Dv), differentiable
+    lower: Callable | None = None               # traceable form of run, or None (the op stays in the graph)
+    seeded: bool = True                         # run under the op's dropout seed (draws its mask from the RNG)
+    quiet: bool = False                         # its reason for not running is not worth a report line
+
+
+FORCE_ENV = "ATTNREWRITE_IMPL"     # a name (sdpa, flex, triton, reference): take it wherever it covers the call
+_counts: contextvars.ContextVar = contextvars.ContextVar("attnrewrite_impl_counts", default=None)
+
+
+def label(impl: Implementation, device) -> str:
+    device = torch.device(device)
+    if impl.name == "reference":
+        return "reference"
+    if impl.name == "triton":
+        if device.type != "cuda":
+            return "triton-interpret"
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"triton-sm{major}{minor}"
+    return f"{impl.name}-{device.type}"
+
+
+def _triton_covers(op_name: str):
+    def covers(*args):
+        return kernels.reason(op_name, args)
+    return covers
+
+
+def _triton_run(op_name: str):
+    def run(*args):
+        return kernels.forward(op_name, args)
+    return run
+
+
+def table(op_name: str, reference, fast: tuple = ()) -> tuple:
+    """The full ordered table for an op: its fast paths between the kernels and the reference."""
+    triton = Implementation("triton", _triton_covers(op_name), _triton_run(op_name))
+    first = Implementation("triton", lambda *a: triton.covers(*a) if kernels.interpreting() else "not interpreting",
+                           triton.run, quiet=True)
+    ref = Implementation("reference", lambda *a: None, reference, lower=None)
+    return (first, *fast, triton, ref)
+
+
+def choose(impls, args) -> tuple[Implementation, list[str]]:
+    """(the implementation that runs the call, why each one before it did not)."""
+    forced = os.environ.get(FORCE_ENV, "").strip().lower()
+    skipped = []
+    for impl in impls:
+        if forced and impl.name not in (forced, "reference"):
+            continue
+        why = impl.covers(*args)
+        if why is None:
+            return impl, skipped
+        if not impl.quiet and impl.name not in [s.split(":")[0] for s in skipped]:
+            skipped.append(f"{impl.name}: {why}")
+    raise RuntimeError("no implementation covers the call")   # the reference always does
+
+
+def describe(impls, args, device=None) -> dict:
+    """{"impl": label, "impl_reason": why faster ones were not used ("" when the first ran)};
+    `device` labels a call described on meta tensors."""
+    impl, skipped = choose(impls, args)
+    return {"impl": label(impl, device or args[0].device), "impl_reason": "; ".join(skipped)}
+
+
+def count(impl: Implementation, device) -> None:
+    counts = _counts.get()
+    if counts is not None:
+        key = label(impl, device)
+        counts[key] = counts.get(key, 0) + 1
+
+
+@contextlib.contextmanager
+def counting():
+    """Collect {label: calls} of every op call made while open (this thread / task only)."""
+    counts: dict = {}
+    token = _counts.set(counts)
+    try:
+        yield counts
+    finally:
+        _counts.reset(token)
+
+
+# ---------------------------------------------------------------- lowering the ops in a graph
+
+def _value(a):
+    """A node argument as the lowering decision sees it: its example value (fake tensor), or itself."""
+    if isinstance(a, torch.fx.Node):
+        return a.meta.get("val")
+    if isinstance(a, (list, tuple)):
+        return type(a)(_value(x) for x in a)
+    return a
+
+
+def lowering_for(impls, out_map_fn, n_args: int):
+    """The function substituted for an op call: the chosen implementation's traceable form, then
+    the calibrated output map; the dropout seed is dropped (the compiled graph draws its own mask)."""
+    def lowered(*args, **kwargs):
+        args = (*args, *[None] * (n_args - len(args)))
+        seed, out_map = kwargs.get("dropout_seed", args[-2]), kwargs.get("out_map", args[-1])
+        ref_args = args[:-2]
+        impl, _ = choose(impls, ref_args)
+        return out_map_fn(impl.lower(*ref_args), out_map)
+    return lowered
+
+
+def lower_graph(gm: torch.fx.GraphModule, ops: dict) -> dict:
+    """Replace, in place, each call of an op in `ops` ({op overload: (implementations, out_map_fn)})
+    whose chosen implementation has a traceable form, by that form. Returns {node name: label or
+    "kept: why"} for every op call met."""
+    done = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in ops:
+            continue
+        impls, out_map_fn = ops[node.target]
+        n_args = len(node.target._schema.arguments)
+        args = [_value(a) for a in node.args]
+        args = (*args, *[None] * (n_args - len(args)))[:-2]
+        if any(a is None for a in args[:3]):
+            done[node.name] = "kept: no example value for q, k or v"
+            continue
+        impl, skipped = choose(impls, args)
+        if impl.lower is None:
+            done[node.name] = f"kept: {label(impl, args[0].device)}" + (f" ({'; '.join(skipped)})" if skipped else "")
+            continue
+        node.target = lowering_for(impls, out_map_fn, n_args)
+        done[node.name] = label(impl, args[0].device)
+    gm.graph.lint()
+    gm.recompile()
+    return done
