@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import attnrewrite
+from attnrewrite import pipeline
 
 B, H, L, D = 2, 4, 6, 8
 HKV = 2
@@ -456,8 +457,33 @@ NEGATIVE = {
 }
 
 
+# Why the FX detector refuses each negative's softmax (a substring of the reason `--list
+# --verbose` prints), per IR where the two differ. A detector that found nothing would give
+# no reason. sigmoid_attention has no softmax: nothing to refuse, and nothing is.
+REFUSED = {
+    "classifier_head": "not a q·kᵀ product",
+    "learned_query_pooling": "the query is a parameter: a learned pooling softmax",
+    "softmax_over_queries": "softmax over dim -2, not the last (key) axis",
+    "sigmoid_attention": None,
+    "wrong_axis_matmul": "probabilities are not contracted with a value tensor",
+    "wrong_axis_einsum": {"training": "probabilities are not contracted over the key axis",
+                          "core_aten": "probabilities are not contracted with a value tensor"},
+    "moe_router": "not a q·kᵀ product",
+}
+
+
 @pytest.mark.parametrize("ir", IRS)
 @pytest.mark.parametrize("case", list(NEGATIVE))
 def test_not_attention(case, ir):
     ep, args = program(case, ir)
     assert attnrewrite.detect(ep, example_inputs=args) == []
+    sites, unmatched = pipeline.detect(pipeline.open_model(ep, args))
+    softmaxes = [n for n in ep.graph.nodes if n.op == "call_function" and "softmax" in str(n.target)]
+    want = REFUSED[case]
+    want = want.get(ir) if isinstance(want, dict) else want
+    assert sites == [] and len(unmatched) == len(softmaxes), unmatched
+    if want is None:
+        assert softmaxes == [] and unmatched == []
+    else:
+        (name, reason), = unmatched
+        assert want in reason, (name, reason)
