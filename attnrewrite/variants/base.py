@@ -207,10 +207,12 @@ def define_attention_op(name: str, reference, extra_schema: str = "", fast: tupl
         grads = kernels.backward(name, grad, args) if chosen.name == "triton" else None
         if grads is not None:
             return tuple(torch.empty_like(t).copy_(g) for g, t in zip(grads, args[:3]))
-        run = reference if chosen.name == "triton" else chosen.run     # a forward-only kernel: the reference's VJP
-        with _rng(dropout_p, seed, args[0].device) if chosen.seeded else contextlib.nullcontext(), _autograd():
+        with _autograd():                          # recompute under autograd, with what covers that
             leaves = [t.detach().requires_grad_() for t in args[:3]]
-            out = run(*leaves, *args[3:])
+            chosen, _ = impl.choose(impls[1:], (*leaves, *args[3:]))     # (not the interpreter's kernels)
+            run = reference if chosen.name == "triton" else chosen.run   # a forward-only kernel: the reference's VJP
+            with _rng(dropout_p, seed, args[0].device) if chosen.seeded else contextlib.nullcontext():
+                out = run(*leaves, *args[3:])
             grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
         # each gradient in its input's own layout, as the fake implementation (empty_like) states
         return tuple(torch.zeros_like(t) if g is None else torch.empty_like(t).copy_(g) for g, t in zip(grads, leaves))

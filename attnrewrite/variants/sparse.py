@@ -70,6 +70,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..kernels.dispatch import register_block_selection
 from ..passes import onnx_rewrite as R
+from . import flex
+from .impl import Implementation
 from .base import BACKWARD_OPS, Param, compute_dtype, define_attention_op, expand_kv, is_causal_mask
 
 NAME = "sparse"
@@ -564,9 +566,50 @@ def kept_blocks(q, k, v, mask, scale: float, softcap: float, causal: bool, dropo
     return keep
 
 
+# ---------------------------------------------------------------- window on FlexAttention
+
+FLEX_MIN_KEYS = 1024         # below this many keys the chunked reference is as fast, with nothing to compile
+
+
+def _flex_window_covers(q, k, v, mask, scale, softcap, causal, dropout_p, mode, *params):
+    if mode != "window":
+        return f"mode={mode}: FlexAttention serves window mode"
+    why = flex.covers(q, k, v, mask, dropout_p)
+    if why is None and k.shape[-2] < FLEX_MIN_KEYS:
+        why = f"{k.shape[-2]} keys: below {FLEX_MIN_KEYS} the chunked reference is as fast as FlexAttention"
+    return why
+
+
+def _flex_window(q, k, v, mask, scale, softcap, causal, dropout_p, mode, top_k, window, sinks, band,
+                 *rest, traced: bool = False):
+    """Window mode as FlexAttention: the band and sinks (and causal) as its mask_mod, and the key
+    blocks they touch as its BlockMask — blocks the band or the sinks cover whole are full."""
+    o = {"window": window, "sinks": sinks, "band": band}
+    lq, lk = q.shape[-2], k.shape[-2]
+    before, after = _band(o, lq, lk, causal)
+    after = min(after, 0) if causal else after
+    off = lk - lq
+
+    def keep(b, h, i, j):
+        ip = i + off
+        kept = ((j >= ip - before) & (j <= ip + after)) | (j < sinks)
+        return kept & (j <= ip) if causal else kept
+
+    q_lo, q_hi, k_lo, k_hi, whole = flex.block_ranges(lq, lk, q.device)
+    sink_any, sink_full = k_lo < sinks, k_hi < sinks
+    if causal:
+        sink_any, sink_full = sink_any & (k_lo <= q_hi), sink_full & (k_hi <= q_lo)
+    blocks = ((k_hi >= q_lo - before) & (k_lo <= q_hi + after)) | sink_any
+    full = (((k_lo >= q_hi - before) & (k_hi <= q_lo + after)) | sink_full) & whole & blocks
+    return flex.flex(q, k, v, mask, scale, softcap, keep, (blocks, full), traced=traced)
+
+
+FLEX_WINDOW = Implementation("flex", _flex_window_covers, _flex_window,
+                             lower=functools.partial(_flex_window, traced=True), seeded=False)
+
 op = define_attention_op(OP_NAME, reference, "str mode, int top_k, int window, int sinks, str band, "
                                              "int block, float density, float mass, str select, "
-                                             "float[] head_density")
+                                             "float[] head_density", fast=(FLEX_WINDOW,))
 backward_op = BACKWARD_OPS[OP_NAME]
 register_block_selection(OP_NAME, kept_blocks)
 
