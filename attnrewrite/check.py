@@ -20,7 +20,16 @@ TIMING_REPEAT = 3      # median of this many calls per op, after one warm-up cal
 
 
 def compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
+    """Errors of `got` against `ref`. NaN or ±inf in either fails (rel_err inf, cosine 0) unless
+    both hold the same non-finite values in the same places; then the finite rest is compared."""
     a, b = ref.detach().double().flatten(), got.detach().double().flatten()
+    bad_a, bad_b = ~torch.isfinite(a), ~torch.isfinite(b)
+    nonfinite = int(bad_b.sum())
+    if bool(bad_a.any()) or nonfinite:
+        same = torch.equal(bad_a, bad_b) and torch.equal(a[bad_a].nan_to_num(0.5), b[bad_b].nan_to_num(0.5))
+        if not same:
+            return {"max_abs_err": math.inf, "rel_err": math.inf, "cosine": 0.0, "nonfinite": nonfinite}
+        a, b = a[~bad_a], b[~bad_b]
     diff = a - b
     na = torch.linalg.vector_norm(a).item()
     nd = torch.linalg.vector_norm(diff).item()
@@ -30,12 +39,23 @@ def compare(ref: torch.Tensor, got: torch.Tensor) -> dict:
             "cosine": (a @ b).item() / (na * nb) if na > 0 and nb > 0 else (1.0 if nd == 0 else 0.0)}
 
 
+def _worse(x: float, larger_is_worse: bool = True) -> float:
+    """A sort key that ranks NaN as the worst value (max/min skip NaN unless it comes first)."""
+    if math.isnan(x):
+        return math.inf
+    return x if larger_is_worse else -x
+
+
 def worst(stats: list[dict]) -> dict:
     if not stats:
         return {}
-    return {"max_abs_err": max(s["max_abs_err"] for s in stats),
-            "rel_err": max(s["rel_err"] for s in stats),
-            "cosine": min(s["cosine"] for s in stats)}
+    out = {"max_abs_err": max((s["max_abs_err"] for s in stats), key=_worse),
+           "rel_err": max((s["rel_err"] for s in stats), key=_worse),
+           "cosine": max((s["cosine"] for s in stats), key=lambda c: _worse(c, False))}
+    nonfinite = sum(s.get("nonfinite", 0) for s in stats)
+    if nonfinite:
+        out["nonfinite"] = nonfinite
+    return out
 
 
 def site_check(variant, scalars: dict, options: dict, op_args: tuple, runs: list[dict]) -> dict:
@@ -57,7 +77,7 @@ def end_to_end(pairs: list[tuple[str, torch.Tensor, torch.Tensor]], tolerance: f
     for name, a, b in pairs:
         by_name.setdefault(name, []).append(compare(a, b))
     outs = [{"name": n, **worst(s)} for n, s in by_name.items()]
-    rel = max((o["rel_err"] for o in outs), default=0.0)
+    rel = max((o["rel_err"] for o in outs), default=0.0, key=_worse)
     passed = None if tolerance is None else bool(rel <= tolerance) and not math.isnan(rel)
     return {"outputs": outs, "rel_err": rel, "tolerance": tolerance, "passed": passed}
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
 import tempfile
 import zipfile
@@ -37,8 +36,8 @@ def check_target(path: Path) -> None:
     path = Path(path)
     try:
         if path.resolve() in _RULES["protected"]:
-            raise InputError(f"{path} would overwrite an input of this run (the model, its weights or the "
-                             "inputs): choose another path")
+            raise InputError(f"{path} would overwrite the input model, its weights or its inputs: "
+                             "choose another path")
         if path.is_dir():
             raise InputError(f"cannot write {path}: it is a folder")
         if (path.exists() or path.is_symlink()) and not _RULES["overwrite"]:
@@ -81,7 +80,7 @@ def atomic_write(path: Path, write) -> None:
 def _publish(tmp: str, path: Path) -> None:
     """Move the written `tmp` to `path`; without overwrite, atomically refuse an existing `path`."""
     if path.resolve() in _RULES["protected"]:                  # a symlink made meanwhile
-        raise InputError(f"{path} would overwrite an input of this run: choose another path")
+        raise InputError(f"{path} would overwrite the input model, its weights or its inputs: choose another path")
     if _RULES["overwrite"]:
         os.replace(tmp, path)
         return
@@ -99,19 +98,18 @@ def _publish(tmp: str, path: Path) -> None:
     os.unlink(tmp)
 
 
-class FileSink(io.RawIOBase):
+class FileSink:
     """A file for a C++ writer that cannot fail cleanly (torch's archive writer aborts the
     process when a write fails twice, the second time in its destructor): the first error
     (OSError, or an interruption) is kept and raised by `close()`, later writes are dropped,
     so the writer always finishes."""
 
     def __init__(self, path):
-        super().__init__()
         self._f = open(path, "wb", buffering=0)
         self.error: BaseException | None = None
 
-    def writable(self) -> bool:
-        return True
+    def flush(self) -> None:
+        pass
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
@@ -125,9 +123,8 @@ class FileSink(io.RawIOBase):
         return n
 
     def close(self) -> None:
-        if not self.closed:
+        if not self._f.closed:
             self._f.close()
-            super().close()
         if self.error is not None:
             error, self.error = self.error, None
             raise error

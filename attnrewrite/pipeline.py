@@ -86,8 +86,17 @@ def validate_options(variant: str, options: dict, tolerance: float | None = None
         params["auto"] = Param(False, bool, "pick the cheapest per-site parameters within --tolerance")
     try:
         opts = parse_params(variant, params, options)
-    except ValueError as e:
-        raise InputError(str(e)) from None
+    except (ValueError, TypeError, OverflowError) as e:      # OverflowError: int(inf)
+        raise InputError(str(e) or f"a --set value for {variant} is out of range") from None
+    for key, value in opts.items():                # what reaches an op must fit its type (int64, finite)
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise InputError(f"{key}={v} is not a finite number")
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 1 << 63:
+                raise InputError(f"{key}={v:.3g} does not fit a 64-bit integer")
+    if tolerance is not None and not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance)
+                                      and tolerance >= 0):
+        raise InputError(f"tolerance {tolerance} must be a finite number ≥ 0")
     if opts.get("auto") and tolerance is None:
         raise InputError("--set auto=true needs --tolerance T (the end-to-end rel_err to stay within)")
     return opts
@@ -330,7 +339,8 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
     found, _ = fe.find_sites()
     timings["detect_s"] = time.perf_counter() - t
     if not found and require_sites:
-        raise InputError(NO_ATTENTION)
+        unsearched = getattr(fe, "unsearched", None)
+        raise InputError(NO_ATTENTION + (f"; {unsearched}" if unsearched else ""))
     t = time.perf_counter()
     # calibration sets are set apart first: everything below (prepare, auto-tune, checks) sees only the rest
     inputs, calibration_sets = fe.inputs, None

@@ -4,13 +4,11 @@ from __future__ import annotations
 import math
 from importlib.metadata import PackageNotFoundError, version
 
-import matplotlib
 import torch
 from rich.console import Console
 from rich.table import Table
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the file-only backend
+from ._lazy import pyplot as plt  # matplotlib (Agg backend), imported when a plot is drawn
 
 SCHEMA = 1
 

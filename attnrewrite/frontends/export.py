@@ -22,7 +22,6 @@ import types
 from pathlib import Path
 
 import torch
-from torch._export.converter import TS2EPConverter
 
 from ..io import FileSink, InputError, atomic_write, what_is
 from ..passes.fx_rewrite import constants_of, fold_out_maps, parameter_tensors, params_of, program_with_graph
@@ -51,7 +50,16 @@ def normalise_inputs(obj) -> Inputs:
     if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):
         return [x for o in obj for x in normalise_inputs(o)]
     if isinstance(obj, dict) and ("args" in obj or "kwargs" in obj):
-        return [(tuple(obj.get("args", ())), dict(obj.get("kwargs", {})))]
+        args, kwargs = obj.get("args", ()), obj.get("kwargs", {})
+        if isinstance(args, torch.Tensor):
+            args = (args,)
+        if not isinstance(args, (tuple, list)) or not isinstance(kwargs, dict) \
+                or set(obj) - {"args", "kwargs"}:
+            raise InputError(f"inputs: 'args' must be a tuple or list and 'kwargs' a dict (and no other keys), "
+                             f"got args of type {type(args).__name__}, kwargs of type {type(kwargs).__name__}"
+                             + (f" and keys {sorted(map(str, set(obj) - {'args', 'kwargs'}))}"
+                                if set(obj) - {"args", "kwargs"} else ""))
+        return [(tuple(args), dict(kwargs))]
     if isinstance(obj, torch.Tensor):
         return [((obj,), {})]
     if isinstance(obj, (tuple, list)):
@@ -70,14 +78,20 @@ def read_inputs(path: str) -> Inputs:
     return normalise_inputs(obj)
 
 
-def synthesise_inputs(ep: torch.export.ExportedProgram, seed: int = 0) -> Inputs:
-    """Inputs from the program's input specs: ids below the embedding size, masks of ones."""
-    sig = ep.graph_signature
+def _vocab(ep) -> dict:
+    """{node name: the smallest embedding table it indexes} over the program's embedding lookups."""
     vocab = {}
     for n in ep.graph.nodes:
         if n.op == "call_function" and n.target == torch.ops.aten.embedding.default:
             w, idx = n.args[0], n.args[1]
             vocab[idx.name] = min(vocab.get(idx.name, 1 << 62), int(w.meta["val"].shape[0]))
+    return vocab
+
+
+def synthesise_inputs(ep: torch.export.ExportedProgram, seed: int = 0) -> Inputs:
+    """Inputs from the program's input specs: ids below the embedding size, masks of ones."""
+    sig = ep.graph_signature
+    vocab = _vocab(ep)
     gen = torch.Generator().manual_seed(seed)
     values = {}
     for n in ep.graph.nodes:
@@ -108,7 +122,7 @@ def synthesise_inputs(ep: torch.export.ExportedProgram, seed: int = 0) -> Inputs
     return [(tuple(args), dict(kwargs))]
 
 
-def _embedding_size(ep, node, vocab) -> int:
+def _embedding_size(ep, node, vocab, default: int | None = 2) -> int | None:
     seen, frontier = set(), [node]
     while frontier:                       # ids may reach the embedding through views/casts
         n = frontier.pop()
@@ -118,7 +132,7 @@ def _embedding_size(ep, node, vocab) -> int:
             if u.name not in seen and u.op == "call_function" and len(seen) < 200:
                 seen.add(u.name)
                 frontier.append(u)
-    return 2
+    return default
 
 
 def example_inputs(ep) -> Inputs | None:
@@ -158,6 +172,9 @@ def check_inputs(ep: torch.export.ExportedProgram, inputs: Inputs) -> None:
     argument names and structure, then each tensor's dtype, rank and fixed sizes."""
     sig = ep.graph_signature
     vals = {n.name: n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder"}
+    embedded = _vocab(ep)
+    vocab = {n.name: size for n in ep.graph.nodes if n.op == "placeholder" and n.name in sig.user_inputs
+             and (size := _embedding_size(ep, n, embedded, None)) is not None}
     expected = ep.call_spec.in_spec
     for i, (args, kwargs) in enumerate(inputs):
         where = f"input set {i}" if len(inputs) > 1 else "the inputs"
@@ -182,6 +199,12 @@ def check_inputs(ep: torch.export.ExportedProgram, inputs: Inputs) -> None:
                 if isinstance(w, int) and g != w:
                     raise InputError(f"{where}: {name} has size {g} on axis {axis}, the program was exported "
                                      f"with a fixed size {w} there")
+            if not got.is_floating_point() and not got.is_complex() and got.dtype != torch.bool \
+                    and got.numel() and name in vocab:
+                lo, hi = int(got.min()), int(got.max())
+                if lo < 0 or hi >= vocab[name]:
+                    raise InputError(f"{where}: {name} holds ids {lo}…{hi}, outside the embedding's "
+                                     f"0…{vocab[name] - 1}")
 
 
 def save_program(program, path) -> None:
@@ -370,6 +393,7 @@ def _from_torch_file(p: Path, inputs, trust: bool):
             first = (str(e).splitlines() or [""])[0]
             raise InputError(f"cannot load {p.name} (a damaged TorchScript archive): {first}") from e
         args, kwargs = inputs[0]
+        from torch._export.converter import TS2EPConverter
         try:
             ep = TS2EPConverter(module, tuple(args), kwargs).convert()
         except Exception as e:  # noqa: BLE001
@@ -401,11 +425,14 @@ def _from_torch_file(p: Path, inputs, trust: bool):
 
 def _from_factory(spec: str, inputs):
     mod_name, _, fn_name = spec.partition(":")
+    if not all(part.isidentifier() for part in mod_name.split(".")) or not fn_name.isidentifier():
+        raise InputError(f"model not found: {spec} (no such file, and not a pkg.module:factory spec)")
     _cwd_importable()
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise InputError(f"cannot import {spec}: {e}") from e
+    except Exception as e:  # noqa: BLE001 - ImportError, a SyntaxError in the module, its own failure
+        first = (str(e).splitlines() or [""])[0]
+        raise InputError(f"cannot import {spec}: {type(e).__name__}: {first}") from e
     try:
         made = fn()
     except InputError:

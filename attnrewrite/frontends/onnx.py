@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
@@ -110,8 +109,14 @@ def external_span(t: TensorProto, base_dir: Path) -> tuple[Path, int, int]:
     src = (base_dir / loc).resolve()
     if not loc or Path(loc).is_absolute() or not src.is_relative_to(base_dir.resolve()):
         raise InputError(f"weight {t.name!r} points at {loc!r}, outside the model's folder")
-    offset = int(info.get("offset", 0) or 0)
-    length = int(info["length"]) if info.get("length") else _nbytes(t)
+    try:
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info["length"]) if info.get("length") else _nbytes(t)
+    except ValueError:
+        raise InputError(f"weight {t.name!r} has a malformed offset or length in its external data") from None
+    if offset < 0 or length < 0:
+        raise InputError(f"weight {t.name!r} has a negative offset or length ({offset}, {length}) in its "
+                         "external data")
     return src, offset, length
 
 
@@ -166,6 +171,24 @@ def _graphs(g: onnx.GraphProto):
         for a in n.attribute:
             for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
                 yield from _graphs(sub)
+
+
+ATTENTION_OPS = ("Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention")
+
+
+def unsearched_subgraphs(model: onnx.ModelProto) -> list[tuple[str, str]]:
+    """[(node, reason)] for each control-flow node (If, Loop, Scan, …) of the main graph whose
+    body holds a softmax or an attention op: only the main graph is searched for attention."""
+    out = []
+    for n in model.graph.node:
+        bodies = [(a.name, sub) for a in n.attribute
+                  for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs))]
+        found = sorted({m.op_type for _, body in bodies for g in _graphs(body) for m in g.node
+                        if m.op_type in ATTENTION_OPS})
+        if found:
+            out.append((n.name or n.op_type, f"{n.op_type} body ({', '.join(a for a, _ in bodies)}) holds "
+                        f"{', '.join(found)}: attention inside control flow is not searched or rewritten"))
+    return out
 
 
 def runtime_only_ops(model: onnx.ModelProto) -> set[str]:
@@ -279,7 +302,12 @@ def save_model(model: onnx.ModelProto, out: Path, *, external: bool | None = Non
 
         atomic_write(data_path, write_data)
         written.append(data_path)
-    atomic_write(out, lambda tmp: Path(tmp).write_bytes(m.SerializeToString()))
+    try:
+        atomic_write(out, lambda tmp: Path(tmp).write_bytes(m.SerializeToString()))
+    except BaseException:
+        for path in written:                  # no weights file without its model
+            path.unlink(missing_ok=True)
+        raise
     return [out, *written]
 
 
@@ -397,6 +425,7 @@ def synthesise_inputs(model: onnx.ModelProto, seed: int = 0) -> list[dict]:
 
 def session(model: onnx.ModelProto, base_dir: Path | None = None):
     """A CPU session; external weights are read by onnxruntime from `base_dir`."""
+    import onnxruntime as ort              # here: importing it writes a file in $TMPDIR (only ONNX needs it)
     so = ort.SessionOptions()
     if base_dir is not None:
         so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(base_dir))
@@ -436,10 +465,27 @@ def inputs_for(model, inputs) -> tuple[list, str]:
         except InputError as e:              # listing needs no run; the pipeline raises it when a run is needed
             return [], f"none: {e}"
     if isinstance(inputs, (str, os.PathLike)):
-        return read_npz(str(inputs), model), "given"
-    if isinstance(inputs, dict):
-        return [{k: np.asarray(v) for k, v in inputs.items()}], "given"
-    return [{k: np.asarray(v) for k, v in d.items()} for d in inputs], "given"
+        sets = read_npz(str(inputs), model)
+    elif isinstance(inputs, dict):
+        sets = [{k: np.asarray(v) for k, v in inputs.items()}]
+    else:
+        sets = [{k: np.asarray(v) for k, v in d.items()} for d in inputs]
+    check_id_ranges(model, sets)
+    return sets, "given"
+
+
+def check_id_ranges(model, sets: list[dict]) -> None:
+    """InputError for token ids outside the embedding table they index (where the graph shows one)."""
+    bounds = _id_bounds(model)
+    for i, feeds in enumerate(sets):
+        where = f"input set {i}" if len(sets) > 1 else "the inputs"
+        for name, high in bounds.items():
+            x = feeds.get(name)
+            if x is None or x.size == 0 or not np.issubdtype(x.dtype, np.integer):
+                continue
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi >= high:
+                raise InputError(f"{where}: {name} holds ids {lo}…{hi}, outside the embedding's 0…{high - 1}")
 
 
 def is_onnx(obj) -> bool:
@@ -476,7 +522,10 @@ class OnnxFrontEnd(FrontEnd):
 
     def find_sites(self):
         sites, unmatched, _ = onnx_detect.find_sites(self.program, self._inferred)
-        return sites, unmatched
+        skipped = unsearched_subgraphs(self.program)
+        self.unsearched = (f"{len(skipped)} control-flow subgraph(s) holding a softmax or an attention op "
+                           f"were not searched ({', '.join(n for n, _ in skipped[:3])})") if skipped else None
+        return sites, unmatched + skipped
 
     def keep_reason(self, site):
         if site.graph.keep:

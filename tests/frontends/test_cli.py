@@ -85,11 +85,13 @@ def test_failed_check_writes_nothing_unless_forced(pt2, capsys, tmp_path):
                        "--report", report, "--sites", "none-such")
     # no site selected: nothing changes, the error is exactly 0 and passes even a zero tolerance
     assert code == 0
-    code, _, err = run(capsys, pt2[0], "--variant", "exact", "-o", tmp_path / "g.pt2", "--tolerance", "-1",
-                       "--report", report)
+    # one key per query: far outside a zero tolerance (a negative tolerance is a usage error)
+    code, _, err = run(capsys, pt2[0], "--variant", "sparse", "--set", "k=1", "-o", tmp_path / "g.pt2",
+                       "--tolerance", "0", "--report", report, "--overwrite")
     assert code == 1 and not (tmp_path / "g.pt2").exists()
     assert json.loads(report.read_text())["check"]["passed"] is False
-    code, _, _ = run(capsys, pt2[0], "--variant", "exact", "-o", tmp_path / "g.pt2", "--tolerance", "-1", "--force")
+    code, _, _ = run(capsys, pt2[0], "--variant", "sparse", "--set", "k=1", "-o", tmp_path / "g.pt2",
+                     "--tolerance", "0", "--force")
     assert code == 1 and (tmp_path / "g.pt2").exists()
 
 

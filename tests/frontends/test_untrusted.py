@@ -169,3 +169,232 @@ def test_a_clean_pt2_still_loads_with_its_example_inputs(good_pt2, capsys):
     code, out, err = _cli(capsys, good_pt2, "--list", "--json")
     report = json.loads(out)
     assert code == 0 and report["inputs"] == "example" and len(report["sites"]) == 1, err
+
+
+# ---------------------------------------------------------------- 2. a file the tool writes replaces another
+
+@pytest.fixture()
+def folder(good_pt2, tmp_path) -> Path:
+    """good.pt2, good.onnx (weights in good.bin), an inputs file and an unrelated existing file."""
+    import warnings
+    (tmp_path / "good.pt2").write_bytes(good_pt2.read_bytes())
+    torch.save({"args": (X,)}, tmp_path / "in.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyAttention().eval(), (X,), str(tmp_path / "plain.onnx"), input_names=["x"],
+                          dynamo=False, opset_version=17)
+    import onnx
+    onnx.save(onnx.load(tmp_path / "plain.onnx"), tmp_path / "good.onnx", save_as_external_data=True,
+              location="good.bin", size_threshold=0)
+    (tmp_path / "plain.onnx").unlink()
+    (tmp_path / "mine.txt").write_text("someone's notes")
+    return tmp_path
+
+
+def _digest(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+WRITES = {   # name: (argv after the model's folder is the cwd, exit code, words)
+    "report-over-model": (["good.pt2", "--variant", "exact", "-o", "o.pt2", "--report", "good.pt2"], 2,
+                          "good.pt2 would overwrite the input model"),
+    "report-over-model-overwrite": (["good.pt2", "--variant", "exact", "-o", "o.pt2", "--report", "good.pt2",
+                                     "--overwrite"], 2, "would overwrite the input model"),
+    "plot-over-model": (["good.pt2", "--list", "--plot", "good.pt2", "--overwrite"], 2,
+                        "would overwrite the input model"),
+    "report-over-inputs": (["good.pt2", "--variant", "exact", "-o", "o.pt2", "--inputs", "in.pt",
+                            "--report", "in.pt", "--overwrite"], 2, "in.pt would overwrite"),
+    "list-report-over-model": (["good.pt2", "--list", "--report", "good.pt2"], 2, "would overwrite the input"),
+    "output-over-onnx-weights": (["good.onnx", "--variant", "exact", "-o", "good.bin", "--overwrite"], 2,
+                                 "good.bin would overwrite"),
+    "output-over-onnx-model": (["good.onnx", "--variant", "exact", "-o", "good.onnx", "--overwrite"], 2,
+                               "good.onnx would overwrite"),
+    "report-over-onnx-weights": (["good.onnx", "--list", "--report", "good.bin", "--overwrite"], 2,
+                                 "good.bin would overwrite"),
+    "report-exists": (["good.pt2", "--list", "--report", "mine.txt"], 2, "mine.txt exists (pass --overwrite"),
+    "plot-exists": (["good.pt2", "--list", "--plot", "mine.txt"], 2, "mine.txt exists"),
+    "output-exists": (["good.pt2", "--variant", "exact", "-o", "mine.txt"], 2, "mine.txt exists"),
+    "output-and-report-same": (["good.pt2", "--variant", "exact", "-o", "x.pt2", "--report", "x.pt2"], 2,
+                               "are the same file"),
+    "report-and-plot-same": (["good.pt2", "--list", "--report", "x.json", "--plot", "./x.json"], 2,
+                             "are the same file"),
+    "output-is-folder": (["good.pt2", "--variant", "exact", "-o", ".", "--overwrite"], 2, "it is a folder"),
+    "kernels-dir-is-file": (["good.pt2", "--variant", "exact", "-o", "o.pt2", "--emit-kernels", "mine.txt"], 2,
+                            "it is a file, not a folder"),
+    "output-name-too-long": (["good.pt2", "--variant", "exact", "-o", "x" * 300 + ".pt2"], 2,
+                             "longer than the file system allows"),
+    "report-name-too-long": (["good.pt2", "--list", "--report", "r" * 300 + ".json"], 2,
+                             "longer than the file system allows"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRITES))
+def test_no_write_replaces_an_input_or_an_existing_file(case, folder, capsys, monkeypatch):
+    argv, want, words = WRITES[case]
+    monkeypatch.chdir(folder)
+    before = _digest(folder)
+    code, out, err = _cli(capsys, *argv)
+    line = _one_line(err)
+    assert code == want and words in line, line
+    assert _digest(folder) == before and not _no_temp_files(folder)
+
+
+def test_an_existing_onnx_data_file_is_not_replaced(folder, capsys, monkeypatch):
+    monkeypatch.chdir(folder)
+    (folder / "out.onnx.data").write_bytes(b"another model's weights")
+    code, out, err = _cli(capsys, "good.onnx", "--variant", "exact", "-o", "out.onnx")
+    line = _one_line(err)
+    assert code == 2 and "out.onnx.data exists" in line
+    assert (folder / "out.onnx.data").read_bytes() == b"another model's weights"
+    assert not (folder / "out.onnx").exists() and not _no_temp_files(folder)
+
+
+def test_a_file_made_during_the_run_is_not_replaced(folder, capsys, monkeypatch):
+    """Two runs writing the same -o: the later one finds the file at the moment of its write
+    (a hard link, which fails on an existing name), not only at start."""
+    import attnrewrite.frontends.export as E
+    monkeypatch.chdir(folder)
+    real = E.save_program
+
+    def other_run_finishes_first(program, path):
+        Path("o.pt2").write_bytes(b"the other run's output")
+        real(program, path)
+    monkeypatch.setattr(E, "save_program", other_run_finishes_first)
+    code, out, err = _cli(capsys, "good.pt2", "--variant", "exact", "-o", "o.pt2")
+    line = _one_line(err)
+    assert code == 2 and "o.pt2 exists" in line
+    assert (folder / "o.pt2").read_bytes() == b"the other run's output" and not _no_temp_files(folder)
+
+
+def test_the_same_race_for_the_report_and_with_overwrite(folder, capsys, monkeypatch):
+    from attnrewrite.io import atomic_write, write_rules
+    target = folder / "r.json"
+
+    def racing(tmp):
+        target.write_text("theirs")
+        Path(tmp).write_text("ours")
+    with write_rules(overwrite=False):
+        with pytest.raises(Exception, match="r.json exists"):
+            atomic_write(target, racing)
+    assert target.read_text() == "theirs" and not _no_temp_files(folder)
+    with write_rules(overwrite=True):
+        atomic_write(target, racing)
+    assert target.read_text() == "ours" and not _no_temp_files(folder)
+
+
+def test_a_symlink_to_the_input_is_not_a_way_around(folder, capsys, monkeypatch):
+    monkeypatch.chdir(folder)
+    os.symlink("good.pt2", folder / "link.pt2")
+    before = _digest(folder)
+    code, out, err = _cli(capsys, "good.pt2", "--variant", "exact", "-o", "link.pt2", "--overwrite")
+    assert code == 2 and "would overwrite the input model" in _one_line(err)
+    assert _digest(folder) == before
+
+
+def test_emitted_kernels_do_not_replace_existing_files(folder, capsys, monkeypatch):
+    monkeypatch.chdir(folder)
+    (folder / "k").mkdir()
+    (folder / "k" / "index.json").write_text("mine")
+    code, out, err = _cli(capsys, "good.pt2", "--variant", "exact", "-o", "o.pt2", "--emit-kernels", "k")
+    line = _one_line(err)
+    assert code == 2 and "index.json exists" in line
+    assert (folder / "k" / "index.json").read_text() == "mine"
+    assert sorted(p.name for p in (folder / "k").iterdir()) == ["index.json"]
+    code, out, err = _cli(capsys, "good.pt2", "--variant", "exact", "-o", "o2.pt2", "--emit-kernels", "k",
+                          "--overwrite")
+    assert code == 0, err
+    assert json.loads((folder / "k" / "index.json").read_text()) != "mine"
+
+
+# ---------------------------------------------------------------- 3. interruptions and full disks
+
+class BigAttention(torch.nn.Module):
+    """One attention with 0.8 MB of weights: enough to outgrow a small file size limit."""
+
+    def __init__(self, dim: int = 256, heads: int = 4):
+        super().__init__()
+        self.qkv, self.heads = torch.nn.Linear(dim, 3 * dim), heads
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, dim=-1)
+        return (a @ v).transpose(1, 2).reshape(b, n, d)
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory) -> Path:
+    import warnings
+    d = tmp_path_factory.mktemp("big")
+    m, x = BigAttention().eval(), torch.randn(1, 8, 256)
+    torch.export.save(torch.export.export(m, (x,)), d / "big.pt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(m, (x,), str(d / "big.onnx"), input_names=["x"], dynamo=False, opset_version=17)
+    return d
+
+
+def _run_limited(args, cwd, limit_bytes: int) -> subprocess.CompletedProcess:
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return subprocess.run([sys.executable, "-m", "attnrewrite", *args], cwd=cwd, capture_output=True, text=True,
+                          preexec_fn=limit, timeout=600, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "onnx"])
+def test_a_full_disk_exits_2_with_one_line_and_leaves_nothing(fmt, big, tmp_path):
+    """ulimit -f: the write fails with EFBIG (SIGXFSZ is ignored), torch's archive writer never aborts."""
+    (tmp_path / f"big.{fmt}").write_bytes((big / f"big.{fmt}").read_bytes())
+    r = _run_limited([f"big.{fmt}", "--variant", "exact", "-o", f"out.{fmt}", "--no-check"], tmp_path, 300_000)
+    assert r.returncode == 2, r.stderr[-2000:]
+    line = _one_line(r.stderr)
+    assert f"cannot write out.{fmt}" in line and "File too large" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"big.{fmt}"]
+
+
+SLOW_SAVE = '''
+import os, sys, time, torch
+import attnrewrite.frontends.export as E
+
+def slow(program, f, **kw):
+    f.write(b"x" * 2_000_000)                       # half an archive on disk ...
+    open("writing", "w").close()
+    time.sleep(120)                                 # ... when SIGTERM comes
+torch.export.save = slow
+from attnrewrite.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_sigterm_during_the_write_leaves_nothing(good_pt2, tmp_path):
+    (tmp_path / "good.pt2").write_bytes(good_pt2.read_bytes())
+    (tmp_path / "slow.py").write_text(SLOW_SAVE)
+    p = subprocess.Popen([sys.executable, "slow.py", "good.pt2", "--variant", "exact", "-o", "out.pt2"],
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (tmp_path / "writing").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    assert (tmp_path / "writing").exists(), p.communicate()[1]
+    assert [q.name for q in tmp_path.iterdir() if q.name.startswith(".out.pt2.")]     # the temp file is there
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143 and _one_line(err) == "attnrewrite: terminated", err
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["good.pt2", "slow.py", "writing"]
+
+
+def test_an_interruption_inside_torchs_writer_is_kept_until_it_finishes(good_pt2, tmp_path, capsys, monkeypatch):
+    """SIGTERM arriving while torch's C++ writer calls back into Python: the writer finishes
+    into the sink, then the interruption is raised and the temporary file removed."""
+    real = torch.export.save
+
+    def interrupted(program, f, **kw):
+        f.write(b"x" * 1000)
+        os.kill(os.getpid(), signal.SIGTERM)        # the handler raises inside the next Python call
+        real(program, f, **kw)
+    monkeypatch.setattr(torch.export, "save", interrupted)
+    before = signal.getsignal(signal.SIGTERM)
+    code, out, err = _cli(capsys, good_pt2, "--variant", "exact", "-o", tmp_path / "out.pt2")
+    assert code == 143 and _one_line(err) == "attnrewrite: terminated" and list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) == before          # main() restores the handlers it set
