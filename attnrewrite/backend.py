@@ -24,6 +24,8 @@ from torch._inductor.compile_fx import compile_fx
 from . import pipeline
 from .frontends.dynamo import DynamoFrontEnd
 from .io import InputError
+from .variants import impl
+from .variants.base import lowerings
 
 log = logging.getLogger("attnrewrite")
 REPORTS: list[dict] = []           # every graph compiled by any attnrewrite backend, in order
@@ -74,7 +76,11 @@ class Backend:
                                f"{report['check']['rel_err']:.3g} > {self.tolerance})")
         if self.inner == "eager":
             return result.program
-        return compile_fx(result.program, example_inputs)
+        # the ops Inductor can compile as ATen / FlexAttention are replaced by that form (no Python
+        # call on the hot path); the others stay as the op (its implementation table runs them)
+        report["lowered"] = impl.lower_graph(result.program, lowerings())
+        patches = {"epilogue_fusion": False} if any(v.startswith("flex") for v in report["lowered"].values()) else {}
+        return compile_fx(result.program, example_inputs, config_patches=patches)   # (the C++ flex template takes no epilogue)
 
 
 def compile_backend(variant: str = "exact", **options) -> Backend:

@@ -241,6 +241,12 @@ def define_attention_op(name: str, reference, extra_schema: str = "", fast: tupl
     return fwd
 
 
+def lowerings() -> dict:
+    """{op overload: (its implementation table, apply_out_map)} for impl.lower_graph."""
+    ops = getattr(torch.ops, NAMESPACE)
+    return {getattr(ops, name).default: (impls, apply_out_map) for name, impls in IMPLEMENTATIONS.items()}
+
+
 # ---------------------------------------------------------------- variant parameters
 
 class Param:

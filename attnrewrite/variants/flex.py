@@ -90,8 +90,8 @@ def flex(q, k, v, mask, scale: float, softcap: float, keep, blocks, traced: bool
     block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
                                           mask_mod=mask_mod, seq_lengths=(lq, lk))
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=float(scale), enable_gqa=q.shape[1] != k.shape[1])
-    if traced:
-        return flex_attention(q, k, v, **kwargs)
+    if traced:             # (Inductor's CPU template reads q, k and v as buffers of their own: no views)
+        return flex_attention(q.clone(), k.clone(), v.clone(), **kwargs)
     # the op's own autograd formula carries the gradient (covers() keeps grad mode off); one
     # compile per configuration, and more configurations than Dynamo's default 8 per function
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
