@@ -398,3 +398,282 @@ def test_an_interruption_inside_torchs_writer_is_kept_until_it_finishes(good_pt2
     code, out, err = _cli(capsys, good_pt2, "--variant", "exact", "-o", tmp_path / "out.pt2")
     assert code == 143 and _one_line(err) == "attnrewrite: terminated" and list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) == before          # main() restores the handlers it set
+
+
+# ---------------------------------------------------------------- 4. user faults that were exit 3
+
+class Embedded(torch.nn.Module):
+    """Token ids → a 10-row embedding → attention: ids must lie in 0…9."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.attn = torch.nn.Embedding(10, 16), TinyAttention()
+
+    def forward(self, ids):
+        return self.attn(self.emb(ids))
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory) -> Path:
+    import warnings
+
+    import onnx
+    d = tmp_path_factory.mktemp("faults")
+    torch.manual_seed(0)
+    ids = torch.randint(0, 10, (2, 6))
+    torch.export.save(torch.export.export(Embedded().eval(), (ids,)), d / "emb.pt2")
+    torch.export.save(torch.export.export(TinyAttention().eval(), (X,)), d / "good.pt2")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Embedded().eval(), (ids,), str(d / "emb.onnx"), input_names=["ids"], dynamo=False,
+                          opset_version=17)
+        torch.onnx.export(TinyAttention().eval(), (X,), str(d / "plain.onnx"), input_names=["x"], dynamo=False,
+                          opset_version=17)
+    onnx.save(onnx.load(d / "plain.onnx"), d / "ext.onnx", save_as_external_data=True, location="ext.bin",
+              size_threshold=0)
+    m = onnx.load(d / "ext.onnx", load_external_data=False)
+    for t in m.graph.initializer:
+        for e in t.external_data:
+            if e.key == "offset":
+                e.value = "-64"
+    onnx.save(m, d / "neg_offset.onnx")
+    torch.save({"args": (torch.full((2, 6), 50),)}, d / "ids_high.pt")
+    torch.save({"args": (torch.full((2, 6), -1),)}, d / "ids_negative.pt")
+    torch.save([{"args": (ids,)}, {"args": (torch.full((2, 6), 10),)}], d / "ids_second_set.pt")
+    np.savez(d / "ids_high.npz", ids=np.full((2, 6), 50, np.int64))
+    torch.save({"args": 5}, d / "args_int.pt")
+    torch.save({"args": (X,), "kwargz": {}}, d / "extra_key.pt")
+    torch.save({"args": (X,), "kwargs": [1, 2]}, d / "kwargs_list.pt")
+    torch.save(5, d / "five.pt")
+    (d / "badsyntax.py").write_text("def make(:\n    pass\n")
+    (d / "raising.py").write_text("def make():\n    raise RuntimeError('the factory broke')\n")
+    (d / "garbage.py").write_text("def make():\n    return 42\n")
+    return d
+
+
+FAULTS = {   # name: (argv, environment, words)
+    "onnx-negative-offset": (["neg_offset.onnx", "--list"], {}, "negative offset"),
+    "factory-colon-in-path": (["no/such:dir/model.pt2", "--list"], {}, "model not found: no/such:dir/model.pt2"),
+    "factory-relative-module": (["./x:make", "--list"], {}, "not a pkg.module:factory"),
+    "factory-syntax-error": (["badsyntax:make", "--list"], {}, "cannot import badsyntax:make: SyntaxError"),
+    "factory-missing-function": (["raising:nothing", "--list"], {}, "cannot import raising:nothing"),
+    "factory-raises": (["raising:make", "--list"], {}, "raising:make raised RuntimeError: the factory broke"),
+    "factory-returns-garbage": (["garbage:make", "--list"], {}, "must return (module, example_args"),
+    "kernels-interpret-without-triton": (["good.pt2", "--list"], {"ATTNREWRITE_KERNELS": "interpret",
+                                                                  "TRITON_INTERPRET": "0"},
+                                         "needs TRITON_INTERPRET=1"),
+    "kernels-unknown-value": (["good.pt2", "--list"], {"ATTNREWRITE_KERNELS": "fast"}, "ATTNREWRITE_KERNELS=fast"),
+    "inputs-ids-above": (["emb.pt2", "--variant", "exact", "--inputs", "ids_high.pt"], {},
+                         "ids holds ids 50…50, outside the embedding's 0…9"),
+    "inputs-ids-negative": (["emb.pt2", "--variant", "exact", "--inputs", "ids_negative.pt"], {},
+                            "holds ids -1…-1"),
+    "inputs-ids-second-set": (["emb.pt2", "--variant", "exact", "--inputs", "ids_second_set.pt"], {},
+                              "input set 1: ids holds ids 10…10"),
+    "list-inputs-ids": (["emb.pt2", "--list", "--inputs", "ids_high.pt"], {}, "outside the embedding"),
+    "onnx-inputs-ids": (["emb.onnx", "--variant", "exact", "--inputs", "ids_high.npz"], {},
+                        "ids holds ids 50…50, outside the embedding's 0…9"),
+    "inputs-args-int": (["good.pt2", "--variant", "exact", "--inputs", "args_int.pt"], {},
+                        "'args' must be a tuple or list"),
+    "inputs-extra-key": (["good.pt2", "--variant", "exact", "--inputs", "extra_key.pt"], {}, "['kwargz']"),
+    "inputs-kwargs-list": (["good.pt2", "--variant", "exact", "--inputs", "kwargs_list.pt"], {},
+                           "kwargs of type list"),
+    "inputs-scalar": (["good.pt2", "--variant", "exact", "--inputs", "five.pt"], {}, "inputs must be"),
+    "set-inf": (["good.pt2", "--variant", "sparse", "--set", "k=inf"], {}, "k=inf is not a finite number"),
+    "set-nan": (["good.pt2", "--variant", "conv-basis", "--set", "eps=nan"], {}, "eps=nan is not a finite number"),
+    "set-beyond-int64": (["good.pt2", "--variant", "sparse", "--set", "mode=window", "--set", "window=1e99"], {},
+                         "window=1e+99 does not fit a 64-bit integer"),
+    "set-int-beyond-int64": (["good.pt2", "--variant", "sparse", "--set", "k=" + "9" * 30], {},
+                             "does not fit a 64-bit integer"),
+    "tolerance-nan": (["good.pt2", "--variant", "exact", "--tolerance", "nan"], {}, "--tolerance nan must be"),
+    "tolerance-inf": (["good.pt2", "--variant", "exact", "--tolerance", "inf"], {}, "--tolerance inf must be"),
+    "tolerance-negative": (["good.pt2", "--variant", "exact", "--tolerance", "-1"], {}, "--tolerance -1.0 must be"),
+    "variant-unknown": (["good.pt2", "--variant", "fastest"], {}, "invalid choice: 'fastest'"),
+}
+
+
+@pytest.mark.parametrize("case", list(FAULTS))
+def test_a_user_fault_is_exit_2_with_one_line(case, faults, capsys, monkeypatch):
+    argv, env, words = FAULTS[case]
+    monkeypatch.chdir(faults)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    before = _digest(faults)
+    code, out, err = _cli(capsys, *argv)
+    line = _one_line(err)
+    assert code == 2 and words in line, line
+    assert _digest(faults) == before and not _no_temp_files(faults)
+
+
+def test_ids_inside_the_embedding_still_run(faults, capsys, monkeypatch):
+    monkeypatch.chdir(faults)
+    torch.save({"args": (torch.tensor([[0, 9, 3, 4, 5, 6]] * 2),)}, faults / "ids_ok.pt")
+    try:
+        code, out, err = _cli(capsys, "emb.pt2", "--variant", "exact", "--inputs", "ids_ok.pt", "--json",
+                              "--no-check")
+    finally:
+        (faults / "ids_ok.pt").unlink()
+    assert code == 0 and json.loads(out)["sites"][0]["status"] == "rewritten", err
+
+
+# ---------------------------------------------------------------- 5. the check does not trust NaN
+
+def _pairs(*sets):
+    return [("y", torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)) for a, b in sets]
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("sets,passed", [
+    ([([1, 2], [1, 2]), ([1, 2], [1, NAN])], False),               # NaN in the second set (once skipped by max)
+    ([([1, 2], [1, NAN]), ([1, 2], [1, 2])], False),               # ... and in the first
+    ([([1, 2], [1, INF])], False),
+    ([([1, INF], [1, -INF])], False),                              # an infinity of the other sign
+    ([([1, NAN], [1, 2])], False),                                 # the original's NaN, the rewrite finite
+    ([([1, NAN, INF], [1, NAN, INF]), ([3, 4], [3, 4])], True),    # the same non-finite values, same places
+    ([([1, NAN], [NAN, 1])], False),                               # ... but in other places
+])
+def test_non_finite_outputs_fail_the_check_unless_the_original_has_them(sets, passed):
+    from attnrewrite.check import end_to_end
+    r = end_to_end(_pairs(*sets), 1e-4)
+    assert r["passed"] is passed, r
+    if not passed:
+        assert r["rel_err"] == INF and r["outputs"][0]["cosine"] == 0.0
+    else:
+        assert r["rel_err"] == 0.0 and r["outputs"][0]["cosine"] > 0.999
+
+
+def test_a_rewrite_producing_nan_on_the_second_input_set_fails_and_writes_nothing(good_pt2, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from attnrewrite.frontends.export import ExportFrontEnd
+    torch.save([{"args": (X,)}, {"args": (X + 1,)}], tmp_path / "two.pt")
+    real, calls = ExportFrontEnd.outputs, []
+
+    def nan_on_second(self, program, input_set):
+        outs = real(self, program, input_set)
+        if program is not None:
+            calls.append(1)
+            if len(calls) == 2:
+                outs = [(n, t.clone().index_fill_(0, torch.tensor([1]), NAN)) for n, t in outs]
+        return outs
+    monkeypatch.setattr(ExportFrontEnd, "outputs", nan_on_second)
+    code, out, err = _cli(capsys, good_pt2, "--variant", "exact", "--inputs", tmp_path / "two.pt",
+                          "-o", tmp_path / "o.pt2", "--json")
+    check = json.loads(out)["check"]
+    assert code == 1 and check["passed"] is False and float(check["rel_err"]) == INF
+    assert check["outputs"][0]["nonfinite"] > 0 and not (tmp_path / "o.pt2").exists()
+
+
+# ---------------------------------------------------------------- 6. attention inside ONNX control flow
+
+@pytest.fixture(scope="module")
+def control_flow(tmp_path_factory) -> Path:
+    """TinyAttention's graph as the then-branch of an If on a boolean input (else: x itself)."""
+    import warnings
+
+    import onnx
+    from onnx import TensorProto, helper
+    d = tmp_path_factory.mktemp("cf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyAttention().eval(), (X,), str(d / "plain.onnx"), input_names=["x"],
+                          output_names=["y"], dynamo=False, opset_version=17)
+    inner = onnx.load(d / "plain.onnx")
+    then = helper.make_graph(list(inner.graph.node), "then", [], [helper.make_tensor_value_info("y", 1, [2, 6, 16])],
+                             initializer=list(inner.graph.initializer))
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["y_else"])], "else", [],
+                              [helper.make_tensor_value_info("y_else", 1, [2, 6, 16])])
+    graph = helper.make_graph([helper.make_node("If", ["cond"], ["out"], name="branch", then_branch=then,
+                                                else_branch=other)], "cf",
+                              [inner.graph.input[0], helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("out", 1, [2, 6, 16])])
+    model = helper.make_model(graph, opset_imports=inner.opset_import)
+    onnx.checker.check_model(model)
+    onnx.save(model, d / "if.onnx")
+    return d
+
+
+def test_attention_in_an_if_body_is_named_as_not_searched(control_flow, capsys):
+    code, out, err = _cli(capsys, control_flow / "if.onnx", "--list", "--verbose")
+    assert code == 0, err
+    assert "not attention: branch: If body (else_branch, then_branch) holds Softmax" in out
+    assert "not searched" in out
+    code, out, err = _cli(capsys, control_flow / "if.onnx", "--variant", "exact", "-o", control_flow / "o.onnx")
+    line = _one_line(err)
+    assert code == 2 and "no attention found" in line and "1 control-flow subgraph(s)" in line and "branch" in line
+    assert not (control_flow / "o.onnx").exists()
+
+
+def test_a_loop_body_is_named_too():
+    from onnx import helper
+
+    from attnrewrite.frontends.onnx import unsearched_subgraphs
+    body = helper.make_graph([helper.make_node("Softmax", ["s"], ["p"])], "body", [], [])
+    loop = helper.make_node("Loop", ["n", "c"], ["o"], name="steps", body=body)
+    plain = helper.make_node("Relu", ["x"], ["r"])
+    model = helper.make_model(helper.make_graph([loop, plain], "g", [], []))
+    assert unsearched_subgraphs(model) == [
+        ("steps", "Loop body (body) holds Softmax: attention inside control flow is not searched or rewritten")]
+
+
+# ---------------------------------------------------------------- 7. start-up cost
+
+PROBE = '''
+import sys, time
+t = time.perf_counter()
+from attnrewrite.cli import main
+try:
+    main(["--help"])
+except SystemExit:
+    pass
+heavy = [m for m in ("torch", "onnx", "onnxruntime", "matplotlib", "triton", "transformers") if m in sys.modules]
+print(repr((heavy, time.perf_counter() - t)))
+'''
+
+
+def test_help_imports_nothing_heavy(tmp_path):
+    r = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    heavy, seconds = eval(r.stdout.strip().splitlines()[-1])
+    assert heavy == [] and seconds < 1.0, (heavy, seconds)
+    assert "--variant VARIANT" in r.stdout and "conv-basis, exact, preconditioned, sparse" in r.stdout
+
+
+def test_the_variant_names_in_help_are_the_variants():
+    from attnrewrite.cli import VARIANT_NAMES
+    from attnrewrite.variants import VARIANTS
+    assert VARIANT_NAMES == tuple(sorted(v.replace("_", "-") for v in VARIANTS))
+
+
+LIST_PROBE = '''
+import sys
+from attnrewrite.cli import main
+code = main([sys.argv[1], "--list", "--json"])
+print(repr((code, [m for m in sys.argv[2:] if m in sys.modules])))
+'''
+
+
+def _list_imports(model, tmp_path, modules):
+    r = subprocess.run([sys.executable, "-c", LIST_PROBE, str(model), *modules], capture_output=True, text=True,
+                       timeout=600, cwd=tmp_path, env={**os.environ, "TMPDIR": str(tmp_path)})
+    return eval(r.stdout.strip().splitlines()[-1]), r.stderr
+
+
+def test_listing_a_pt2_imports_no_matplotlib_or_inductor(good_pt2, tmp_path):
+    got, err = _list_imports(good_pt2, tmp_path, ["matplotlib", "torch._inductor.compile_fx"])
+    assert got == (0, []), err[-2000:]
+
+
+@pytest.mark.xfail(strict=True, reason="report.tool_versions() imports onnxruntime to read its version "
+                                       "(report.py is owned elsewhere; importlib.metadata.version would do)")
+def test_listing_a_pt2_imports_no_onnxruntime(good_pt2, tmp_path):
+    """onnxruntime writes $TMPDIR/.ses on import: a .pt2 run should not import it."""
+    got, err = _list_imports(good_pt2, tmp_path, ["onnxruntime"])
+    assert got == (0, []) and not (tmp_path / ".ses").exists(), err[-2000:]
+
+
+def test_import_attnrewrite_without_torch_is_lazy_and_names_still_work():
+    code = ("import sys, attnrewrite; lazy = 'torch' not in sys.modules; "
+            "f = attnrewrite.detect; print(repr((lazy, callable(f), hasattr(__import__('torch').ops.attnrewrite, "
+            "'exact_attention'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert eval(r.stdout.strip().splitlines()[-1]) == (True, True, True), r.stderr[-2000:]
