@@ -107,6 +107,8 @@ def test_imports_point_down_the_layer_table():
                 into_entry.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target}")
                 continue
             there = row_of(target, rows)
+            if here is None or there is None:
+                continue                                # test_every_module_has_one_row_in_the_layer_table
             if there < here and (module, target) not in KNOWN_UPWARD:
                 upward.append(f"{path.relative_to(PACKAGE.parent)}:{line} imports {target} "
                               f"(row {there + 1}: {', '.join(rows[there])}) from row {here + 1}")
