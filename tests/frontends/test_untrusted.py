@@ -107,6 +107,12 @@ def _plant_constant(prefix: str, payload):
     return edit
 
 
+def _plant_legacy(folder: str):
+    def edit(m, marker):                      # the pre-2.8 layout: one pickled file of all weights / constants
+        m[f"data/{folder}/model.pt"] = _torch_saved({"qkv.weight": _Planted(marker)})
+    return edit
+
+
 def _plant_aoti(m, marker):
     m["data/aotinductor/model/model.so"] = b"\x7fELF not really"
 
@@ -120,6 +126,8 @@ PLANTS = {   # name: (edit, words in the refusal)
                       "data/constants/opaque_obj_0"),
     "custom-object": (_plant_constant("custom_obj_", lambda t: pickle.dumps(_Planted(t))),
                       "data/constants/custom_obj_0"),
+    "legacy-weights-file": (_plant_legacy("weights"), "data/weights/model.pt"),
+    "legacy-constants-file": (_plant_legacy("constants"), "data/constants/model.pt"),
     "aoti-library": (_plant_aoti, "data/aotinductor/model/model.so"),
 }
 
@@ -138,7 +146,8 @@ def test_a_planted_pickle_in_a_pt2_never_runs(plant, command, good_pt2, tmp_path
     assert model.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["evil.pt2"]
 
 
-@pytest.mark.parametrize("plant", ["sample-inputs", "weight-use-pickle", "opaque-object"])
+@pytest.mark.parametrize("plant", ["sample-inputs", "weight-use-pickle", "tensor-constant-use-pickle",
+                                   "opaque-object", "legacy-weights-file", "legacy-constants-file"])
 def test_the_plants_are_real(plant, good_pt2, tmp_path, capsys):
     """The same archives with --trust do run the planted code: the refusal above is what stops them."""
     marker = tmp_path / "pwned"
