@@ -128,7 +128,8 @@ def test_import_graph_is_acyclic_and_no_internal_import_hides_in_a_function():
     for path in PACKAGE.rglob("*.py"):
         name, top, nested = _imports(path)
         graph[name] = top
-        hidden += [f"{path.name}:{line}" for line, _ in nested]
+        if path.name != "cli.py":       # the command imports what it needs after parsing (--help without torch)
+            hidden += [f"{path.name}:{line}" for line, _ in nested]
     assert not hidden, hidden
     modules = set(graph)
 
