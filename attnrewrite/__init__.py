@@ -14,10 +14,10 @@ imported (`import torch, attnrewrite`), and so does using any name below
 import importlib
 import sys
 
-_LAZY = {"Result": "api", "detect": "api", "rewrite": "api", "compile_backend": "backend",
+_LAZY = {"Result": "api", "detect": "api", "rewrite": "api", "lower": "api", "compile_backend": "backend",
          "AttentionSite": "site", "VARIANTS": "variants"}
 
-__all__ = ["AttentionSite", "Result", "VARIANTS", "compile_backend", "detect", "register_ops", "rewrite"]
+__all__ = ["AttentionSite", "Result", "VARIANTS", "compile_backend", "detect", "lower", "register_ops", "rewrite"]
 
 
 def register_ops() -> None:

@@ -3,6 +3,7 @@
     sites = attnrewrite.detect(exported_program)             # or a path, an nn.Module + inputs, a ModelProto
     result = attnrewrite.rewrite("model.onnx", "sparse", mode="window", window=64)
     result.program, result.sites, result.report
+    package = torch._inductor.aoti_compile_and_package(attnrewrite.lower(result.program))
 
 Both open the object's front end and run the one pipeline (attnrewrite.pipeline).
 """
@@ -32,3 +33,15 @@ def rewrite(obj, variant: str = "exact", example_inputs=None, check: bool = True
     fe = pipeline.open_model(obj, example_inputs)
     return pipeline.rewrite(fe, variant, options, sites=sites, check=check, tolerance=tolerance,
                             calibrate=calibrate)
+
+
+def lower(program):
+    """`program` (a rewritten ExportedProgram) with every variant op whose implementation on the
+    program's device is ATen or FlexAttention replaced by that form: what to hand
+    `torch._inductor.aoti_compile_and_package` for a package that needs no attnrewrite at run
+    time. Ops without such a form (e.g. a soft-capped site) stay as they are."""
+    from .variants.base import lowerings
+    from .variants.impl import lowering_for
+    table = {op: lowering_for(impls, out_map_fn, len(op._schema.arguments))
+             for op, (impls, out_map_fn) in lowerings().items()}
+    return program.run_decompositions(table)
