@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine (see README.md):
 #   make demo   install into .venv and rewrite the built-in pretrained MiniLM (sparse window, auto-tuned)
 #   make test   install into .venv and run the test suite
+# For development, `make test-fast` runs every test not marked slow (no tests/models/) in under
+# two minutes on 2 cores; `make test` (what CI runs) runs them all.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -20,7 +22,10 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+test-fast: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
 bench: install
 	$(BIN)/python benchmarks/bench_detect_rewrite.py
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-fast bench

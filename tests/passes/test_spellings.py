@@ -357,8 +357,9 @@ def expected(case: str, ir: str) -> dict:
     return {**FIELDS, **extra, **(core if ir == "core_aten" else {})}
 
 
-POSITIVE_PARAMS = [pytest.param(case, ir, id=f"{case}-{ir}") for case, spec in POSITIVE.items()
-                   for ir in spec[3].get("irs", IRS)]
+# Core ATen (run_decompositions, ~0.4 s a case) is slow: `make test-fast` checks the training IR.
+POSITIVE_PARAMS = [pytest.param(case, ir, id=f"{case}-{ir}", marks=[pytest.mark.slow] if ir == "core_aten" else [])
+                   for case, spec in POSITIVE.items() for ir in spec[3].get("irs", IRS)]
 
 
 @pytest.mark.parametrize("case,ir", POSITIVE_PARAMS)
