@@ -94,6 +94,9 @@ def validate_options(variant: str, options: dict, tolerance: float | None = None
                 raise InputError(f"{key}={v} is not a finite number")
             if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 1 << 63:
                 raise InputError(f"{key}={v:.3g} does not fit a 64-bit integer")
+    conflict = getattr(mod, "inapplicable", lambda given, opts: None)(options, opts)
+    if conflict:                                   # an option the chosen mode would silently ignore
+        raise InputError(conflict)
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance)
                                       and tolerance >= 0):
         raise InputError(f"tolerance {tolerance} must be a finite number ≥ 0")

@@ -156,6 +156,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # every config compiles the same forward code with its own backend: keep them all compiled
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     warnings.filterwarnings("ignore")
     configs = args.configs.split(",")
     rows = []

@@ -115,6 +115,21 @@ _ORDER = ("mode", "k", "window", "sinks", "band", "block", "density", "mass", "s
           "head_density")                                                        # op argument order
 
 
+APPLIES = {"k": ("topk",), "window": ("window",), "sinks": ("window",), "band": ("window",),
+           "block": ("block", "topk"), "density": ("block", "topk"), "mass": ("block",),
+           "select": ("block", "topk"), "budget": ("block",)}
+
+
+def inapplicable(given: dict, options: dict) -> str | None:
+    """Why an explicitly given option does nothing in the chosen mode (None: all apply)."""
+    mode = options["mode"]
+    for key in given:
+        if mode not in APPLIES.get(key, (mode,)):
+            modes = " or ".join(f"mode={m}" for m in APPLIES[key])
+            return f"sparse option {key} applies to {modes}, not mode={mode} (set mode as well)"
+    return None
+
+
 def _options(options: dict) -> dict:
     known = {k: v for k, v in options.items() if k in PARAMS or k == "head_density"}
     return {**{k: p.default for k, p in PARAMS.items()}, "head_density": (), **known}

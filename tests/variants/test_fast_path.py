@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import attnrewrite
+import attnrewrite.io
 from attnrewrite.variants import exact, flex, impl, sparse
 from attnrewrite.variants.base import IMPLEMENTATIONS
 
@@ -239,3 +240,12 @@ def test_rewritten_program_round_trips_through_aotinductor(tmp_path):
     runner = torch._inductor.aoti_load_package(pkg)
     with torch.no_grad():
         assert torch.allclose(runner(x), m(x), atol=1e-5)
+
+
+def test_an_option_the_mode_ignores_is_an_error():
+    with pytest.raises(attnrewrite.io.InputError, match="window applies to mode=window, not mode=topk"):
+        attnrewrite.compile_backend(variant="sparse", window=16)
+    with pytest.raises(attnrewrite.io.InputError, match="k applies to mode=topk, not mode=block"):
+        attnrewrite.rewrite(torch.export.export(_Causal().eval(), (torch.randn(1, 8, 32),)), "sparse",
+                            mode="block", k=3)
+    assert attnrewrite.compile_backend(variant="sparse", mode="window", window=16).options["window"] == 16
