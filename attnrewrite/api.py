@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from . import pipeline
 from .site import AttentionSite
+from .variants.base import lowerings
+from .variants.impl import lowering_for
 
 Result = pipeline.Result
 
@@ -40,8 +42,6 @@ def lower(program):
     program's device is ATen or FlexAttention replaced by that form: what to hand
     `torch._inductor.aoti_compile_and_package` for a package that needs no attnrewrite at run
     time. Ops without such a form (e.g. a soft-capped site) stay as they are."""
-    from .variants.base import lowerings
-    from .variants.impl import lowering_for
     table = {op: lowering_for(impls, out_map_fn, len(op._schema.arguments))
              for op, (impls, out_map_fn) in lowerings().items()}
     return program.run_decompositions(table)

@@ -15,10 +15,10 @@ SCHEMA = 1
 
 def tool_versions() -> dict:
     out = {"attnrewrite": _version(), "torch": torch.__version__}
-    for mod in ("onnx", "onnxruntime"):
+    for mod in ("onnx", "onnxruntime"):      # read from the installed metadata: importing onnxruntime writes files
         try:
-            out[mod] = __import__(mod).__version__
-        except ImportError:
+            out[mod] = version(mod)
+        except PackageNotFoundError:
             out[mod] = None
     return out
 

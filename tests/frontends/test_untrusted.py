@@ -672,8 +672,6 @@ def test_listing_a_pt2_imports_no_matplotlib_or_inductor(good_pt2, tmp_path):
     assert got == (0, []), err[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason="report.tool_versions() imports onnxruntime to read its version "
-                                       "(report.py is owned elsewhere; importlib.metadata.version would do)")
 def test_listing_a_pt2_imports_no_onnxruntime(good_pt2, tmp_path):
     """onnxruntime writes $TMPDIR/.ses on import: a .pt2 run should not import it."""
     got, err = _list_imports(good_pt2, tmp_path, ["onnxruntime"])
