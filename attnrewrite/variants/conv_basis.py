@@ -63,7 +63,7 @@ from onnx import helper
 
 from ..kernels.dispatch import register_host
 from ..passes import onnx_rewrite as R
-from .exact import reference as exact_reference
+from .exact import attention as exact_attention
 from .base import BACKWARD_OPS, MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax
 
 NAME = "conv_basis"
@@ -460,7 +460,7 @@ def _attend(q, k, v, mask, scale, softcap, causal, dropout_p, count, starts, eps
     if split is None or dropout_p:                                 # not representable: exact
         if stats is not None:
             stats["exact_fallback"] = "mask is not causal + per-key" if split is None else "dropout"
-        return exact_reference(q, k, v, mask, scale, softcap, causal, dropout_p)
+        return exact_attention(q, k, v, mask, scale, softcap, causal, dropout_p)
     causal, key_bias = split
     return _attend_split(q, k, v, key_bias, scale, softcap, causal, count, starts, eps, stats, delta, segment,
                          working_dtype(precision, q.dtype, n))

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from ..passes import onnx_rewrite as R
-from .impl import Implementation
-from .base import BACKWARD_OPS, Param, define_attention_op, expand_kv, masked_scores, safe_softmax
+from .impl import Implementation, choose
+from .base import BACKWARD_OPS, IMPLEMENTATIONS, Param, define_attention_op, expand_kv, masked_scores, safe_softmax
 
 NAME = "exact"
 OP_NAME = "exact_attention"
@@ -77,6 +77,14 @@ def sdpa(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: f
 
 SDPA = Implementation("sdpa", sdpa_covers, sdpa, lower=sdpa)
 op = define_attention_op(OP_NAME, reference, fast=(SDPA,))
+
+
+def attention(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float):
+    """Exact attention as this op computes it here — its implementation table, differentiable
+    (for a variant that falls back to exact: the same numbers and dropout draws as the exact op)."""
+    args = (q, k, v, mask, scale, softcap, causal, dropout_p)
+    chosen, _ = choose(IMPLEMENTATIONS[OP_NAME][1:], args)
+    return (reference if chosen.name == "triton" else chosen.run)(*args)
 backward_op = BACKWARD_OPS[OP_NAME]
 
 
