@@ -61,6 +61,13 @@ def expand_kv(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def kv_mismatch(q, k) -> str | None:
+    """Why k/v cannot serve q's heads and batch (GQA needs H a multiple of Hkv), or None."""
+    if q.shape[1] % k.shape[1] or k.shape[0] not in (1, q.shape[0]):
+        return "k/v heads or batch do not divide q's"
+    return None
+
+
 def score_bias(mask: torch.Tensor | None, causal: bool, lq: int, lk: int,
                dtype: torch.dtype, device) -> torch.Tensor | None:
     """The additive bias the normal form's mask and causal flag stand for."""
@@ -209,8 +216,7 @@ def define_attention_op(name: str, reference, extra_schema: str = "", fast: tupl
             return tuple(torch.empty_like(t).copy_(g) for g, t in zip(grads, args[:3]))
         with _autograd():                          # recompute under autograd, with what covers that
             leaves = [t.detach().requires_grad_() for t in args[:3]]
-            chosen, _ = impl.choose(impls[1:], (*leaves, *args[3:]))     # (not the interpreter's kernels)
-            run = reference if chosen.name == "triton" else chosen.run   # a forward-only kernel: the reference's VJP
+            run, chosen = impl.differentiable(impls, (*leaves, *args[3:]))
             with _rng(dropout_p, seed, args[0].device) if chosen.seeded else contextlib.nullcontext():
                 out = run(*leaves, *args[3:])
             grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)

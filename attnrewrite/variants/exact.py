@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from ..passes import onnx_rewrite as R
-from .impl import Implementation, choose
-from .base import BACKWARD_OPS, IMPLEMENTATIONS, Param, define_attention_op, expand_kv, masked_scores, safe_softmax
+from .impl import Implementation, differentiable
+from .base import (BACKWARD_OPS, IMPLEMENTATIONS, Param, define_attention_op, expand_kv, kv_mismatch, masked_scores,
+                   safe_softmax)
 
 NAME = "exact"
 OP_NAME = "exact_attention"
@@ -46,9 +47,7 @@ def sdpa_covers(q, k, v, mask, scale: float, softcap: float, causal: bool, dropo
         return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}: scaled_dot_product_attention needs one float dtype"
     if mask is not None and mask.dtype != torch.bool and not mask.is_floating_point():
         return f"a {mask.dtype} mask is neither boolean nor additive"
-    if q.shape[1] % k.shape[1] or k.shape[0] not in (1, q.shape[0]):
-        return "k/v heads or batch do not divide q's"
-    return None
+    return kv_mismatch(q, k)
 
 
 def sdpa(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float):
@@ -83,8 +82,8 @@ def attention(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
     """Exact attention as this op computes it here — its implementation table, differentiable
     (for a variant that falls back to exact: the same numbers and dropout draws as the exact op)."""
     args = (q, k, v, mask, scale, softcap, causal, dropout_p)
-    chosen, _ = choose(IMPLEMENTATIONS[OP_NAME][1:], args)
-    return (reference if chosen.name == "triton" else chosen.run)(*args)
+    run, _ = differentiable(IMPLEMENTATIONS[OP_NAME], args)
+    return run(*args)
 backward_op = BACKWARD_OPS[OP_NAME]
 
 

@@ -20,6 +20,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..kernels import block_lists
+from .base import kv_mismatch
 
 BLOCK = 128                      # FlexAttention's default block (rows and keys)
 RECOMPILE_LIMIT = 64             # configurations (shapes, dtypes, masks, window settings) compiled per process
@@ -35,8 +36,8 @@ def covers(q, k, v, mask, dropout_p: float) -> str | None:
         return f"FlexAttention runs on CPU and CUDA, not {q.device.type}"
     if q.dtype not in allowed or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"FlexAttention on {q.device.type} takes {', '.join(str(d) for d in allowed)} (q {q.dtype})"
-    if q.shape[1] % k.shape[1] or k.shape[0] not in (1, q.shape[0]):
-        return "k/v heads or batch do not divide q's"
+    if (why := kv_mismatch(q, k)) is not None:
+        return why
     if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return "a gradient is wanted: FlexAttention has no backward on CPU"
     if not all(isinstance(x, int) for x in (*q.shape, *k.shape, *v.shape)):

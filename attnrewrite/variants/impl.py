@@ -98,6 +98,14 @@ def choose(impls, args) -> tuple[Implementation, list[str]]:
     raise RuntimeError("no implementation covers the call")   # the reference always does
 
 
+def differentiable(impls, args):
+    """The function the op's backward recomputes the call with under autograd: what covers
+    `args` (leaves that want a gradient), skipping the interpreter's kernels that `table` puts
+    first; a kernel chosen there (forward only) stands for the reference's VJP."""
+    chosen, _ = choose(impls[1:], args)
+    return (impls[-1].run if chosen.name == "triton" else chosen.run), chosen
+
+
 def describe(impls, args, device=None) -> dict:
     """{"impl": label, "impl_reason": why faster ones were not used ("" when the first ran)};
     `device` labels a call described on meta tensors."""
@@ -139,7 +147,7 @@ def lowering_for(impls, out_map_fn, n_args: int):
     the calibrated output map; the dropout seed is dropped (the compiled graph draws its own mask)."""
     def lowered(*args, **kwargs):
         args = (*args, *[None] * (n_args - len(args)))
-        seed, out_map = kwargs.get("dropout_seed", args[-2]), kwargs.get("out_map", args[-1])
+        out_map = kwargs.get("out_map", args[-1])
         ref_args = args[:-2]
         impl, _ = choose(impls, ref_args)
         return out_map_fn(impl.lower(*ref_args), out_map)
