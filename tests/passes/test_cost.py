@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from attnrewrite import cost
 from attnrewrite.cost import L, Sd, model_cost, site_cost
 from attnrewrite.site import AttentionSite
-from attnrewrite.variants import conv_basis, exact, preconditioned, sparse
+from attnrewrite.variants import conv_basis, exact, impl, preconditioned, sparse
 
 
 def make_site(b=2, h=4, hkv=4, lq=16, lk=None, d=8, causal=False, dtype="float32", mask="none",
@@ -164,7 +164,10 @@ def test_conv_basis_matmul_flops_match_flop_counter(n, causal, options, path, mo
     assert (model["flops_fft"] > 0) == (path == "fft")
 
 
-def test_conv_basis_cross_attention_is_priced_as_exact():
+def test_conv_basis_cross_attention_is_priced_as_exact(monkeypatch):
+    # the model prices the reference code; the fallback otherwise runs SDPA, whose CPU kernel
+    # FlopCounterMode does not count
+    monkeypatch.setenv(impl.FORCE_ENV, "reference")
     site = make_site(lq=16, lk=24)
     model = site_cost(site, "conv_basis", {"k": 4})
     assert model["runs"] == "conv_basis->exact"
