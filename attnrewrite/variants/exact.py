@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..passes import onnx_rewrite as R
 from .impl import Implementation, differentiable
@@ -56,9 +57,9 @@ def sdpa(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: f
     mask; GQA through enable_gqa; a batch-1 K/V expanded; rows with no visible key are zeros,
     as SDPA gives them."""
     lq, lk = q.shape[-2], k.shape[-2]
-    if k.shape[0] != q.shape[0]:
-        k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])
-    is_causal = bool(causal) and mask is None and lq == lk
+    k, v = k.expand(q.shape[0], *k.shape[1:]), v.expand(q.shape[0], *v.shape[1:])     # (a batch-1 K/V)
+    # symbolic lengths (a dynamic graph): is_causal only where Lq == Lk is known without a guard
+    is_causal = bool(causal) and mask is None and statically_known_true(lq == lk)
     if causal and not is_causal:
         keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(lk - lq)
         if mask is None:

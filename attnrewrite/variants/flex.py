@@ -87,16 +87,20 @@ def flex(q, k, v, mask, scale: float, softcap: float, keep, blocks, traced: bool
     keep_blocks, full_blocks = blocks
     if mask is not None:                           # an element mask cuts every block: none is full
         full_blocks = torch.zeros_like(full_blocks)
+    # the transposed (per key block) lists serve only a backward; building them vmaps, which fails
+    # inside an op called from a compiled graph — so only when a gradient is wanted here
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     kv_num, kv_idx, full_num, full_idx = block_lists(keep_blocks[None, None], full_blocks[None, None])
     block_mask = BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=BLOCK,
-                                          mask_mod=mask_mod, seq_lengths=(lq, lk))
+                                          mask_mod=mask_mod, seq_lengths=(lq, lk), compute_q_blocks=grad)
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=float(scale), enable_gqa=q.shape[1] != k.shape[1])
     if traced:             # (Inductor's CPU template reads q, k and v as buffers of their own: no views)
         return flex_attention(q.clone(), k.clone(), v.clone(), **kwargs)
-    # the op's own autograd formula carries the gradient (covers() keeps grad mode off); one
-    # compile per configuration, and more configurations than Dynamo's default 8 per function
+    if not grad:           # inside the op's forward: its own autograd formula carries the gradient
+        q, k, v = q.detach(), k.detach(), v.detach()
+    # one compile per configuration, and more configurations than Dynamo's default 8 per function
     with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-        return _compiled()(q.detach(), k.detach(), v.detach(), **kwargs)
+        return _compiled()(q, k, v, **kwargs)
 
 
 def block_ranges(lq: int, lk: int, device):

@@ -249,3 +249,34 @@ def test_an_option_the_mode_ignores_is_an_error():
         attnrewrite.rewrite(torch.export.export(_Causal().eval(), (torch.randn(1, 8, 32),)), "sparse",
                             mode="block", k=3)
     assert attnrewrite.compile_backend(variant="sparse", mode="window", window=16).options["window"] == 16
+
+
+@pytest.mark.parametrize("variant,options", [("exact", {}),
+                                             pytest.param("sparse", {"mode": "window", "window": 8},
+                                                          marks=pytest.mark.slow)])
+def test_backend_when_the_length_turns_dynamic(variant, options, small_flex):
+    """A second length makes Dynamo recompile with a symbolic length: exact still lowers to SDPA
+    (is_causal only where Lq == Lk is known), and window keeps the op, which runs FlexAttention
+    at the call's real sizes from inside the compiled graph. Outputs equal the backend's eager
+    run (the op's reference)."""
+    torch._dynamo.reset()              # Dynamo remembers a code object's dynamic sizes across tests
+    torch.manual_seed(0)
+    m = _Causal().eval()
+    backend = attnrewrite.compile_backend(variant, **options)
+    compiled = torch.compile(m, backend=backend)
+    flex_calls = []
+    for n in (24, 40):
+        x = torch.randn(1, n, 32)
+        with torch.no_grad(), impl.counting() as calls:
+            y = compiled(x)
+            want = torch.compile(m, backend=attnrewrite.compile_backend(variant, inner="eager", **options))(x)
+        assert float((y - want).abs().max()) <= 1e-5
+        flex_calls.append(calls.get("flex-cpu", 0))
+    assert len(backend.reports) == 2                       # one static graph, then one dynamic
+    first, second = (list(r["lowered"].values()) for r in backend.reports)
+    if variant == "exact":
+        assert first == second == ["sdpa-cpu"]
+    else:
+        assert first == ["flex-cpu"]                       # static sizes: lowered into the graph
+        assert second[0].startswith("kept:") and "symbolic" in second[0]
+        assert flex_calls[1] >= 1                          # the kept op ran FlexAttention itself
