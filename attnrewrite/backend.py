@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 from torch._inductor.compile_fx import compile_fx
 
@@ -79,8 +80,18 @@ class Backend:
         # the ops Inductor can compile as ATen / FlexAttention are replaced by that form (no Python
         # call on the hot path); the others stay as the op (its implementation table runs them)
         report["lowered"] = impl.lower_graph(result.program, lowerings())
-        patches = {"epilogue_fusion": False} if any(v.startswith("flex") for v in report["lowered"].values()) else {}
-        return compile_fx(result.program, example_inputs, config_patches=patches)   # (the C++ flex template takes no epilogue)
+        if not any(v.startswith("flex") for v in report["lowered"].values()):
+            return compile_fx(result.program, example_inputs)
+        try:                                        # (the C++ flex template takes no epilogue)
+            return compile_fx(result.program, example_inputs, config_patches={"epilogue_fusion": False})
+        except Exception as e:  # noqa: BLE001 - Inductor refused the FlexAttention form: compile the ops instead
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            impl.unlower_graph(result.program)
+            report["lowered"] = {n: v if v.startswith("kept:") else f"kept: Inductor could not compile the lowered "
+                                 f"graph ({why})" for n, v in report["lowered"].items()}
+            warnings.warn(f"attnrewrite: FlexAttention could not be compiled into this graph ({why}); the sparse "
+                          "ops run as ops", stacklevel=2)
+            return compile_fx(result.program, example_inputs)
 
 
 def compile_backend(variant: str = "exact", **options) -> Backend:

@@ -14,7 +14,10 @@ BERT-style encoder. Columns, each a time ratio t(Inductor) / t(config) (> 1: fas
   block        … sparse mode=block, density 0.1, select=pooled
   conv-basis   … conv-basis k = 16
   pt2          the CLI's rewritten exact program (rewrite → torch.export.save → load), `.module()` eagerly
-  aoti         that program through torch._inductor.aoti_compile_and_package, run by aoti_load_package
+  aoti         that program, its ops lowered by attnrewrite.lower, through
+               torch._inductor.aoti_compile_and_package, run by aoti_load_package
+  pt2-original, aoti-original   the same for the exported program before the rewrite (what the
+               rewritten program replaces: torch.export materialises the model's causal mask)
 Each approximate config also gets its quality against the original logits (or hidden states):
 top-1 agreement of the argmax over the vocabulary and the mean KL(original ‖ rewritten) in nats.
 Time: medians over --rounds interleaved rounds (each config once per round) after one warm-up
@@ -97,16 +100,19 @@ def make(config: str, model, ids, tmp: Path):
         f = torch.compile(model, backend=attnrewrite.compile_backend(variant, **options))
         return lambda: f(ids)
     wrapped = Wrapped(model).eval()
-    ep = torch.export.export(wrapped, (ids,), strict=False)
-    program = attnrewrite.rewrite(ep, "exact", example_inputs=(ids,), check=False).program
-    path = tmp / "model.exact.pt2"
+    program = torch.export.export(wrapped, (ids,), strict=False)
+    original = config.endswith("-original")
+    if not original:
+        program = attnrewrite.rewrite(program, "exact", example_inputs=(ids,), check=False).program
+    path = tmp / f"{config}.pt2"
     torch.export.save(program, path)
     loaded = torch.export.load(path)
-    if config == "pt2":
+    if config.startswith("pt2"):
         m = loaded.module()
         return lambda: m(ids)
-    if config == "aoti":
-        pkg = torch._inductor.aoti_compile_and_package(loaded, package_path=str(tmp / "model.aoti.pt2"))
+    if config.startswith("aoti"):              # (the rewritten ops lowered to ATen first: attnrewrite.lower)
+        pkg = torch._inductor.aoti_compile_and_package(loaded if original else attnrewrite.lower(loaded),
+                                                       package_path=str(tmp / f"{config}.aoti.pt2"))
         runner = torch._inductor.aoti_load_package(pkg)
         return lambda: runner(ids)
     raise SystemExit(f"unknown config {config}")
@@ -130,7 +136,7 @@ def bench(name: str, length: int, configs: list[str], rounds: int) -> dict:
             row["compile_s"][c] = round(time.perf_counter() - t, 1)
             if c in VARIANTS and c != "exact":
                 row["quality"][c] = quality(ref, out)
-            elif c in ("exact", "pt2", "aoti"):
+            elif c in ("exact", "pt2", "aoti", "pt2-original", "aoti-original"):
                 row["quality"][c] = {"max_abs_err": float((out.float() - ref.float()).abs().max())}
         times = {c: [] for c in calls}
         for _ in range(rounds):

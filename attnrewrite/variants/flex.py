@@ -95,7 +95,8 @@ def flex(q, k, v, mask, scale: float, softcap: float, keep, blocks, traced: bool
                                           mask_mod=mask_mod, seq_lengths=(lq, lk), compute_q_blocks=grad)
     kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=float(scale), enable_gqa=q.shape[1] != k.shape[1])
     if traced:             # (Inductor's CPU template reads q, k and v as buffers of their own: no views)
-        return flex_attention(q.clone(), k.clone(), v.clone(), **kwargs)
+        q, k, v = (torch.ops.aten.clone.default(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+        return flex_attention(q, k, v, **kwargs)
     if not grad:           # inside the op's forward: its own autograd formula carries the gradient
         q, k, v = q.detach(), k.detach(), v.detach()
     # one compile per configuration, and more configurations than Dynamo's default 8 per function

@@ -173,8 +173,20 @@ def lower_graph(gm: torch.fx.GraphModule, ops: dict) -> dict:
         if impl.lower is None:
             done[node.name] = f"kept: {label(impl, args[0].device)}" + (f" ({'; '.join(skipped)})" if skipped else "")
             continue
+        node.meta[LOWERED_FROM] = node.target
         node.target = lowering_for(impls, out_map_fn, n_args)
         done[node.name] = label(impl, args[0].device)
     gm.graph.lint()
     gm.recompile()
     return done
+
+
+LOWERED_FROM = "attnrewrite_lowered_from"     # node.meta key: the op a lowered call stands for
+
+
+def unlower_graph(gm: torch.fx.GraphModule) -> None:
+    """Undo lower_graph: every lowered call is the op again (which then runs its table)."""
+    for node in gm.graph.nodes:
+        if LOWERED_FROM in node.meta:
+            node.target = node.meta.pop(LOWERED_FROM)
+    gm.recompile()

@@ -280,3 +280,28 @@ def test_backend_when_the_length_turns_dynamic(variant, options, small_flex):
         assert first == ["flex-cpu"]                       # static sizes: lowered into the graph
         assert second[0].startswith("kept:") and "symbolic" in second[0]
         assert flex_calls[1] >= 1                          # the kept op ran FlexAttention itself
+
+
+def test_backend_falls_back_to_the_ops_when_inductor_refuses_the_flex_form(small_flex, monkeypatch):
+    import attnrewrite.backend as B
+    real, calls = B.compile_fx, []
+
+    def refusing(gm, inputs, **kw):
+        calls.append([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])
+        if kw.get("config_patches"):                   # the FlexAttention form
+            raise RuntimeError("template refused")
+        return real(gm, inputs, **kw)
+
+    monkeypatch.setattr(B, "compile_fx", refusing)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m, x = _Causal().eval(), torch.randn(1, 24, 32)
+    backend = attnrewrite.compile_backend("sparse", mode="window", window=8)
+    with torch.no_grad(), pytest.warns(UserWarning, match="template refused"):
+        y = torch.compile(m, backend=backend)(x)
+        want = torch.compile(m, backend=attnrewrite.compile_backend("sparse", inner="eager", mode="window",
+                                                                    window=8))(x)
+    assert float((y - want).abs().max()) <= 1e-5
+    (lowered,) = backend.reports[-1]["lowered"].values()
+    assert lowered.startswith("kept: Inductor could not compile") and "template refused" in lowered
+    assert len(calls) == 2 and any("sparse_attention" in t for t in calls[1])     # the op is back in the graph
