@@ -530,12 +530,13 @@ class OnnxFrontEnd(FrontEnd):
     def keep_reason(self, site):
         if site.graph.keep:
             return site.graph.keep
-        if site.scale is None and default_scale(site) is None:
+        if onnx_rewrite.scalar_scale(site) is None and default_scale(site) is None:
             return "default scale with an unknown head_dim"
         return None
 
     def scalars(self, site):
-        scale = site.scale if site.scale is not None else default_scale(site)
+        scale = onnx_rewrite.scalar_scale(site)
+        scale = scale if scale is not None else default_scale(site)
         return {"scale": float(scale) if scale is not None else 1.0, "softcap": float(site.softcap or 0.0),
                 "causal": bool(site.graph.causal), "dropout_p": 0.0}
 

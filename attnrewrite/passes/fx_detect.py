@@ -45,9 +45,9 @@ from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..site import AttentionSite, dim_value
-from .vocab import (ADD, FILL, IGNORE, MASK_FLOOR, OTHER, PRODUCT, SCALE, SOFTCAP, VIEW, GraphKind,
-                    NoMatch, check_order, default_scale, einsum_pv, einsum_qk, is_mask_fill, is_softcap,
-                    mask_kind, rule_table)
+from .vocab import (ADD, FILL, IGNORE, MASK_FLOOR, NEAR_QUERY, NEAR_REGROUP, NEAR_SCALE, OTHER, PRODUCT,
+                    SCALE, SOFTCAP, VIEW, GraphKind, NoMatch, check_order, default_scale, einsum_pv, einsum_qk,
+                    head_scale, is_mask_fill, is_softcap, mask_kind, miss, rule_table)
 
 aten = torch.ops.aten
 
@@ -474,12 +474,14 @@ def _permute(gk, n: Node):
     """
     sigma = _axis_map(n)
     if sigma is None or not _identity(sigma):
-        raise NoMatch(f"{n.name} reorders the axes of the scores")
+        raise NoMatch(f"{n.name} reorders the axes of the scores", near=NEAR_REGROUP)
     return n.args[0], (VIEW, _shape(n.args[0]), _shape(n), n)
 
 
 def _scale(gk, n: Node):
-    """s = s * c | c * s | s / c | s.mul_(c) | s.div_(c), c a float, 0-d tensor or SymFloat.
+    """s = s * c | c * s | s / c | s.mul_(c) | s.div_(c), c a float, 0-d tensor or SymFloat,
+    or a tensor constant along the queries and keys (`head_scale`: Swin V2's
+    `logit_scale.clamp(max=…).exp()`, XCiT's `temperature`, both (H, 1, 1)).
 
     s = cap * tanh(s / cap) is read as a soft-cap (see _softcap).
     """
@@ -488,9 +490,12 @@ def _scale(gk, n: Node):
     other = n.args[1 - i]
     if i == 1 and t in DIVS:
         raise NoMatch(f"{n.name} divides by the scores")
-    if not _is_scalar(other):
-        raise NoMatch(f"{n.name} multiplies the scores by a tensor, not a scalar")
     src = n.args[i]
+    if not _is_scalar(other):
+        if not head_scale(_shape(other), _shape(n), _same) or not (_dtype(other) or torch.int64).is_floating_point:
+            raise NoMatch(f"{n.name} multiplies the scores by a tensor of shape {_shape(other)} that varies "
+                          f"along the queries or keys of scores {_shape(n)}", near=NEAR_SCALE)
+        return src, (SCALE, "mul" if t in MULS else "div", other, _shape(n))
     if t in MULS and isinstance(src, Node) and src.op == "call_function" and _base(src) == TANH:
         return _softcap(gk, src, other)
     return src, (SCALE, "mul" if t in MULS else "div", other)
@@ -811,6 +816,22 @@ def _check_no_hidden_write(prod: Node, pv: Node) -> None:
                                   "which the attention reads under another name")
 
 
+def depends_on(x: Node, target: Node, limit: int = 4096) -> bool:
+    """`x` is computed from `target` (a node before `target` in the graph never is)."""
+    if not precedes(target, x):
+        return False
+    stack, seen = [x], set()
+    while stack and len(seen) < limit:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return len(seen) >= limit
+
+
 # ----------------------------------------------------------------------------- rules
 def match_decomposed(sm: Node, params: set, constants) -> FxSite:
     x = sm.args[0]
@@ -821,11 +842,19 @@ def match_decomposed(sm: Node, params: set, constants) -> FxSite:
     prod, steps = walk_scores(x, constants)
     factors: list = []
     q, k = score_operands(prod, steps, factors, constants)
-    for role, op in (("query", q), ("key", k)):
-        if _param_like(op.node, params):
-            raise NoMatch(f"the {role} is a parameter: a learned pooling softmax, not attention")
-    pv, p, dropout_p, active, others = follow_probs(sm)
+    if _param_like(k.node, params):
+        raise NoMatch("the key is a parameter: a classifier or learned pooling softmax, not attention",
+                      near=NEAR_QUERY)
+    try:
+        pv, p, dropout_p, active, others = follow_probs(sm)
+    except NoMatch as e:
+        if _param_like(q.node, params):
+            e.near = NEAR_QUERY
+        raise
     v, pv_lead, out_perm = value_operand(pv, p)
+    if _param_like(v.node, params):      # a learned query may pool values computed from the input
+        raise NoMatch("the values are a parameter: the probabilities mix weights, not the input",
+                      near=NEAR_QUERY)
     qs, ks, vs_ = q.shape, k.shape, v.shape
     if not _same(qs[-1], ks[-1]):
         raise NoMatch(f"{prod.name}: contraction axes do not line up ({qs[-1]} vs {ks[-1]})")
@@ -836,6 +865,9 @@ def match_decomposed(sm: Node, params: set, constants) -> FxSite:
                   dropout_p=dropout_p, dropout_active=active)
     site.compute_dtype = _lowest_precision([_dtype(n) for n in (q.node, k.node, v.node)] + _path_dtypes(prod, pv))
     _fold_steps(site, steps, factors, constants)
+    for f, _ in site.scale_nodes:
+        if isinstance(f, Node) and depends_on(f, prod):
+            raise NoMatch(f"{f.name} scales the scores by a value computed from them", near=NEAR_SCALE)
     for op in (site.k, site.v):
         if op.perm is None:
             op.kv_root = peel_kv_repeat(op.node)
@@ -853,6 +885,9 @@ def _fold_steps(site: FxSite, steps: list, factors: list, constants) -> None:
         _apply_scale(site, f, how, constants, with_bias=False)
     for st in steps:
         kind = st[0]
+        if kind == SCALE and len(st) > 3 and not _same_shape(st[3][:-2], site.lead):
+            raise NoMatch(f"a per-head scale on scores {st[3]} laid out unlike the softmax's {site.lead}",
+                          near=NEAR_SCALE)
         if kind == SCALE:
             _apply_scale(site, st[2], st[1], constants, with_bias=True)
             if site.bias_steps:
@@ -945,7 +980,7 @@ def _describe(fx: FxSite, idx: int, name: str) -> AttentionSite:
         id=idx, name=name, source="sdpa" if fx.anchor.target in FUSED else "decomposed",
         batch=dim_value(batch), heads=dim_value(heads), kv_heads=dim_value(kv_heads),
         q_len=dim_value(lq), kv_len=dim_value(lk), head_dim=dim_value(qs[-1]), dtype=dtype, compute_dtype=compute,
-        scale=fx.scale if not fx.scale_nodes else "dynamic", softcap=fx.softcap or None,
+        scale=_reported_scale(fx), softcap=fx.softcap or None,
         causal=fx.causal, mask=mask, dropout=fx.dropout_p, graph=fx)
     if fx.others:
         s.add_reason("probabilities also read by " + ", ".join(sorted({str(o.target) for o in fx.others}))
@@ -953,6 +988,14 @@ def _describe(fx: FxSite, idx: int, name: str) -> AttentionSite:
     if fx.dropout_active:
         s.add_reason(f"dropout {fx.dropout_p:g} active: unchecked")
     return s
+
+
+def _reported_scale(fx: FxSite) -> float | str:
+    """The scale as the report gives it: a number, "per-head" (a tensor in the graph scales
+    each head) or "dynamic" (a scalar computed in the graph)."""
+    if not fx.scale_nodes:
+        return fx.scale
+    return "per-head" if any(not _is_scalar(f) for f, _ in fx.scale_nodes) else "dynamic"
 
 
 def _find_4d(fx: FxSite):
@@ -990,7 +1033,7 @@ def find_sites(graph: Graph, params: set = frozenset(), constants=None):
             else:
                 continue
         except NoMatch as e:
-            unmatched.append((f"{module_path(node)} ({node.name})", str(e)))
+            unmatched.append((f"{module_path(node)} ({node.name})", miss(e)))
             continue
         base = module_path(node)
         count = per_name.get(base, 0)

@@ -148,7 +148,8 @@ def _conform_mask(e: Emitter, m: Node, lead, refs) -> Node:
 
 
 def emit_normal_form(e: Emitter, fx: D.FxSite) -> tuple[Node, Node, Node, Node | None]:
-    """Insert the nodes building the site's q4, k4, v4 and bias (graph-computed scales folded into q)."""
+    """Insert the nodes building the site's q4, k4, v4 and bias (graph-computed scales folded
+    into q: softmax((t·q)·kᵀ) is softmax(t·(q·kᵀ)) for a scalar or a per-head tensor t)."""
     lead = list(fx.lead)
     refs = [fx.anchor, fx.anchor.args[0], fx.q.node, fx.k.node, fx.v.node, fx.out]
     q = _conform(e, fx.q, lead, refs, kv=False)
@@ -159,7 +160,11 @@ def emit_normal_form(e: Emitter, fx: D.FxSite) -> tuple[Node, Node, Node, Node |
         v = _conform(e, fx.v, fx.pv_lead, refs, kv=False)
         v = e.reshape(v, [*fx.pv_lead, *D._shape(v)[-2:]], refs) if len(fx.pv_lead) != 2 else v
         v = _conform(e, D.Operand(v), lead, refs, kv=False)
-    for node, how in fx.scale_nodes:
+    for node, how in fx.scale_nodes:          # a per-head tensor is laid out as the scores: (B, H, 1, 1)
+        if not D._is_scalar(node):
+            node = _conform_mask(e, node, lead, refs)
+            if node.meta["val"].dtype != q.meta["val"].dtype:
+                node = e(aten._to_copy.default, node, dtype=q.meta["val"].dtype)
         q = e(aten.mul.Tensor if how == "mul" else aten.div.Tensor, q, node)
     dt = q.meta["val"].dtype
     for t in (k, v):

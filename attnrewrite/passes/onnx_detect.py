@@ -58,9 +58,9 @@ import onnx
 from onnx import numpy_helper
 
 from ..site import AttentionSite
-from .vocab import (ADD, FILL, IGNORE, MASK_FLOOR, OTHER, PRODUCT, SCALE, SOFTCAP, VIEW, GraphKind, NoMatch,
-                    check_order, default_scale, einsum_pv, einsum_qk, is_mask_fill, is_softcap,
-                    mask_kind, rule_table)
+from .vocab import (ADD, FILL, IGNORE, MASK_FLOOR, NEAR_QUERY, NEAR_REGROUP, NEAR_SCALE, OTHER, PRODUCT, SCALE,
+                    SOFTCAP, VIEW, GraphKind, NoMatch, check_order, default_scale, einsum_pv, einsum_qk,
+                    head_scale, is_mask_fill, is_softcap, mask_kind, miss, rule_table)
 
 MS = "com.microsoft"
 
@@ -94,6 +94,10 @@ class OnnxSite:
     flat: set = field(default_factory=set)        # roles in that layout: "q", "k", "v", "out"
     flat_masks: set = field(default_factory=set)  # mask/bias values added before the split
     scores: str = ""                # the softmax input: (B, H, Lq, Lk) for a decomposed site
+    head_scales: list = field(default_factory=list)   # (value, "mul"|"div"): per-head tensors on q
+    # masks added while the scores were regrouped (Swin's (B, nW, H, Lq, Lk)): value -> the
+    # leading dims of that layout, to expand and merge the mask by
+    regrouped: dict = field(default_factory=dict)
     # fused ops: the op's own inputs/attributes
     inputs: list = field(default_factory=list)
     attrs: dict = field(default_factory=dict)
@@ -470,7 +474,7 @@ def _add(gk, n):
     The scores are the side that reaches a q·kᵀ product (`OnnxKind.qk_like`), wherever it is.
     """
     g = gk.g
-    a, b = (gk.reaches_product(i) for i in n.input)
+    a, b = gk.sides(n)
     if a == b:
         raise NoMatch(f"{n.name}: cannot tell scores from bias in Add "
                       f"({'both sides reach' if a else 'neither side reaches'} a q·kᵀ product)")
@@ -485,7 +489,8 @@ def _add(gk, n):
 
 def _sub(gk, n):
     """s = Sub(s, bias)."""
-    if gk.reaches_product(n.input[0]) and not gk.reaches_product(n.input[1]):
+    a, b = gk.sides(n)
+    if a and not b:
         return n.input[0], (ADD, n.input[1], -1.0)
     raise NoMatch(f"{n.name}: Sub does not subtract a bias from the scores")
 
@@ -502,7 +507,7 @@ def _scale(gk, n):
     elif op == "Mul" and g.scalar(n.input[0]) is not None:
         c, t = g.scalar(n.input[0]), n.input[1]
     else:
-        raise NoMatch(f"{n.name}: scores {op} by a non-scalar")
+        return _tensor_scale(gk, n)
     tanh = g.op(t, "Tanh")
     if op == "Mul" and tanh is not None:          # cap * tanh(s / cap)
         inner = g.op(tanh.input[0], "Div", "Mul")
@@ -515,6 +520,25 @@ def _scale(gk, n):
     if c == 1.0:
         return t, None                            # Mul(s, 1): no scale
     return t, (SCALE, op.lower(), c)
+
+
+def _tensor_scale(gk, n):
+    """s = Mul(s, t) | Mul(t, s) | Div(s, t), t a tensor constant along the queries and keys
+    (`head_scale`): Swin V2's Exp(Clip(logit_scale)), XCiT's temperature, both (H, 1, 1)."""
+    g, op = gk.g, n.op_type
+    a, b = gk.sides(n)
+    if a == b:
+        raise NoMatch(f"{n.name}: cannot tell scores from scale in {op}", near=NEAR_SCALE)
+    if op == "Div" and not a:
+        raise NoMatch(f"{n.name}: divides by the scores")
+    x, t = (n.input[0], n.input[1]) if a else (n.input[1], n.input[0])
+    if not head_scale(g.shape(t), g.shape(x), same_dim) or g.elem_type(t) not in FLOATS:
+        raise NoMatch(f"{n.name}: scores {op} by a tensor of shape {g.shape(t)} that varies along the "
+                      f"queries or keys of scores {g.shape(x)}", near=NEAR_SCALE)
+    return x, (SCALE, op.lower(), t, g.shape(x))
+
+
+FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
 
 def _where(gk, n):
@@ -548,7 +572,8 @@ def _same_shape(src, out) -> bool:
 
 def _view(gk, n):
     """s = Reshape(s, (B, H, Lq, -1)) of (B·H, Lq, Lk) scores: the head split after a
-    bmm/baddbmm product (Bloom's ALiBi); a Reshape that keeps the shape is no step.
+    bmm/baddbmm product (Bloom's ALiBi); a Reshape regrouping only the axes before the heads
+    (Swin's shifted-window mask, `_regroup`); a Reshape that keeps the shape is no step.
 
         s = Add(Mul(MatMul(q3, kᵀ3), alpha), Mul(alibi3, beta))     # baddbmm, (B·H, Lq, Lk)
         s = Reshape(s, (B, H, Lq, -1)) + mask4                        # the split, then 4-D masks
@@ -557,10 +582,18 @@ def _view(gk, n):
     src, out = g.shape(n.input[0]), g.shape(n.output[0])
     if _same_shape(src, out):
         return n.input[0], None
-    if _head_split(src, out):
+    if _head_split(src, out) or _regroup(src, out):
         return n.input[0], (VIEW, src, out, n)
-    raise NoMatch(f"{n.name}: Reshape of the scores {src} → {out} is not a "
-                  "(B·H, Lq, Lk) → (B, H, Lq, Lk) head split")
+    raise NoMatch(f"{n.name}: Reshape of the scores {src} → {out} is neither a (B·H, Lq, Lk) → "
+                  "(B, H, Lq, Lk) head split nor a regrouping of the axes before the heads", near=NEAR_REGROUP)
+
+
+def _regroup(src, out) -> bool:
+    """(B·nW, H, Lq, Lk) ↔ (B, nW, H, Lq, Lk): both of rank ≥ 4 with the same last three dims
+    (heads, queries, keys), so only the axes before the heads are regrouped (Reshape keeps
+    the element count, hence their product)."""
+    return (src is not None and out is not None and len(src) >= 4 and len(out) >= 4
+            and all(same_dim(a, b) and a is not None for a, b in zip(src[-3:], out[-3:])))
 
 
 def _bare_tanh(gk, n):
@@ -583,6 +616,7 @@ class OnnxKind(GraphKind):
 
     def __init__(self, g: Graph):
         self.g = g
+        self.lenient = False
 
     def qk_like(self, node) -> bool:
         """A MatMul/Einsum whose two operands are computed (traced back through scalar
@@ -592,7 +626,21 @@ class OnnxKind(GraphKind):
             Add(Mul(MatMul(q, kᵀ), a), Mul(bias, b))     the left side reaches the scores
             Add(scores, MatMul(pos_table, W))             the right side does not
         """
-        return not any(is_weight(self.g, peel_scale(self.g, i)[0]) for i in node.input[:2])
+        weights = [is_weight(self.g, peel_scale(self.g, i)[0]) for i in node.input[:2]]
+        return not all(weights) if self.lenient else not any(weights)
+
+    def sides(self, n) -> tuple[bool, bool]:
+        """Which inputs of a two-sided step reach a q·kᵀ product. When neither reaches one
+        whose operands are both computed, a product with one weight counts (a learned
+        query: attention pooling)."""
+        a, b = (self.reaches_product(i) for i in n.input[:2])
+        if not a and not b:
+            self.lenient = True
+            try:
+                a, b = (self.reaches_product(i) for i in n.input[:2])
+            finally:
+                self.lenient = False
+        return a, b
 
     def producer(self, x):
         return self.g.producer.get(x)
@@ -637,39 +685,58 @@ def walk_scores(g: Graph, x: str, site: OnnxSite):
     further up, so each bias is recorded with the product of the factors seen before it.
 
     A head split (VIEW) of (B·H, Lq, Lk) scores into (B, H, Lq, Lk) may appear once; the
-    masks added before it are in the merged layout and are marked `flat`. When a fill is
+    masks added before it are in the merged layout and are marked `flat`. Instead, the axes
+    before the heads may be regrouped and back (Swin: (B·nW, H, N, N) → (B, nW, H, N, N),
+    + the window mask, → (B·nW, H, N, N)); a mask added in between is `regrouped`. A per-head
+    tensor scale (before every mask, `check_order`) goes to q (`head_scales`). When a fill is
     finite (where(keep, s, finfo.min)), the masks are also kept in order (`mask_steps`):
     where(keep, s, min) + pad ≠ s + where(keep, 0, -inf) + pad on a row whose keys are
     all masked (left padding: the original spreads it over the filled keys).
     """
     prod, steps = OnnxKind(g).walk_back(x)
     check_order(steps)
-    views = [st for st in steps if st[0] == VIEW]
-    if len(views) > 1:
-        raise NoMatch("the scores are reshaped more than once")
-    if views:
-        site.flat_heads = int(views[0][2][1])
-    factor, flat, seen = 1.0, False, {}
+    splits = [st for st in steps if st[0] == VIEW and _head_split(st[1], st[2])]
+    if len(splits) > 1:
+        raise NoMatch("the scores are split by heads more than once")
+    if splits:
+        site.flat_heads = int(splits[0][2][1])
+    final = g.shape(x)
+    factor, flat, layout, seen = 1.0, False, None, {}
     for st in reversed(steps):
         kind = st[0]
-        if kind == SCALE:
+        if kind == SCALE and len(st) > 3:              # a per-head tensor: a scale on q
+            if flat or layout is not None:
+                raise NoMatch(f"a per-head scale on scores {st[3]} laid out unlike the softmax's {final}",
+                              near=NEAR_SCALE)
+            site.head_scales.append((st[2], st[1]))
+        elif kind == SCALE:
             if st[1] == "div" and st[2] == 0:
                 raise NoMatch("division of the scores by zero")
             factor *= st[2] if st[1] == "mul" else 1.0 / st[2]
         elif kind == SOFTCAP:
             site.softcap = st[1]
-        elif kind == VIEW:
+        elif kind == VIEW and _head_split(st[1], st[2]):
+            if layout is not None:
+                raise NoMatch("the scores are split by heads while regrouped", near=NEAR_REGROUP)
             flat = True
+        elif kind == VIEW:                             # walking back: now in the layout before it
+            layout = None if _same_shape(st[1], final) else st[1]
         elif kind in (ADD, FILL):
             for value in [st[1]] + list(st[4:]):
-                if seen.setdefault(value, flat) != flat:
-                    raise NoMatch(f"{value} masks the scores both before and after their head split")
+                where = (flat, None if layout is None else tuple(layout[:-3]))
+                if seen.setdefault(value, where) != where:
+                    raise NoMatch(f"{value} masks the scores in two layouts (before and after a reshape)",
+                                  near=NEAR_REGROUP)
                 if flat:
                     site.flat_masks.add(value)
+                if layout is not None:
+                    site.regrouped[value] = list(layout[:-3])
             if kind == ADD:
                 site.biases.append((st[1], st[2] * factor))
             else:
                 site.keeps.append((st[1], not st[3]))
+    if layout is not None:
+        raise NoMatch(f"the scores are regrouped from {layout} to {final} and not back", near=NEAR_REGROUP)
     fills = [g.scalar(st[2]) for st in steps if st[0] == FILL]
     if any(math.isfinite(v) for v in fills):
         masked = False
@@ -797,6 +864,22 @@ def unmerge_heads(g: Graph, x: str, heads: int) -> str | None:
     return r.input[0] if ok else None
 
 
+def depends_on(g: Graph, x: str, target: str, limit: int = 4096) -> bool:
+    """Value `x` is computed from value `target` (searched back through producers)."""
+    stack, seen = [x], set()
+    while stack and len(seen) < limit:
+        v = stack.pop()
+        if v == target:
+            return True
+        if v in seen:
+            continue
+        seen.add(v)
+        n = g.producer.get(v)
+        if n is not None:
+            stack.extend(i for i in n.input if i)
+    return len(seen) >= limit
+
+
 def is_weight(g: Graph, name: str) -> bool:
     """True for a constant (initializer/Constant), possibly reshaped, transposed or cast."""
     for _ in range(6):
@@ -817,7 +900,11 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
         raise NoMatch(f"softmax over axis {axis}, not the last (key) axis")
     site = OnnxSite("decomposed", sm.name, "", "", scores=x)
     prod, factor = walk_scores(g, x, site)
-    pv, px, others = follow_probs(g, sm.output[0])
+    try:
+        pv, px, others = follow_probs(g, sm.output[0])
+        pv_missing = ""
+    except NoMatch as e:         # said after the operands are read: a learned query says more
+        pv, px, others, pv_missing = None, None, None, str(e)
     if prod.op_type == "Einsum":
         q, kt, rank = _einsum_scores(g, prod, site)
         q, fq = peel_scale(g, q)
@@ -826,6 +913,9 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
     else:
         q, fq = peel_scale(g, prod.input[0])
         kt, fk = peel_scale(g, prod.input[1])
+        if is_weight(g, kt):
+            raise NoMatch(f"{prod.name}: the key is a constant weight (a classifier or pooling softmax)",
+                          near=NEAR_QUERY)
         rank = g.rank(q) or g.rank(prod.output[0])
         if rank not in (3, 4) or (g.rank(kt) not in (None, rank)):
             raise NoMatch(f"{prod.name}: q·kᵀ of rank {rank}, expected 3 or 4")
@@ -833,9 +923,16 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
         k, fk2 = peel_scale(g, k)                      # a scalar on k before its transpose
         fk *= fk2
         site.q, site.k, site.k_perm = q, k, kperm
-    for role, val in (("query", site.q), ("key", site.k)):
-        if is_weight(g, val):
-            raise NoMatch(f"{prod.name}: the {role} is a constant weight (a pooling/classifier softmax)")
+    if is_weight(g, site.k):
+        raise NoMatch(f"{prod.name}: the key is a constant weight (a classifier or pooling softmax)", near=NEAR_QUERY)
+    if is_weight(g, site.q) and pv is None:
+        raise NoMatch(f"{prod.name}: the query is a constant weight and the probabilities are not contracted "
+                      f"with a value tensor ({pv_missing})", near=NEAR_QUERY)
+    for t, _ in site.head_scales:
+        if depends_on(g, t, prod.output[0]):
+            raise NoMatch(f"{t} scales the scores by a value computed from them", near=NEAR_SCALE)
+    if pv is None:
+        raise NoMatch(pv_missing)
     if site.flat_heads is not None:                    # (B·H, L, D) product, split scores
         if rank != 3:
             raise NoMatch(f"{prod.name}: a head split of scores of rank {rank}")
@@ -851,6 +948,9 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
         site.flat |= {"v", "out"}
     site.rank = rank
     site.scale = factor * fq * fk
+    if is_weight(g, pv.input[1]):
+        raise NoMatch(f"{pv.name}: the values are a constant weight: the probabilities mix weights, "
+                      "not the input", near=NEAR_QUERY)
     if pv.op_type == "Einsum":
         vp, op_ = einsum_pv(_eq(pv), 0)
         if len(vp) != 4:
@@ -1049,7 +1149,7 @@ def describe(g: Graph, os_: OnnxSite, idx: int, node) -> AttentionSite:
         mask = "additive"
     site = AttentionSite(id=idx, name=site_name(node), source=source, batch=b, heads=h, kv_heads=hkv,
                          q_len=lq, kv_len=lk, head_dim=d, dtype=dtype,
-                         scale=None if scale is None else float(scale),
+                         scale="per-head" if os_.head_scales else (None if scale is None else float(scale)),
                          softcap=os_.softcap or None, causal=os_.causal, mask=mask, dropout=0.0,
                          graph=os_)
     if os_.rank == 3 and os_.kind == "decomposed":
@@ -1078,7 +1178,7 @@ def find_sites(model: onnx.ModelProto, inferred: onnx.ModelProto | None = None, 
             else:
                 continue
         except NoMatch as e:
-            unmatched.append((n.name, str(e)))
+            unmatched.append((n.name, miss(e)))
             continue
         sites.append(describe(g, s, len(sites), n))
     return sites, unmatched, g

@@ -195,6 +195,28 @@ def split_heads(b: Builder, x: str, heads: int) -> str:
                                    dtype=TensorProto.INT64))
 
 
+def merge_lead(b: Builder, x: str, lead: list, like: str) -> str:
+    """A mask added while the scores were regrouped to (*lead, H, Lq, Lk), as (prod(lead), ·, ·, ·).
+
+    Swin's window mask (nW, 1, N, N) is added to scores viewed as (B, nW, H, N, N): it is
+    broadcast over `lead` = [B, nW] (its own last three axes stay as they are, size 1 or not)
+    and the leading axes merged, which is what the view back to (B·nW, H, N, N) does to the
+    scores. One unknown dim of `lead` is the first axis of `like` (q, (B·nW, H, Lq, D))
+    divided by the known ones.
+    """
+    unknown = [i for i, d in enumerate(lead) if not isinstance(d, int)]
+    if len(unknown) > 1:
+        raise Unsupported(f"a mask added to scores regrouped over {lead}: more than one unknown axis")
+    dims = [b.ints(d) if isinstance(d, int) else None for d in lead]
+    if unknown:
+        known = math.prod(d for d in lead if isinstance(d, int))
+        dims[unknown[0]] = b.op("Div", b.shape_of(like, 0, 1), b.ints(known), dtype=TensorProto.INT64)
+    full = b.op("Expand", x, b.op("Concat", *dims, b.ints(1, 1, 1), axis=0, dtype=TensorProto.INT64))
+    n = len(lead)
+    return b.op("Reshape", full, b.op("Concat", b.ints(-1), b.shape_of(full, n, n + 3), axis=0,
+                                      dtype=TensorProto.INT64))
+
+
 def merge_heads(b: Builder, y: str) -> str:
     """(B, H, L, D) → (B·H, L, D)."""
     return b.op("Reshape", y, b.op("Concat", b.ints(-1), b.shape_of(y, 2, 4), axis=0, dtype=TensorProto.INT64))
@@ -213,6 +235,10 @@ def normal_form(b: Builder, site: AttentionSite):
             q, k, v = _heads_split(b, q, hq), _heads_split(b, k, hkv), _heads_split(b, v, hkv)
         else:
             q, k, v = b.transpose(q, s.q_perm), b.transpose(k, s.k_perm), b.transpose(v, s.v_perm)
+            if _lead_one(g, s.q, s.q_perm) and not _lead_one(g, s.k, s.k_perm):
+                # a learned query (1, ·, Lq, D) broadcast over the batch of k: expand it
+                q = b.op("Expand", q, b.op("Concat", b.shape_of(k, 0, 1), b.ints(*[1] * (s.rank - 1)),
+                                           axis=0, dtype=TensorProto.INT64))
             if s.rank == 3:
                 q, k, v = (b.op("Unsqueeze", x, b.ints(0)) for x in (q, k, v))
         convert = None
@@ -224,9 +250,17 @@ def normal_form(b: Builder, site: AttentionSite):
 
                 def convert(x, rows=rows):               # (B·H | 1, Lq | 1, Lk | 1) → (B, H, ·, ·)
                     return split_heads(b, b.op("Expand", x, rows), s.flat_heads) if x in s.flat_masks else x
+        if s.kind == "decomposed" and s.regrouped:
+
+            def convert(x, q=q):                         # (B, nW, h|1, ·, ·) → (B·nW, h|1, ·, ·)
+                return merge_lead(b, x, s.regrouped[x], q) if x in s.regrouped else x
         if s.kind == "decomposed" and s.mask_steps:
-            return q, k, v, _replay_mask(b, s.mask_steps, q, convert or (lambda x: x))
-        return q, k, v, _combine_mask(b, s.keeps, s.biases, q, convert)
+            mask = _replay_mask(b, s.mask_steps, q, convert or (lambda x: x))
+        else:
+            mask = _combine_mask(b, s.keeps, s.biases, q, convert)
+        for t, how in s.head_scales:                     # softmax(t·q·kᵀ): t (H, 1, 1) on q per head
+            q = b.op("Mul" if how == "mul" else "Div", q, b.cast(t, b.dtype(q)))
+        return q, k, v, mask
     n = s.inputs
     h, hkv = s.heads, s.kv_heads
     if s.kind == "msattention":
@@ -271,13 +305,28 @@ def normal_form(b: Builder, site: AttentionSite):
     return q, k, v, _combine_mask(b, keeps, biases, q)
 
 
+def _lead_one(g: Graph, x: str, perm) -> bool:
+    """The first axis of `x` (after `perm`) is statically 1."""
+    sh = g.shape(x)
+    if not sh:
+        return False
+    return (sh[perm[0]] if perm else sh[0]) == 1
+
+
 def _present_in(inputs: list, i: int) -> bool:
     return len(inputs) > i and bool(inputs[i])
 
 
+def scalar_scale(site: AttentionSite) -> float | None:
+    """The site's scalar scale; for a "per-head" site the scalar part (its tensor goes to q in
+    `normal_form`)."""
+    return site.graph.scale if isinstance(site.scale, str) else site.scale
+
+
 def resolve_scale(b: Builder, site: AttentionSite) -> float:
-    if site.scale is not None:
-        return float(site.scale)
+    scale = scalar_scale(site)
+    if scale is not None:
+        return float(scale)
     raise Unsupported("default scale with an unknown head_dim")
 
 

@@ -14,13 +14,16 @@ value to its producer and readers, and a table of rules for its spellings of eac
 A score-chain step is a tuple whose first item is its kind::
 
     ("scale", "mul" | "div", c)            s = s * c  |  s / c
+    ("scale", "mul" | "div", t, shape)      s = s * t, t a tensor constant along (Lq, Lk): a per-head
+                                            scale, `shape` the scores' where it applies
     ("softcap", cap)                        s = cap * tanh(s / cap)
     ("add", bias, coefficient)              s = s + coefficient * bias
     ("fill", cond, value, True)             s = where(cond, value, s)     (cond drops keys)
     ("fill", cond, value, False)            s = where(cond, s, value)     (cond keeps keys)
     ("fill", cond, value, drops, bias)      s = s + bias, bias = where(cond, value, 0) if drops
                                             else where(cond, 0, value)    (ONNX: a fill added as a bias)
-    ("view", shape_in, shape_out, node)     s = s.view(...)               (ONNX: only the head split)
+    ("view", shape_in, shape_out, node)     s = s.view(...)               (ONNX: the head split, or a
+                                            regrouping of the axes before the heads)
 
 A cast (or any other step that leaves the values alone) contributes no step.
 """
@@ -30,14 +33,33 @@ import math
 
 from ..site import MASK_FLOOR
 
-__all__ = ["NoMatch", "MASK_FLOOR", "PRODUCT_DEPTH", "CHAIN_LIMIT", "SOFTCAP_RTOL",
+__all__ = ["NoMatch", "NEAR", "NEAR_SCALE", "NEAR_REGROUP", "NEAR_QUERY", "miss", "MASK_FLOOR", "PRODUCT_DEPTH", "CHAIN_LIMIT", "SOFTCAP_RTOL",
            "SCALE", "SOFTCAP", "ADD", "FILL", "VIEW", "PRODUCT", "IGNORE", "OTHER",
-           "is_mask_fill", "is_softcap", "check_order", "mask_kind", "default_scale",
+           "is_mask_fill", "is_softcap", "check_order", "head_scale", "mask_kind", "default_scale",
            "parse_einsum", "einsum_qk", "einsum_pv", "rule_table", "GraphKind"]
 
 
 class NoMatch(Exception):
-    """A candidate that is not attention (or not one we can describe); the message says why."""
+    """A candidate that is not attention (or not one we can describe); the message says why.
+
+    `near` names the accepted form the candidate came closest to (one of `NEAR`), so that
+    `--list --verbose` can say in one line what kind of spelling a miss is.
+    """
+
+    def __init__(self, message: str, near: str | None = None):
+        super().__init__(message)
+        self.near = near
+
+
+NEAR_SCALE = "per-head scale"          # a tensor multiplies the scores
+NEAR_REGROUP = "regrouped scores"      # the scores are reshaped or permuted before the softmax
+NEAR_QUERY = "constant query"          # a weight (or nothing computed from the input) on one side
+NEAR = (NEAR_SCALE, NEAR_REGROUP, NEAR_QUERY)
+
+
+def miss(e: NoMatch) -> str:
+    """The one-line reason a softmax was skipped, with the accepted form it came closest to."""
+    return f"{e} [closest form: {getattr(e, 'near', None) or 'none of ' + ', '.join(NEAR)}]"
 
 
 PRODUCT_DEPTH = 24    # steps searched back from a value for a q·kᵀ product (see reaches_product)
@@ -77,12 +99,17 @@ def check_order(steps: list) -> None:
         s = s * c;  s = cap * tanh(s / cap);  s = s + bias     fits
         s = s + bias;  s = cap * tanh(s / cap)                 a mask inside the cap
         s = cap * tanh(s / cap);  s = s * c                    a scale outside the cap
+
+    A per-head scale (a tensor) must also come before the masks: there, and only there,
+    it is a scale on q per head.
     """
     capped = masked = False
     for st in steps:
         kind = st[0]
         if kind == SCALE and capped:
             raise NoMatch("a scale after the soft-cap is outside the normal form")
+        if kind == SCALE and len(st) > 3 and masked:
+            raise NoMatch("a per-head scale after a mask is outside the normal form", near=NEAR_SCALE)
         if kind == SOFTCAP:
             if capped:
                 raise NoMatch("a second soft-cap is outside the normal form")
@@ -91,6 +118,23 @@ def check_order(steps: list) -> None:
             capped = True
         elif kind in (ADD, FILL):
             masked = True
+
+
+def head_scale(t_shape, s_shape, same) -> bool:
+    """A tensor of shape `t_shape` times scores of shape `s_shape` is a scale per head (per
+    leading index): it broadcasts into the scores without growing them and is constant
+    along the last two axes, the queries and the keys, so it is a scale on q per head.
+    `same(a, b)` compares two dims (ints or symbols).
+
+        logit_scale (H, 1, 1) · s (B, H, Lq, Lk)      yes (Swin V2; XCiT's temperature)
+        t (1, H, 1, 1), t (B, H, 1, 1)                 yes
+        t (H, Lq, 1), t (Lk,)                          no: it varies along the queries / keys
+    """
+    if t_shape is None or s_shape is None or len(t_shape) > len(s_shape) or len(s_shape) < 2:
+        return False
+    aligned = [1] * (len(s_shape) - len(t_shape)) + list(t_shape)
+    return all(same(a, 1) for a in aligned[-2:]) and all(same(a, 1) or same(a, d)
+                                                        for a, d in zip(aligned[:-2], s_shape[:-2]))
 
 
 def mask_kind(additive: bool, boolean: bool) -> str:

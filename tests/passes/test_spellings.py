@@ -281,6 +281,73 @@ class Shared(nn.Module):
         return self.attn(q, k, v) + self.attn(k, q, v)
 
 
+class CosineAttention(nn.Module):
+    """Swin V2: cosine similarity of q and k times a learned per-head temperature, clamped
+    and exponentiated in the graph: scores × (H, 1, 1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.log(10 * torch.rand(H, 1, 1) + 1.0))
+
+    def forward(self, q, k, v):
+        s = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        s = s * torch.clamp(self.logit_scale, max=math.log(1.0 / 0.01)).exp()
+        return s.softmax(-1) @ v
+
+
+class CrossCovariance(nn.Module):
+    """XCiT: attention over channels, scores × a learned (H, 1, 1) temperature."""
+
+    def __init__(self):
+        super().__init__()
+        self.temperature = nn.Parameter(torch.rand(H, 1, 1) + 0.5)
+
+    def forward(self, q, k, v):
+        s = (q @ k.transpose(-2, -1)) * self.temperature
+        return s.softmax(-1) @ v
+
+
+class WindowMask(nn.Module):
+    """Swin's shifted windows: the window mask is added while the scores of B·nW windows
+    are viewed as (B, nW, H, N, N), then viewed back. Swin's fill is -100, a bias."""
+
+    def forward(self, q, k, v, mask):            # q (B·nW, H, N, D), mask (nW, N, N)
+        nw, n = mask.shape[0], q.shape[-2]
+        s = q * SD @ k.transpose(-2, -1)
+        s = s.view(-1, nw, H, n, n) + mask.unsqueeze(1).unsqueeze(0)
+        return s.view(-1, H, n, n).softmax(-1) @ v
+
+
+def window_mask(nw=B):
+    keep = bool_mask(shape=(nw, L, L))
+    return torch.zeros(nw, L, L).masked_fill(~keep, -100.0)
+
+
+class LearnedQueryPooling(nn.Module):
+    """Attention pooling: a learned query attends over the tokens (timm's AttentionPoolLatent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, D))
+
+    def forward(self, x):                       # x (B, L, D)
+        s = self.query @ x.transpose(-2, -1) * SD  # (B, 1, L)
+        return torch.softmax(s, dim=-1) @ x
+
+
+class LearnedQueryMixingWeights(nn.Module):
+    """A learned query whose probabilities mix a weight table: nothing from the input is attended to."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, D))
+        self.table = nn.Parameter(torch.randn(1, L, D))
+
+    def forward(self, x):                        # x (B, L, D)
+        s = self.query @ x.transpose(-2, -1) * SD
+        return torch.softmax(s, dim=-1) @ self.table
+
+
 def bshd():
     return tuple(t.transpose(1, 2).contiguous() for t in qkv())
 
@@ -328,6 +395,12 @@ POSITIVE = {
     "probs_returned": (ReturnProbs, qkv, 1, {}),
     "cross_attention": (Matmul, lambda: qkv(lk=LK), 1, dict(kv_len=LK)),
     "shared_twice": (Shared, qkv, 2, {}),
+    # the model libraries' forms (timm's Swin V2, XCiT, Swin, attention pooling)
+    "per_head_cosine": (CosineAttention, qkv, 1, dict(scale="per-head")),
+    "per_head_temperature": (CrossCovariance, qkv, 1, dict(scale="per-head")),
+    "window_mask_regrouped": (WindowMask, lambda: (*qkv(), window_mask()), 1, dict(mask="additive")),
+    "learned_query_pooling": (LearnedQueryPooling, lambda: (_randn(B, L, D),), 1,
+                              dict(heads=1, kv_heads=1, q_len=1)),
 }
 
 
@@ -373,7 +446,10 @@ def test_spelling_is_one_site(case, ir):
     for s in sites:
         got = {k: getattr(s, k) for k in fields}
         assert got == fields, s.to_dict()
-        assert isinstance(s.scale, float) and s.scale == pytest.approx(want_scale, rel=1e-6), s.to_dict()
+        if want_scale == "per-head":
+            assert s.scale == want_scale, s.to_dict()
+        else:
+            assert isinstance(s.scale, float) and s.scale == pytest.approx(want_scale, rel=1e-6), s.to_dict()
     assert len({s.name for s in sites}) == count
     if case == "probs_returned":
         assert "also read by output" in sites[0].reason
@@ -399,16 +475,6 @@ class Classifier(nn.Module):
 
     def forward(self, x):
         return torch.softmax(self.fc(x), dim=-1)
-
-
-class LearnedQueryPooling(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.query = nn.Parameter(torch.randn(1, 1, D))
-
-    def forward(self, x):                       # x (B, L, D)
-        s = self.query @ x.transpose(-2, -1) * SD  # (B, 1, L)
-        return torch.softmax(s, dim=-1) @ x
 
 
 class SoftmaxOverQueries(nn.Module):
@@ -449,7 +515,7 @@ class Router(nn.Module):
 
 NEGATIVE = {
     "classifier_head": (Classifier, lambda: (_randn(B, L, D),)),
-    "learned_query_pooling": (LearnedQueryPooling, lambda: (_randn(B, L, D),)),
+    "learned_query_mixing_weights": (LearnedQueryMixingWeights, lambda: (_randn(B, L, D),)),
     "softmax_over_queries": (SoftmaxOverQueries, qkv),
     "sigmoid_attention": (SigmoidAttention, qkv),
     "wrong_axis_matmul": (WrongAxisMatmul, qkv),
@@ -463,7 +529,8 @@ NEGATIVE = {
 # no reason. sigmoid_attention has no softmax: nothing to refuse, and nothing is.
 REFUSED = {
     "classifier_head": "not a q·kᵀ product",
-    "learned_query_pooling": "the query is a parameter: a learned pooling softmax",
+    "learned_query_mixing_weights": {"training": "the values are a parameter",
+                                     "core_aten": "probabilities are not contracted with a value tensor"},
     "softmax_over_queries": "softmax over dim -2, not the last (key) axis",
     "sigmoid_attention": None,
     "wrong_axis_matmul": "probabilities are not contracted with a value tensor",
