@@ -20,7 +20,8 @@ Result = pipeline.Result
 def detect(obj, example_inputs=None) -> list[AttentionSite]:
     """Every attention site in `obj` (ExportedProgram, GraphModule + inputs, nn.Module + inputs,
     onnx.ModelProto, or a path)."""
-    sites, _ = pipeline.detect(pipeline.open_model(obj, example_inputs))
+    with pipeline.python_words():
+        sites, _ = pipeline.detect(pipeline.open_model(obj, example_inputs))
     return sites
 
 
@@ -32,9 +33,10 @@ def rewrite(obj, variant: str = "exact", example_inputs=None, check: bool = True
     `calibrate=N` fits a per-head output map per site on N calibration input sets, disjoint
     from the ones the check evaluates on (given sets are split: the first N calibrate).
     """
-    fe = pipeline.open_model(obj, example_inputs)
-    return pipeline.rewrite(fe, variant, options, sites=sites, check=check, tolerance=tolerance,
-                            calibrate=calibrate)
+    with pipeline.python_words():                # errors name these keywords, not the command's flags
+        fe = pipeline.open_model(obj, example_inputs)
+        return pipeline.rewrite(fe, variant, options, sites=sites, check=check, tolerance=tolerance,
+                                calibrate=calibrate)
 
 
 def lower(program):

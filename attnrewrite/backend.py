@@ -20,17 +20,24 @@ import os
 import sys
 import warnings
 
+from torch._dynamo.exc import RestartAnalysis
 from torch._inductor.compile_fx import compile_fx
 
 from . import pipeline
 from .frontends.dynamo import DynamoFrontEnd
 from .io import InputError
+from .report import build_report
 from .variants import impl
 from .variants.base import lowerings
 
 log = logging.getLogger("attnrewrite")
 REPORTS: list[dict] = []           # every graph compiled by any attnrewrite backend, in order
 INNERS = ("inductor", "eager")
+WARNED: set[str] = set()           # reasons a graph was declined that have been warned about (once each)
+
+
+class CheckFailed(RuntimeError):
+    """The end-to-end check of a compiled graph exceeded the tolerance (`check=True`)."""
 
 
 class Backend:
@@ -48,7 +55,8 @@ class Backend:
                  tolerance: float | None = None, calibrate: int = 0, **options):
         if inner not in INNERS:
             raise InputError(f"inner={inner!r} is not one of {', '.join(INNERS)}")
-        pipeline.validate_options(variant, options, tolerance)        # fail now, not at the first call
+        with pipeline.python_words():                                   # fail now, not at the first call
+            pipeline.validate_options(variant, options, tolerance)
         self.variant, self.inner, self.sites, self.check = variant, inner, sites, check
         self.tolerance, self.options, self.calibrate = tolerance, options, int(calibrate)
         self.reports: list[dict] = []
@@ -59,10 +67,47 @@ class Backend:
         return sum(1 for r in self.reports for s in r["sites"] if s["status"] == "rewritten")
 
     def __call__(self, gm, example_inputs, **_):
-        fe = DynamoFrontEnd(gm, example_inputs)
-        result = pipeline.rewrite(fe, self.variant, self.options, sites=self.sites, check=self.check,
-                                  tolerance=self.tolerance, require_sites=False, calibrate=self.calibrate)
-        report = result.report
+        """The compiled graph: rewritten, or — when anything in here fails — the original graph
+        (compiled by the inner compiler), recorded in `reports` with `declined` and warned about
+        once per reason. A failed check still raises, and Dynamo's own requests to restart the
+        frame (e.g. to specialise a float) pass through, leaving no report."""
+        report = None
+        try:
+            fe = DynamoFrontEnd(gm, example_inputs)
+            with pipeline.python_words():
+                result = pipeline.rewrite(fe, self.variant, self.options, sites=self.sites, check=self.check,
+                                          tolerance=self.tolerance, require_sites=False, calibrate=self.calibrate)
+            report = self._record(result.report)
+            passed = (report.get("check") or {}).get("passed")
+            if passed is False:
+                raise CheckFailed(f"attnrewrite: check failed on a compiled graph (end-to-end rel_err "
+                                  f"{report['check']['rel_err']:.3g} > {self.tolerance})")
+            return self._compile(result.program, example_inputs, report)
+        except CheckFailed:
+            raise
+        except RestartAnalysis:
+            if report is not None:
+                self._forget(report)
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure here: run the graph as Dynamo gave it
+            why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}".rstrip(": ")
+            if report is None:
+                report = self._record(build_report(model="torch.compile graph", fmt="dynamo", variant=self.variant,
+                                                   options=self.options, inputs_kind="example", sites=[]))
+            pipeline.declined(report, why)
+            if why not in WARNED:
+                WARNED.add(why)
+                warnings.warn(f"attnrewrite: a compiled graph runs without the rewrite ({why})", stacklevel=2)
+            log.info("attnrewrite: graph declined: %s", why)
+            if self.inner == "eager":
+                return gm
+            try:
+                return compile_fx(gm, example_inputs)
+            except RestartAnalysis:
+                self._forget(report)
+                raise
+
+    def _record(self, report: dict) -> dict:
         self.reports.append(report)
         REPORTS.append(report)
         statuses = [s["status"] for s in report["sites"]]
@@ -71,27 +116,33 @@ class Backend:
         if os.environ.get("ATTNREWRITE_LOG", "") not in ("", "0"):
             print(message, file=sys.stderr)
         log.info(message)
-        passed = (report.get("check") or {}).get("passed")
-        if passed is False:
-            raise RuntimeError(f"attnrewrite: check failed on a compiled graph (end-to-end rel_err "
-                               f"{report['check']['rel_err']:.3g} > {self.tolerance})")
+        return report
+
+    def _forget(self, report: dict) -> None:
+        """Drop the report of a graph Dynamo abandoned (it restarts the frame and hands us a new one)."""
+        self.reports.remove(report)
+        REPORTS.remove(report)
+
+    def _compile(self, program, example_inputs, report: dict):
         if self.inner == "eager":
-            return result.program
+            return program
         # the ops Inductor can compile as ATen / FlexAttention are replaced by that form (no Python
         # call on the hot path); the others stay as the op (its implementation table runs them)
-        report["lowered"] = impl.lower_graph(result.program, lowerings())
+        report["lowered"] = impl.lower_graph(program, lowerings())
         if not any(v.startswith("flex") for v in report["lowered"].values()):
-            return compile_fx(result.program, example_inputs)
+            return compile_fx(program, example_inputs)
         try:                                        # (the C++ flex template takes no epilogue)
-            return compile_fx(result.program, example_inputs, config_patches={"epilogue_fusion": False})
+            return compile_fx(program, example_inputs, config_patches={"epilogue_fusion": False})
+        except RestartAnalysis:
+            raise
         except Exception as e:  # noqa: BLE001 - Inductor refused the FlexAttention form: compile the ops instead
             why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            impl.unlower_graph(result.program)
+            impl.unlower_graph(program)
             report["lowered"] = {n: v if v.startswith("kept:") else f"kept: Inductor could not compile the lowered "
                                  f"graph ({why})" for n, v in report["lowered"].items()}
             warnings.warn(f"attnrewrite: FlexAttention could not be compiled into this graph ({why}); the sparse "
                           "ops run as ops", stacklevel=2)
-            return compile_fx(result.program, example_inputs)
+            return compile_fx(program, example_inputs)
 
 
 def compile_backend(variant: str = "exact", **options) -> Backend:

@@ -14,6 +14,8 @@ and checking. This module is the only place a site's `status` is set:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import fnmatch
 import math
 import time
@@ -36,7 +38,30 @@ from .variants import VARIANTS
 from .variants import impl
 from .variants.base import IMPLEMENTATIONS, Param, parse_params
 
-NO_ATTENTION = "no attention found (run with --list --verbose to see why each softmax was not matched)"
+# How an error names what the user can change: the command's flags, or — inside `python_words()`, which
+# api.rewrite and the compile backend open — the Python keywords they take.
+CLI_WORDS = {"auto": "--set auto=true", "tolerance": "--tolerance T", "value": "a --set value",
+             "inputs": "pass --inputs", "why": "run with --list --verbose to see why each softmax was not matched"}
+PYTHON_WORDS = {"auto": "auto=True", "tolerance": "tolerance=T", "value": "an option value",
+                "inputs": "pass example_inputs",
+                "why": "attnrewrite.pipeline.detect(attnrewrite.pipeline.open_model(obj, example_inputs)) also returns "
+                       "why each softmax was not matched"}
+_words: contextvars.ContextVar = contextvars.ContextVar("attnrewrite_words", default=CLI_WORDS)
+
+
+@contextlib.contextmanager
+def python_words():
+    """Within, errors name options as a Python caller passes them (`auto=True`, `tolerance=T`), not as flags."""
+    token = _words.set(PYTHON_WORDS)
+    try:
+        yield
+    finally:
+        _words.reset(token)
+
+
+def words() -> dict:
+    """The words errors use for options right now (CLI_WORDS unless inside python_words())."""
+    return _words.get()
 
 
 @dataclass
@@ -87,7 +112,7 @@ def validate_options(variant: str, options: dict, tolerance: float | None = None
     try:
         opts = parse_params(variant, params, options)
     except (ValueError, TypeError, OverflowError) as e:      # OverflowError: int(inf)
-        raise InputError(str(e) or f"a --set value for {variant} is out of range") from None
+        raise InputError(str(e) or f"{words()['value']} for {variant} is out of range") from None
     for key, value in opts.items():                # what reaches an op must fit its type (int64, finite)
         for v in (value if isinstance(value, (list, tuple)) else [value]):
             if isinstance(v, float) and not math.isfinite(v):
@@ -101,7 +126,7 @@ def validate_options(variant: str, options: dict, tolerance: float | None = None
                                       and tolerance >= 0):
         raise InputError(f"tolerance {tolerance} must be a finite number ≥ 0")
     if opts.get("auto") and tolerance is None:
-        raise InputError("--set auto=true needs --tolerance T (the end-to-end rel_err to stay within)")
+        raise InputError(f"{words()['auto']} needs {words()['tolerance']} (the end-to-end rel_err to stay within)")
     return opts
 
 
@@ -289,7 +314,7 @@ def auto_tune(fe: FrontEnd, sites, mod, planned: dict, tolerance: float, inputs:
     outputs per input set.
     """
     if not inputs:
-        raise InputError("--set auto=true needs inputs to measure the error on")
+        raise InputError(f"{words()['auto']} needs inputs to measure the error on")
     by_id = {s.id: s for s in sites}
 
     trials = [0]
@@ -343,7 +368,7 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
     timings["detect_s"] = time.perf_counter() - t
     if not found and require_sites:
         unsearched = getattr(fe, "unsearched", None)
-        raise InputError(NO_ATTENTION + (f"; {unsearched}" if unsearched else ""))
+        raise InputError(f"no attention found ({words()['why']})" + (f"; {unsearched}" if unsearched else ""))
     t = time.perf_counter()
     # calibration sets are set apart first: everything below (prepare, auto-tune, checks) sees only the rest
     inputs, calibration_sets = fe.inputs, None
@@ -414,6 +439,18 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
     if calibration:
         report["calibration"] = {"sets": calibrate, "inputs": calibration["source"]}
     return Result(program=program, sites=found, report=report)
+
+
+def declined(report: dict, reason: str) -> dict:
+    """`report` for a rewrite its caller did not use (the compile backend fell back to the
+    original graph): `declined` says why, and every site it had rewritten reads as kept, since
+    none of its ops runs."""
+    report["declined"] = reason
+    for s in report["sites"]:
+        if s["status"] == "rewritten":
+            s["status"] = "kept"
+            s["reason"] = "; ".join(r for r in (s["reason"], f"the graph was declined: {reason}") if r)
+    return report
 
 
 def site_kernels(fe: FrontEnd, sites, mod, captured: dict) -> dict:

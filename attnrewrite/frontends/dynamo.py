@@ -10,6 +10,8 @@ detector and rewriter run unchanged. The rewritten GraphModule is what the backe
 """
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch.fx import GraphModule
@@ -98,11 +100,42 @@ def without_fast_paths(gm: GraphModule) -> int:
 
 
 def lower(gm: GraphModule) -> GraphModule:
-    """Dynamo's torch-level graph → an ATen graph (pre-dispatch, symbolic sizes kept, module paths kept)."""
+    """Dynamo's torch-level graph → an ATen graph (pre-dispatch, symbolic sizes kept, module paths kept).
+
+    A Python float that Dynamo made dynamic (an attribute that changed between calls: a softmax
+    scale, a dropout rate) reaches the graph as a 0-d tensor input read by `.item()`; Dynamo's
+    fake for it remembers the symbol standing for its value (`item_memo`). make_fx fakes its
+    inputs afresh and forgets that symbol, and `.item()` on fake data then fails; so each
+    input gets its symbol back before the graph runs. The lowered graph then reads the float as
+    Dynamo's own graph does: where it stays symbolic (a scale) it is an argument of the graph;
+    where an op needs a number (SDPA's dropout_p) Dynamo has already guarded on its value.
+    """
     without_fast_paths(gm)
     fakes = [n.meta.get("example_value", n.meta.get("val")) for n in gm.graph.nodes if n.op == "placeholder"]
+    memos = [getattr(f, "item_memo", None) for f in fakes]
+
+    def run(*args):
+        for a, memo in zip(args, memos):
+            if memo is not None:
+                a.item_memo = memo
+        return torch.fx.Interpreter(gm).run(*args)
+
     with fx_traceback.preserve_node_meta():
-        return make_fx(torch.fx.Interpreter(gm).run, pre_dispatch=True, tracing_mode="fake")(*fakes)
+        return make_fx(run, pre_dispatch=True, tracing_mode="fake")(*fakes)
+
+
+DYNAMO_ROOT = re.compile(r"^[LG]\[[^\]]*\](?:\[[^\]]*\])*\.?")   # L['self'], L['fn'], G['net'], L['args'][0]
+
+
+def model_module_paths(gm: GraphModule) -> None:
+    """Module paths in `gm`'s `nn_module_stack` as the model itself names them ("layers.0.attn"):
+    without the expression Dynamo reached the root module by (`L['self']`, `L['fn']`, `G['net']`),
+    which says how the model was called, not where the attention sits. Site names come from these."""
+    for n in gm.graph.nodes:
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            n.meta["nn_module_stack"] = {key: (DYNAMO_ROOT.sub("", str(path)), *rest)
+                                         for key, (path, *rest) in stack.items()}
 
 
 STATE_WORDS = ("_parameters_", "_buffers_", "_modules_")   # in Dynamo's names for module state
@@ -125,6 +158,7 @@ class DynamoFrontEnd(FxFrontEnd):
         self._is_state = [isinstance(x, torch.nn.Parameter) or any(w in nm for w in STATE_WORDS)
                           for nm, x in zip(sources, example_inputs)]
         self.graph_module = lower(gm)
+        model_module_paths(self.graph_module)
         self.program = self.graph_module
         usable = not any(isinstance(x, FakeTensor) for x in example_inputs)
         self.inputs = [[_concrete(x) for x in example_inputs]] if usable else []

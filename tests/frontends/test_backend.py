@@ -246,3 +246,176 @@ def test_hf_families_through_backend_match_export(family, impl):
     assert be.sites_rewritten == n_export
     a, b = ref[0], got[0]
     assert (a - b).abs().max().item() <= 1e-5 * max(1.0, a.abs().max().item())
+
+
+# ---------------------------------------------------------------- Python floats that Dynamo turns into graph inputs
+
+class ScaleAttribute(nn.Module):
+    """Decomposed attention whose softmax scale is a Python attribute (changed between calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.scale = nn.Linear(16, 48), 0.3
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        return ((q @ k.transpose(-2, -1) * self.scale).softmax(-1) @ v).transpose(1, 2).reshape(b, n, 16)
+
+
+class DropoutAttribute(nn.Module):
+    """Attention dropout whose rate is a Python attribute: through SDPA's dropout_p, or F.dropout."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.qkv, self.p, self.fused = nn.Linear(16, 48), 0.1, fused
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        if self.fused:
+            o = nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=self.p)
+        else:
+            o = nn.functional.dropout((q @ k.transpose(-2, -1) / 8 ** 0.5).softmax(-1), p=self.p) @ v
+        return o.transpose(1, 2).reshape(b, n, 16)
+
+
+@pytest.mark.parametrize("inner", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_a_scale_that_changes_between_calls_stays_an_argument_of_the_rewritten_graph(inner, recwarn):
+    """After the second value Dynamo passes the scale as a graph input (a 0-d tensor read by .item());
+    the lowering used to fail on it and Dynamo ran the frame un-rewritten with no report."""
+    torch.manual_seed(0)
+    m, x = ScaleAttribute(), torch.randn(2, 6, 16)
+    f, be = compiled(m, inner=inner)
+    for scale in (0.3, 0.4, 0.5, 0.6):
+        m.scale = scale
+        assert (f(x) - m(x)).abs().max().item() <= 1e-5, scale
+    assert len(be.reports) == 2                      # specialised at 0.3, then one graph for every value
+    assert [s["status"] for r in be.reports for s in r["sites"]] == ["rewritten", "rewritten"]
+    assert be.reports[0]["sites"][0]["scale"] == 0.3 and be.reports[1]["sites"][0]["scale"] == "dynamic"
+    assert not any("declined" in r for r in be.reports)
+    assert not [w for w in recwarn if "attnrewrite" in str(w.message)]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa-dropout_p", "F.dropout"])
+def test_a_dropout_rate_that_changes_between_calls_is_rewritten_at_each_rate(fused):
+    """A rate no op can take as a symbol: Dynamo guards on its value, so each rate is its own graph,
+    and each is rewritten with that rate (the same again reuses its graph)."""
+    torch.manual_seed(0)
+    m, x = DropoutAttribute(fused).train(), torch.randn(2, 6, 16)
+    f, be = compiled(m, inner="eager")
+    for p in (0.1, 0.2, 0.3, 0.2):
+        m.p = p
+        f(x).sum().backward()
+    assert [[s["dropout"] for s in r["sites"]] for r in be.reports] == [[0.1], [0.2], [0.3]]
+    assert be.sites_rewritten == 3 and not any("declined" in r for r in be.reports)
+
+
+@pytest.mark.slow                                      # three Inductor compiles
+def test_a_restarted_frame_leaves_no_report():
+    """Inductor asks Dynamo to restart a frame whose float it must specialise (TensorifyScalarRestartAnalysis):
+    the abandoned graph's report is dropped, so there is one report per graph that runs."""
+    torch.manual_seed(0)
+    m, x = DropoutAttribute(True).train(), torch.randn(2, 6, 16)
+    f, be = compiled(m)
+    for p in (0.1, 0.2):
+        m.p = p
+        f(x)
+    assert [[s["dropout"] for s in r["sites"]] for r in be.reports] == [[0.1], [0.2]]
+    assert all(s["status"] == "rewritten" for r in be.reports for s in r["sites"])
+
+
+def test_a_declined_graph_is_recorded_with_its_reason_and_warned_about_once(monkeypatch):
+    """Any failure inside the backend: the graph runs as Dynamo gave it, the report says why."""
+    monkeypatch.setattr(B, "WARNED", set())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("lowering exploded\nsecond line")
+
+    monkeypatch.setattr(B, "DynamoFrontEnd", broken)
+    torch.manual_seed(0)
+    m, x = TwoLayers(graph_break=True), torch.randn(2, 6, 16)
+    f, be = compiled(m, inner="eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert (f(x) - m(x)).abs().max().item() <= 1e-6
+    assert len(be.reports) == 2                                   # both graphs of the graph break
+    assert [r["declined"] for r in be.reports] == ["RuntimeError: lowering exploded"] * 2
+    assert all(r["sites"] == [] and r in B.REPORTS for r in be.reports)
+    ours = [w for w in caught if "attnrewrite" in str(w.message)]
+    assert len(ours) == 1 and "lowering exploded" in str(ours[0].message)       # once per reason
+
+
+def test_a_graph_declined_after_its_rewrite_reports_its_sites_as_kept(monkeypatch):
+    """A failure after planning (here: lowering the ops for Inductor): the original graph is compiled
+    instead, and the report no longer claims the sites were rewritten."""
+    monkeypatch.setattr(B, "WARNED", set())
+
+    def refuse(gm, ops):
+        raise ValueError("cannot lower")
+
+    monkeypatch.setattr(B.impl, "lower_graph", refuse)
+    monkeypatch.setattr(B, "compile_fx", lambda gm, inputs, **kw: gm)          # (no Inductor build needed)
+    torch.manual_seed(0)
+    m, x = TinyAttention(), torch.randn(2, 6, 16)
+    f, be = compiled(m)
+    with pytest.warns(UserWarning, match="cannot lower"):
+        assert (f(x) - m(x)).abs().max().item() <= 1e-6
+    (report,) = be.reports
+    assert report["declined"] == "ValueError: cannot lower"
+    (site,) = report["sites"]
+    assert site["status"] == "kept" and "the graph was declined: ValueError: cannot lower" in site["reason"]
+    assert be.sites_rewritten == 0
+
+
+def test_a_failed_check_still_raises():
+    torch.manual_seed(0)
+    f, be = compiled(TinyAttention(), "sparse", inner="eager", check=True, tolerance=0.0, mode="topk", k=1)
+    with pytest.raises(Exception, match="check failed on a compiled graph"):
+        f(torch.randn(2, 8, 16))
+
+
+# ---------------------------------------------------------------- site names
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = TinyAttention()
+
+    def forward(self, x):
+        return x + self.attn(x)
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+STACK = Stack()
+
+
+def _through_a_global(x):
+    return STACK(x)
+
+
+@pytest.mark.parametrize("how", ["module", "argument", "global", "submodule"])
+def test_site_names_are_module_paths_without_dynamo_sources(how):
+    """Dynamo names the root by how it reached it (L['self'], L['fn'], G['STACK']); reports use the
+    model's own paths, as the export path does, and --sites selects by them."""
+    x = torch.randn(2, 6, 16)
+    fn, args, want = {"module": (STACK, (x,), ["layers.0.attn", "layers.1.attn"]),
+                      "argument": (lambda mod, x: mod(x), (STACK, x), ["layers.0.attn", "layers.1.attn"]),
+                      "global": (_through_a_global, (x,), ["layers.0.attn", "layers.1.attn"]),
+                      "submodule": (lambda x: STACK.layers[1](x), (x,), ["layers.1.attn"])}[how]
+    f, be = compiled(fn, inner="eager", sites="layers.1.*")
+    f(*args)
+    sites = [s for r in be.reports for s in r["sites"]]
+    assert [s["name"] for s in sites] == want
+    assert [s["status"] for s in sites] == ["unselected"] * (len(want) - 1) + ["rewritten"]
+    assert [n for n, _ in STACK.named_modules() if n.endswith("attn")] == ["layers.0.attn", "layers.1.attn"]
