@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .calibrate import fit_out_map
 from .cost import site_cost
@@ -245,11 +246,22 @@ def samples(fe: FrontEnd, site: AttentionSite, runs: list[dict]) -> list[dict]:
     return [{"q": r["q"], "k": r["k"], "v": r["v"], "mask": r["mask"], **sc} for r in runs]
 
 
+def needs_samples(mod, site: AttentionSite, options: dict) -> bool:
+    """Whether planning `site` under `mod` reads its captured values: a variant with `prepare`
+    does for a masked site (only the values tell a materialised causal mask: fill_causal) and
+    wherever its `needs_samples(site, options)` does not say the site record is enough."""
+    if getattr(mod, "prepare", None) is None:
+        return False
+    hook = getattr(mod, "needs_samples", None)
+    return hook is None or site.mask != "none" or bool(hook(site, options))
+
+
 def plan(fe: FrontEnd, sites, mod, opts: dict, sel, captured: dict) -> tuple[dict, dict, set]:
     """({id: options} to rewrite, {id: reason} kept, {ids} unselected).
 
     A variant with `prepare` sees each site's captured normal form on every input set and
-    returns the site's options (rewrite-time state filled in) or why the site stays as it is.
+    returns the site's options (rewrite-time state filled in) or why the site stays as it is;
+    a site its `needs_samples(site, options)` says needs no values is prepared on none.
     A variant with `share_budget(planned, {id: (site, samples)})` then adjusts the planned
     options of all sites at once (sparse: one density target spread over every head).
     """
@@ -267,10 +279,10 @@ def plan(fe: FrontEnd, sites, mod, opts: dict, sel, captured: dict) -> tuple[dic
         if prepare is None:
             planned[site.id] = dict(site_opts)
             continue
-        if site.id not in captured:
+        if site.id not in captured and needs_samples(mod, site, site_opts):
             kept[site.id] = f"{mod.NAME} needs the site's values on example inputs, and there are none"
             continue
-        r = prepare(site, samples(fe, site, captured[site.id]), dict(site_opts))
+        r = prepare(site, samples(fe, site, captured.get(site.id, [])), dict(site_opts))
         if isinstance(r, str):
             kept[site.id] = r
         else:
@@ -375,9 +387,13 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
     if calibrate and found:
         calibration, inputs, source = fe.calibration_inputs(calibrate)
         calibration_sets = (calibration, source)
-    needs_values = check or getattr(mod, "prepare", None) is not None or bool(opts.get("auto"))
+    # the model runs on the inputs (capture) only for what reads values: the check, auto-tuning, and
+    # the sites whose planning needs them — with check off, a plan the site records settle costs no run
+    site_opts = {k: v for k, v in opts.items() if k != "auto"}
+    needs_values = check or bool(opts.get("auto")) or any(
+        needs_samples(mod, s, site_opts) for s in found if selected(s, sel))
     if found and needs_values and not inputs:
-        raise InputError(fe.inputs_problem or "no inputs to run the model on (pass --inputs)")
+        raise InputError(fe.inputs_problem or f"no inputs to run the model on ({words()['inputs']})")
     progress("capturing each site's inputs", 0, 1)
     captured = fe.capture(found, inputs) if found and inputs and needs_values else {}
     progress("capturing each site's inputs", 1, 1)
@@ -463,7 +479,7 @@ def site_kernels(fe: FrontEnd, sites, mod, captured: dict) -> dict:
             continue
         sc = fe.scalars(s)
         run = (captured.get(s.id) or [None])[0]
-        q, k, v, mask = (run["q"], run["k"], run["v"], run["mask"]) if run else _meta_sample(s)
+        q, k, v, mask = (run["q"], run["k"], run["v"], run["mask"]) if run else _shape_sample(s)
         if q is None:
             out[s.id] = {"kernel": None, "kernel_reason": "head_dim is not static and no input set was captured"}
             continue
@@ -473,17 +489,20 @@ def site_kernels(fe: FrontEnd, sites, mod, captured: dict) -> dict:
     return out
 
 
-def _meta_sample(s: AttentionSite):
-    """Shape-only (meta) q, k, v and mask standing for a site that was not captured."""
+def _shape_sample(s: AttentionSite):
+    """Data-less (fake, CPU) q, k, v and mask standing for a site that was not captured, for the
+    implementation table to judge as it judges a real call: the site's static sizes (lengths decide
+    some implementations, e.g. FlexAttention's minimum), 2 for a symbolic one."""
     if not isinstance(s.head_dim, int):
         return None, None, None, None
     heads = s.heads if isinstance(s.heads, int) else 1
+    lq, lk = (x if isinstance(x, int) else 2 for x in (s.q_len, s.kv_len))
     kv_heads = s.kv_heads if isinstance(s.kv_heads, int) and heads % max(s.kv_heads, 1) == 0 else heads
     dtype = getattr(torch, s.dtype, torch.float32)
-    q = torch.empty(1, heads, 2, s.head_dim, dtype=dtype, device="meta")
-    k = torch.empty(1, kv_heads, 2, s.head_dim, dtype=dtype, device="meta")
-    mask = None if s.mask == "none" else torch.empty(1, 1, 2, 2, dtype=torch.bool if s.mask == "boolean" else dtype,
-                                                       device="meta")
+    with FakeTensorMode():
+        q = torch.empty(1, heads, lq, s.head_dim, dtype=dtype)
+        k = torch.empty(1, kv_heads, lk, s.head_dim, dtype=dtype)
+        mask = None if s.mask == "none" else torch.empty(1, 1, lq, lk, dtype=torch.bool if s.mask == "boolean" else dtype)
     return q, k, k, mask
 
 

@@ -18,6 +18,10 @@ and optionally:
                    or a string: why this site stays exact (status "kept"). `samples` holds, per
                    input set, the site's captured normal form {q, k, v, mask, scale, softcap,
                    causal, dropout_p} (K/V before GQA expansion).
+  needs_samples(site, options) -> bool
+                   whether `prepare` reads captured values for this site (absent: always; a
+                   masked site is captured whatever it says); where no site needs them and the
+                   check is off, the pipeline plans without running the model.
   auto_ladder(site, options) -> list[dict]
                    option overrides from cheapest to most exact, for `--set auto=true`.
 

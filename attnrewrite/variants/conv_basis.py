@@ -572,6 +572,13 @@ def prepare(site, samples: list, options: dict):
     return options
 
 
+def needs_samples(site, options: dict) -> bool:
+    """Whether `prepare` must look at captured values: where the site record leaves its questions
+    open — lengths not known equal, dropout (a mask, causal + padding only?, the pipeline
+    captures anyway)."""
+    return bool(site.dropout) or site.q_len is None or site.q_len != site.kv_len
+
+
 def auto_ladder(site, options: dict) -> list[dict]:
     n = site.kv_len if isinstance(site.kv_len, int) else 1 << 15
     ladder, k = [], 1

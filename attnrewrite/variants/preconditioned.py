@@ -130,6 +130,11 @@ def prepare(site, samples: list[dict], options: dict) -> dict:
     return {**options, "gain": [float(g) for g in gain]}
 
 
+def needs_samples(site, options: dict) -> bool:
+    """`prepare` calibrates the gain on captured values; a given gain needs only the head count."""
+    return options.get("gain") is None or not isinstance(site.heads, int)
+
+
 def op_args(site, options: dict) -> tuple:
     """(mode, gain list) appended after the normal form; `prepare` has filled in the gains."""
     gain = options.get("gain")

@@ -658,6 +658,14 @@ def prepare(site, samples, options: dict) -> dict:
     return {"mode": o["mode"], **{key: o[key] for key in keys}}
 
 
+def needs_samples(site, options: dict) -> bool:
+    """Whether planning reads the site's captured values beyond what a mask needs (the pipeline
+    captures every masked site): `budget=global` measures per-head curves on them. Otherwise the
+    site record is enough, and with the check off the pipeline plans without running the model."""
+    o = _options(options)
+    return o["mode"] == "block" and o["budget"] == "global"
+
+
 def auto_ladder(site, options: dict) -> list[dict]:
     """Overrides from cheapest to exact for the active mode (the last rung is always exact)."""
     o = _options(options)

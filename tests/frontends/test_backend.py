@@ -419,3 +419,56 @@ def test_site_names_are_module_paths_without_dynamo_sources(how):
     assert [s["name"] for s in sites] == want
     assert [s["status"] for s in sites] == ["unselected"] * (len(want) - 1) + ["rewritten"]
     assert [n for n, _ in STACK.named_modules() if n.endswith("attn")] == ["layers.0.attn", "layers.1.attn"]
+
+
+# ---------------------------------------------------------------- planning: no model run that the plan does not need
+
+class CausalSdpa(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x, mask=None):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return o.transpose(1, 2).reshape(b, n, 16)
+
+
+PLANS = [("exact", {}), ("sparse", {"mode": "window", "window": 4}),
+         ("sparse", {"mode": "block", "block": 16, "density": 0.5, "select": "pooled"}),
+         ("conv_basis", {"k": 4})]
+
+
+@pytest.mark.parametrize("variant,options", PLANS, ids=[v + "-" + o.get("mode", "") for v, o in PLANS])
+def test_with_the_check_off_planning_runs_nothing_the_site_record_settles(variant, options, monkeypatch):
+    """Each variant's plan of a causal site without a mask needs no captured values, so the backend
+    does not run the (dense) original graph to plan it; the rewrite is the one a capture gives."""
+    runs = []
+    real = B.DynamoFrontEnd.capture
+    monkeypatch.setattr(B.DynamoFrontEnd, "capture", lambda self, *a: runs.append(1) or real(self, *a))
+    torch.manual_seed(0)
+    m, x = CausalSdpa(), torch.randn(1, 32, 16)
+    f, be = compiled(m, variant, inner="eager", **options)
+    y = f(x)
+    assert runs == [] and be.sites_rewritten == 1
+    f, checked = compiled(m, variant, inner="eager", check=True, **options)     # the check captures
+    assert torch.equal(f(x), y) and runs == [1]
+    site, with_capture = be.reports[0]["sites"][0], checked.reports[0]["sites"][0]
+    assert site["options"] == with_capture["options"]
+    assert site["impl"] == with_capture["impl"]                  # judged on the site's shape: the same choice
+
+
+def test_planning_still_captures_where_the_record_leaves_a_question_open(monkeypatch):
+    """A window whose graph has a mask but no causal flag: is the mask a materialised causal one?
+    Only the values can say (band=auto), so the backend captures them."""
+    runs = []
+    real = B.DynamoFrontEnd.capture
+    monkeypatch.setattr(B.DynamoFrontEnd, "capture", lambda self, *a: runs.append(1) or real(self, *a))
+    torch.manual_seed(0)
+    m, x = CausalSdpa(), torch.randn(1, 32, 16)
+    causal = torch.ones(32, 32, dtype=torch.bool).tril()
+    f, be = compiled(m, "sparse", inner="eager", mode="window", window=4)
+    f(x, causal)
+    assert runs == [1]
+    assert be.reports[0]["sites"][0]["options"]["band"] == "backward"
