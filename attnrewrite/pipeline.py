@@ -485,7 +485,10 @@ def site_kernels(fe: FrontEnd, sites, mod, captured: dict) -> dict:
             continue
         args = (q, k, v, mask, sc["scale"], sc["softcap"], sc["causal"], sc["dropout_p"], *mod.op_args(s, s.options))
         out[s.id] = {**kernels.describe(mod.OP_NAME, *args[:8], args[8:]),
-                     **impl.describe(IMPLEMENTATIONS[mod.OP_NAME], args, "cpu" if q.device.type == "meta" else None)}
+                     **impl.describe(IMPLEMENTATIONS[mod.OP_NAME], args)}
+        if run is None and any(isinstance(x, str) for x in (s.q_len, s.kv_len)):   # judged at length 2
+            out[s.id]["impl_reason"] = "; ".join(r for r in ("sizes are symbolic: the op chooses per call at run "
+                                                             "time", out[s.id]["impl_reason"]) if r)
     return out
 
 

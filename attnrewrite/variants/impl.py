@@ -32,6 +32,7 @@ import os
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import kernels
 
@@ -171,7 +172,7 @@ def lower_graph(gm: torch.fx.GraphModule, ops: dict) -> dict:
             continue
         impl, skipped = choose(impls, args)
         if impl.lower is None:
-            done[node.name] = f"kept: {label(impl, args[0].device)}" + (f" ({'; '.join(skipped)})" if skipped else "")
+            done[node.name] = _kept_label(impls, args, impl, skipped)
             continue
         node.meta[LOWERED_FROM] = node.target
         node.target = lowering_for(impls, out_map_fn, n_args)
@@ -179,6 +180,40 @@ def lower_graph(gm: torch.fx.GraphModule, ops: dict) -> dict:
     gm.graph.lint()
     gm.recompile()
     return done
+
+
+def _symbolic(t) -> bool:
+    return isinstance(t, torch.Tensor) and not all(isinstance(d, int) for d in t.shape)
+
+
+def _at_hints(args):
+    """`args` with each tensor of symbolic sizes replaced by a data-less one of the sizes its symbols
+    stand for in the example Dynamo traced with; None when a size has no such value."""
+    out = []
+    for a in args:
+        if _symbolic(a):
+            hints = [d if isinstance(d, int) else getattr(d.node, "hint", None) for d in a.shape]
+            if any(h is None for h in hints):
+                return None
+            with FakeTensorMode():
+                a = torch.empty([int(h) for h in hints], dtype=a.dtype, device=a.device, requires_grad=a.requires_grad)
+        out.append(a)
+    return tuple(out)
+
+
+def _kept_label(impls, args, impl: Implementation, skipped: list[str]) -> str:
+    """What a kept op call is labelled: the implementation its table takes, and why no faster one.
+    With symbolic sizes the op chooses per call, at run time, at the call's real sizes (a window
+    runs FlexAttention from 1024 keys on): the label says so, and what the example's sizes take."""
+    dev = args[0].device
+    if not any(_symbolic(a) for a in args[:4]):
+        return f"kept: {label(impl, dev)}" + (f" ({'; '.join(skipped)})" if skipped else "")
+    runtime = "kept: chosen per call at run time (sizes are symbolic)"
+    hinted = _at_hints(args)
+    if hinted is None:
+        return runtime
+    at_hint, why = choose(impls, hinted)
+    return f"{runtime}; at the example's sizes: {label(at_hint, dev)}" + (f" ({'; '.join(why)})" if why else "")
 
 
 LOWERED_FROM = "attnrewrite_lowered_from"     # node.meta key: the op a lowered call stands for

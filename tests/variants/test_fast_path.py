@@ -10,6 +10,7 @@ import torch
 
 import attnrewrite
 import attnrewrite.io
+from attnrewrite import backend as B
 from attnrewrite.variants import exact, flex, impl, sparse
 from attnrewrite.variants.base import IMPLEMENTATIONS
 
@@ -305,3 +306,34 @@ def test_backend_falls_back_to_the_ops_when_inductor_refuses_the_flex_form(small
     (lowered,) = backend.reports[-1]["lowered"].values()
     assert lowered.startswith("kept: Inductor could not compile") and "template refused" in lowered
     assert len(calls) == 2 and any("sparse_attention" in t for t in calls[1])     # the op is back in the graph
+
+
+@pytest.mark.parametrize("min_keys,at_example", [(1, "flex-cpu"), (1024, "reference (flex: 40 keys: below 1024")])
+def test_a_kept_op_of_symbolic_sizes_says_its_implementation_is_chosen_at_run_time(min_keys, at_example,
+                                                                                   small_flex, monkeypatch):
+    """The lowering decides on symbolic sizes, where FlexAttention cannot build its block layout; the
+    op it keeps still takes FlexAttention per call wherever the real sizes allow, so the label must
+    not read "kept: reference" alone. (Inductor and the compiled FlexAttention are not needed here:
+    the backend's graph and FlexAttention both run eagerly.)"""
+    monkeypatch.setattr(sparse, "FLEX_MIN_KEYS", min_keys)
+    monkeypatch.setattr(B, "compile_fx", lambda gm, inputs, **kw: gm)
+    monkeypatch.setattr(flex, "_compiled", lambda: torch.nn.attention.flex_attention.flex_attention)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = _Causal().eval()
+    backend = attnrewrite.compile_backend("sparse", mode="window", window=8)
+    compiled = torch.compile(m, backend=backend)
+    for n in (24, 40):
+        x = torch.randn(1, n, 32)
+        with torch.no_grad(), impl.counting() as calls:
+            y = compiled(x)
+        ref = torch.compile(m, backend=attnrewrite.compile_backend("sparse", inner="eager", mode="window",
+                                                                   window=8))
+        with torch.no_grad():
+            assert float((y - ref(x)).abs().max()) <= 1e-5
+    (static,), (dynamic,) = (list(r["lowered"].values()) for r in backend.reports)
+    assert static == "flex-cpu" if min_keys == 1 else static.startswith("kept: reference (flex: 24 keys")
+    assert dynamic.startswith(f"kept: chosen per call at run time (sizes are symbolic); at the example's sizes: "
+                              f"{at_example}"), dynamic
+    assert calls.get("flex-cpu", 0) == (1 if min_keys == 1 else 0)      # what the kept op ran at n = 40
+    assert calls.get("reference", 0) == (0 if min_keys == 1 else 1)
