@@ -472,3 +472,78 @@ def test_planning_still_captures_where_the_record_leaves_a_question_open(monkeyp
     f(x, causal)
     assert runs == [1]
     assert be.reports[0]["sites"][0]["options"]["band"] == "backward"
+
+
+# ---------------------------------------------------------------- decoding with a KV cache
+
+import transformers as T  # noqa: E402  (test_hf_models above skips this module without it)
+
+
+def _causal_lm(family: str):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = T.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=100, n_positions=64,
+                              bos_token_id=1, eos_token_id=2)
+        model = T.GPT2LMHeadModel(config)
+    else:
+        config = T.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                               intermediate_size=128, vocab_size=100, max_position_embeddings=64,
+                               bos_token_id=1, eos_token_id=2)
+        model = T.LlamaForCausalLM(config)
+    model.config._attn_implementation = "sdpa"
+    return model.eval(), config
+
+
+def _decode(forward, config, ids, steps: int) -> list[torch.Tensor]:
+    """Prefill, then `steps` greedy decode steps of one token each against the growing KV cache."""
+    out = forward(input_ids=ids, past_key_values=T.DynamicCache(config=config), use_cache=True)
+    logits = [out.logits]
+    for _ in range(steps):
+        out = forward(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=out.past_key_values, use_cache=True)
+        logits.append(out.logits)
+    return logits
+
+
+@pytest.mark.slow                                     # three Inductor compiles
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decode_steps_with_a_kv_cache_run_on_the_fast_path(family):
+    """What `model.forward = torch.compile(model.forward, backend=...)` gives generate(): a prefill
+    graph, a first decode step (q_len 1 against 9 cached keys), then one graph for every later
+    length; every site exact, on SDPA (not the reference), matching the uncompiled model."""
+    model, config = _causal_lm(family)
+    ids = torch.randint(3, 100, (1, 8))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = _decode(model.forward, config, ids, steps=4)
+        torch._dynamo.reset()
+        be = attnrewrite.compile_backend("exact")
+        got = _decode(torch.compile(model.forward, backend=be), config, ids, steps=4)
+    for a, b in zip(want, got):
+        assert (a - b).abs().max().item() <= 1e-5
+    assert len(be.reports) == 3
+    sites = [s for r in be.reports for s in r["sites"]]
+    assert len(sites) == 6 and all(s["status"] == "rewritten" for s in sites)
+    assert [s["q_len"] for s in sites] == [8, 8, 1, 1, 1, 1] and [s["kv_len"] for s in sites[:4]] == [8, 8, 9, 9]
+    assert all(isinstance(s["kv_len"], str) for s in sites[4:])                 # decoding: one dynamic graph
+    assert {s["impl"] for s in sites} == {"sdpa-cpu"}
+    assert all(set(r["lowered"].values()) == {"sdpa-cpu"} for r in be.reports)  # no op, no reference
+
+
+def test_compiling_the_wrapper_does_not_compile_generate():
+    """Why the README says to compile the forward: `torch.compile(model).generate` runs the
+    uncompiled model (no graph reaches the backend); `model.compile(backend=...)` does compile it."""
+    model, config = _causal_lm("gpt2")
+    ids = torch.randint(3, 100, (1, 6))
+    kw = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = model.generate(ids, **kw)
+        torch._dynamo.reset()
+        be = attnrewrite.compile_backend("exact", inner="eager")
+        assert torch.equal(torch.compile(model, backend=be).generate(ids, **kw), want)
+        assert be.reports == []
+        torch._dynamo.reset()
+        be = attnrewrite.compile_backend("exact", inner="eager")
+        model.compile(backend=be)
+        assert torch.equal(model.generate(ids, **kw), want)
+    assert be.sites_rewritten >= 4 and all(s["status"] == "rewritten" for r in be.reports for s in r["sites"])
