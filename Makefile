@@ -12,6 +12,9 @@ $(BIN)/attnrewrite: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev,demo]'
+	# timm for tests/models/test_library_models.py, with the torchvision it imports, off the
+	# import path (the registry's torchvision is a CUDA build; see tests/_libraries.py)
+	$(BIN)/pip install -q --upgrade --no-deps --target $(VENV)/timm timm==1.0.31 torchvision==0.28.0
 	touch $@
 
 install: $(BIN)/attnrewrite

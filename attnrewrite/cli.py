@@ -286,8 +286,9 @@ def finish_listing(report: dict, unmatched: list, args, out, err) -> int:
         report["unmatched"] = [{"node": n, "reason": r} for n, r in unmatched]
     _emit(report, args, out)
     if args.verbose and not args.json:
+        from rich.markup import escape        # a reason quotes shapes ("[2, 16, 16]"), not markup
         for n, r in unmatched:
-            out.print(f"  not attention: {n}: {r}")
+            out.print(f"  not attention: {escape(n)}: {escape(r)}")
     if not args.list:
         err.print("hint: pass --variant {exact,…} to rewrite these sites")
     _write_extras(report, args)

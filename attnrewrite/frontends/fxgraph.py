@@ -7,6 +7,7 @@ from torch.fx import GraphModule
 
 from ..passes import fx_detect
 from ..passes.fx_rewrite import probe_graph, rewrite_graph
+from ..passes.vocab import probs_read_elsewhere
 from ..site import AttentionSite
 from .base import FrontEnd
 
@@ -44,6 +45,11 @@ class FxFrontEnd(FrontEnd):
     def flat_inputs(self, input_set) -> list:
         """The graph's placeholder values for one input set."""
         raise NotImplementedError
+
+    def keep_reason(self, site: AttentionSite) -> str | None:
+        if site.graph.others:          # e.g. need_weights=True: the dense probabilities are returned
+            return probs_read_elsewhere(str(o.target) for o in site.graph.others)
+        return None
 
     def scalars(self, site: AttentionSite) -> dict:
         fx = site.graph

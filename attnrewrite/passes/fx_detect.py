@@ -47,7 +47,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 from ..site import AttentionSite, dim_value
 from .vocab import (ADD, FILL, IGNORE, MASK_FLOOR, NEAR_QUERY, NEAR_REGROUP, NEAR_SCALE, OTHER, PRODUCT,
                     SCALE, SOFTCAP, VIEW, GraphKind, NoMatch, check_order, default_scale, einsum_pv, einsum_qk,
-                    head_scale, is_mask_fill, is_softcap, mask_kind, miss, rule_table)
+                    head_scale, is_mask_fill, is_softcap, mask_kind, miss, probs_read_elsewhere, rule_table)
 
 aten = torch.ops.aten
 
@@ -154,7 +154,8 @@ class FxSite:
     dropout_p: float = 0.0
     dropout_active: bool = False
     mask_kinds: set = field(default_factory=set)
-    others: list = field(default_factory=list)   # other consumers of the probabilities
+    others: list = field(default_factory=list)   # other consumers of the probabilities, live
+    dead_readers: list = field(default_factory=list)   # ... and ones nothing uses (erased by the rewrite)
     compute_dtype: torch.dtype | None = None     # the lowest precision the site computes in
 
 
@@ -626,12 +627,19 @@ class FxKind(GraphKind):
             if pi is None and _pattern(_shape(p)) == self.pattern:
                 return PRODUCT                # p @ v | einsum("bhqk,bhkd->bhqd", p, v)
             return OTHER                      # p reordered: p.transpose(-2, -1) @ v
+        if t in PRODUCTS and u.args[1] is p and u.args[0] is not p:
+            swapped = (pi is not None and _swap2(pi)) or self.pattern.count(False) <= 1   # (size-1 axes: the pattern says)
+            if swapped and _pattern(_shape(p)) == self.pattern[::-1]:
+                return PRODUCT                # v' @ p.transpose(-2, -1) = (p @ v'ᵀ)ᵀ (EfficientViT-MSRA)
+            return OTHER
         sigma = _axis_map(u) if t in PERMUTES | SQUEEZES | NOOPS | {EXPAND} else None
         if sigma is not None:                 # p.permute(...) | p.unsqueeze(4) | p.clone()
             new = sigma if pi is None else [pi[r] for r in sigma]
             return self._follow([u], None if _identity(new) else new)
         if t in RESHAPES and pi is None and _regroups_lead(_shape(p), _shape(u), self.pattern.count(False)):
             return self._follow([u], None)    # p.view(B * H, Lq, Lk)
+        if t in RESHAPES and _same_shape(_shape(p), _shape(u)):
+            return self._follow([u], pi)      # a view to the same shape (core ATen's matmul), any layout
         if t in CASTS:
             return self._follow([u], pi)      # p.to(dtype)
         if t == aten.native_dropout.default:
@@ -704,9 +712,13 @@ def follow_probs(sm: Node):
 def value_operand(prod: Node, p: Node):
     """(v Operand, P·v lead dims, output permutation) of the P·v product.
 
-    A scale on v stays inside v (peel_no_scale): it is not a score scale.
+    A scale on v stays inside v (peel_no_scale): it is not a score scale. The product may
+    also be written transposed, v' @ pᵀ with v' (…, Dv, Lk): its output is (…, Dv, Lq).
     """
     plead = _shape(p)[:-2]
+    if prod.target in PRODUCTS and prod.args[1] is p:      # o' = v' @ pᵀ: v = v'ᵀ, o = o'ᵀ
+        vr, vs = peel_no_scale(prod.args[0])
+        return Operand(vr, None if vs else _swap_perm(vr)), plead, _swap_perm(prod)
     if prod.target in PRODUCTS:
         vr, vs = peel_no_scale(prod.args[1])
         return Operand(vr, _swap_perm(vr) if vs else None), plead, None
@@ -816,6 +828,20 @@ def _check_no_hidden_write(prod: Node, pv: Node) -> None:
                                   "which the attention reads under another name")
 
 
+def live(n: Node, limit: int = 4096) -> bool:
+    """Something the graph returns (or an op with side effects) is computed from `n`."""
+    stack, seen = [n], set()
+    while stack and len(seen) < limit:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x.op == "output" or (x.op == "call_function" and x.is_impure() and x is not n):
+            return True
+        stack.extend(x.users)
+    return len(seen) >= limit
+
+
 def depends_on(x: Node, target: Node, limit: int = 4096) -> bool:
     """`x` is computed from `target` (a node before `target` in the graph never is)."""
     if not precedes(target, x):
@@ -871,7 +897,8 @@ def match_decomposed(sm: Node, params: set, constants) -> FxSite:
     for op in (site.k, site.v):
         if op.perm is None:
             op.kv_root = peel_kv_repeat(op.node)
-    site.others = others
+    site.others = [o for o in others if live(o)]       # `out, _ = mha(x, x, x)`: the weights die
+    site.dead_readers = [o for o in others if o not in site.others]
     return site
 
 
@@ -983,8 +1010,7 @@ def _describe(fx: FxSite, idx: int, name: str) -> AttentionSite:
         scale=_reported_scale(fx), softcap=fx.softcap or None,
         causal=fx.causal, mask=mask, dropout=fx.dropout_p, graph=fx)
     if fx.others:
-        s.add_reason("probabilities also read by " + ", ".join(sorted({str(o.target) for o in fx.others}))
-                     + " (kept for that consumer)")
+        s.add_reason(probs_read_elsewhere(str(o.target) for o in fx.others))
     if fx.dropout_active:
         s.add_reason(f"dropout {fx.dropout_p:g} active: unchecked")
     return s

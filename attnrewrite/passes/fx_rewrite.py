@@ -312,6 +312,8 @@ def rewrite_graph(gm: GraphModule, sites, variant, choice: dict) -> GraphModule:
         nodes["op"].meta[SITE_KEY] = site.id
         fx.out.replace_all_uses_with(nodes["out"])
         _erase_dead(new.graph, fx.out)
+        for n in fx.dead_readers:          # e.g. need_weights=True weights nobody reads
+            _erase_dead(new.graph, n)
     new.graph.lint()
     new.recompile()
     return new

@@ -60,7 +60,7 @@ from onnx import numpy_helper
 from ..site import AttentionSite
 from .vocab import (ADD, FILL, IGNORE, MASK_FLOOR, NEAR_QUERY, NEAR_REGROUP, NEAR_SCALE, OTHER, PRODUCT, SCALE,
                     SOFTCAP, VIEW, GraphKind, NoMatch, check_order, default_scale, einsum_pv, einsum_qk,
-                    head_scale, is_mask_fill, is_softcap, mask_kind, miss, rule_table)
+                    head_scale, is_mask_fill, is_softcap, mask_kind, miss, probs_read_elsewhere, rule_table)
 
 MS = "com.microsoft"
 
@@ -617,6 +617,11 @@ class OnnxKind(GraphKind):
     def __init__(self, g: Graph):
         self.g = g
         self.lenient = False
+        self.transposed: set = set()     # forward walk: the probabilities with their last two axes swapped
+
+    def _swaps_last2(self, n, x: str) -> bool:
+        r = self.g.rank(x)
+        return r is not None and r >= 2 and list(attr(n, "perm", [])) == [*range(r - 2), r - 1, r - 2]
 
     def qk_like(self, node) -> bool:
         """A MatMul/Einsum whose two operands are computed (traced back through scalar
@@ -662,7 +667,15 @@ class OnnxKind(GraphKind):
 
     def classify_reader(self, u, p: str):
         if u.op_type in self.products and u.input[0] == p:
+            if p in self.transposed:
+                return OTHER                      # MatMul(Transpose(p), x): over the queries
             return PRODUCT                        # MatMul(p, v) | Einsum("bhqk,bhkd->bhqd", p, v)
+        if u.op_type == "MatMul" and u.input[1] == p and p in self.transposed and u.input[0] != p:
+            return PRODUCT                        # MatMul(v', Transpose(p)) = (p·v'ᵀ)ᵀ (EfficientViT-MSRA)
+        if u.op_type == "Transpose" and not self.transposed and self._swaps_last2(u, p) \
+                and [c.op_type for c in self.g.consumers(u.output[0])] == ["MatMul"]:
+            self.transposed.add(u.output[0])
+            return [u.output[0]]
         if u.op_type == "Where" and u.input[2] == p:
             isnan = self.g.op(u.input[0], "IsNaN")
             if isnan is not None and isnan.input[0] == p:
@@ -948,10 +961,16 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
         site.flat |= {"v", "out"}
     site.rank = rank
     site.scale = factor * fq * fk
-    if is_weight(g, pv.input[1]):
+    transposed = pv.op_type == "MatMul" and pv.input[1] == px        # o' = v' · pᵀ
+    if is_weight(g, pv.input[0] if transposed else pv.input[1]):
         raise NoMatch(f"{pv.name}: the values are a constant weight: the probabilities mix weights, "
                       "not the input", near=NEAR_QUERY)
-    if pv.op_type == "Einsum":
+    if transposed:
+        if "v" in site.flat or rank != g.rank(pv.input[0]):
+            raise NoMatch(f"{pv.name}: a transposed P·V product with the heads merged")
+        site.v, site.v_perm = pv.input[0], [*range(rank - 2), rank - 1, rank - 2]
+        site.out_perm = [0, 1, 3, 2]           # on the (B, H, Lq, Dv) output (rank 3: unsqueezed first)
+    elif pv.op_type == "Einsum":
         vp, op_ = einsum_pv(_eq(pv), 0)
         if len(vp) != 4:
             raise NoMatch(f"{pv.name}: einsum equation is not a rank-4 p·v")
@@ -973,8 +992,9 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
     if site.v_perm is None and "v" not in site.flat:
         site.v = peel_repeat_kv(g, site.v)
     site.out, site.out_node = pv.output[0], pv.name
-    if others:                  # e.g. returned weights: the rewrite replaces P·V, they stay
-        site.attrs["probs_used"] = sorted({o.name for o in others})
+    used = [o for o in others if any(g.used(x) for x in o.output)]
+    if used:                    # e.g. returned weights: the dense probabilities stay, so the site does
+        site.keep = probs_read_elsewhere(o.op_type for o in used)
     return site
 
 
@@ -1154,8 +1174,6 @@ def describe(g: Graph, os_: OnnxSite, idx: int, node) -> AttentionSite:
                          graph=os_)
     if os_.rank == 3 and os_.kind == "decomposed":
         site.add_reason("3-D product: batch and heads are merged in the first axis")
-    if os_.attrs.get("probs_used") and os_.kind == "decomposed":
-        site.add_reason("the probabilities have another consumer: kept for it")
     if os_.keep:
         site.add_reason(os_.keep)
     return site

@@ -35,7 +35,7 @@ from ..site import MASK_FLOOR
 
 __all__ = ["NoMatch", "NEAR", "NEAR_SCALE", "NEAR_REGROUP", "NEAR_QUERY", "miss", "MASK_FLOOR", "PRODUCT_DEPTH", "CHAIN_LIMIT", "SOFTCAP_RTOL",
            "SCALE", "SOFTCAP", "ADD", "FILL", "VIEW", "PRODUCT", "IGNORE", "OTHER",
-           "is_mask_fill", "is_softcap", "check_order", "head_scale", "mask_kind", "default_scale",
+           "is_mask_fill", "is_softcap", "check_order", "head_scale", "probs_read_elsewhere", "mask_kind", "default_scale",
            "parse_einsum", "einsum_qk", "einsum_pv", "rule_table", "GraphKind"]
 
 
@@ -59,7 +59,7 @@ NEAR = (NEAR_SCALE, NEAR_REGROUP, NEAR_QUERY)
 
 def miss(e: NoMatch) -> str:
     """The one-line reason a softmax was skipped, with the accepted form it came closest to."""
-    return f"{e} [closest form: {getattr(e, 'near', None) or 'none of ' + ', '.join(NEAR)}]"
+    return f"{e} (closest form: {getattr(e, 'near', None) or 'none of ' + ', '.join(NEAR)})"
 
 
 PRODUCT_DEPTH = 24    # steps searched back from a value for a q·kᵀ product (see reaches_product)
@@ -118,6 +118,14 @@ def check_order(steps: list) -> None:
             capped = True
         elif kind in (ADD, FILL):
             masked = True
+
+
+def probs_read_elsewhere(readers) -> str:
+    """Why a site whose probabilities something else reads is kept: that reader (e.g.
+    `nn.MultiheadAttention(need_weights=True)` averaging them into the returned weights)
+    needs the dense softmax, so a rewrite would add its op to the dense work, not replace it."""
+    return (f"the probabilities are also read by {', '.join(sorted(set(readers)))} (e.g. need_weights=True): "
+            "the dense scores stay, so the site is kept")
 
 
 def head_scale(t_shape, s_shape, same) -> bool:

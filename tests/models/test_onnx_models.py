@@ -238,6 +238,7 @@ SPELLINGS = {  # case: (count, fields)
     "per_head_cosine": (1, {"scale": "per-head"}), "per_head_temperature": (1, {"scale": "per-head"}),
     "window_mask_regrouped": (1, {"mask": "additive"}),
     "learned_query_pooling": (1, {"heads": None, "kv_heads": None, "q_len": 1}),
+    "pv_transposed": (1, {"mask": "additive", "scale": 1.0, **THREE_D}),    # the scale stays inside Transpose(q·c)
 }
 # The TorchScript exporter takes ~0.1 s per case, dynamo ~2 s: dynamo gets a representative subset.
 DYNAMO_SPELLINGS = {"matmul", "bmm", "einsum_bqhd", "baddbmm", "k_permute_bshd", "scale_split_sqrt",

@@ -262,10 +262,10 @@ class WriteThroughAlias(nn.Module):
 def test_in_place_negatives():
     args = (*qkv(), keep_mask((B, 1, L, L)))
     (why,) = unmatched(export(FillAboveFloor(), args))
-    assert why == "masked_fill_ sets scores to -1: a fill above -10000 is not a mask"
+    assert why.startswith("masked_fill_ sets scores to -1: a fill above -10000 is not a mask (closest form: none")
     (why,) = unmatched(export(WriteThroughAlias(), args))      # once found without its mask
-    assert why == "masked_fill_ (aten.masked_fill_.Scalar) writes in place into mul, " \
-                  "which the attention reads under another name"
+    assert why.startswith("masked_fill_ (aten.masked_fill_.Scalar) writes in place into mul, "
+                          "which the attention reads under another name")
     args = (*qkv(), _randn(B, H, L, L, seed=7))
     (why,) = unmatched(export(AddScoresIntoBias(), args))
     assert "writes the scores in place into another tensor" in why

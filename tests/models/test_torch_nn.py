@@ -135,11 +135,35 @@ def test_torch_nn_attention(case, ir):
         scale = w.pop("scale")
         assert {k: getattr(s, k) for k in w} == w, s.to_dict()
         assert isinstance(s.scale, float) and s.scale == pytest.approx(scale, rel=1e-6)
-        assert s.status == "rewritten"
-        if "-nw1" in case:
-            assert "also read by" in s.reason        # the averaged attention weights
+        if "-nw1" in case:                             # the averaged weights are returned: dense stays
+            assert s.status == "kept" and "need_weights=True" in s.reason, s.to_dict()
+        else:
+            assert s.status == "rewritten"
     assert len({s.name for s in r.sites}) == len(want)
     assert r.report["check"]["rel_err"] <= 1e-5
     assert r.report["check"]["passed"] is True
     ops = [n for n in r.program.graph.nodes if n.target == torch.ops.attnrewrite.exact_attention.default]
-    assert len(ops) == len(want)
+    assert len(ops) == (0 if "-nw1" in case else len(want))
+
+
+class DiscardWeights(nn.Module):
+    """`out, _ = mha(x, x, x)`: need_weights=True (the default) with the weights thrown away."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = nn.MultiheadAttention(E, NH, batch_first=True)
+
+    def forward(self, x):
+        out, _ = self.m(x, x, x)
+        return out
+
+
+def test_need_weights_true_with_the_weights_unused_is_rewritten():
+    """The averaged weights die with the rewrite, so the site is rewritten (and the dense
+    softmax is gone from the program); returned weights keep it (test_torch_nn_attention)."""
+    torch.manual_seed(0)
+    x = _randn(B, L, E, seed=1)
+    ep = torch.export.export(DiscardWeights().eval(), (x,))
+    r = attnrewrite.rewrite(ep, "exact", example_inputs=(x,))
+    assert [s.status for s in r.sites] == ["rewritten"] and r.report["check"]["rel_err"] <= 1e-5
+    assert not any("softmax" in str(n.target) for n in r.program.graph.nodes)

@@ -6,7 +6,7 @@ matmul, einsum or bmm with the key transposed on the right axes; a scale on the 
 q, on k, split between them, a learned per-head tensor (H, 1, 1) on the scores, or none;
 an additive, boolean, masked_fill, causal mask, or a per-batch bias added while the scores
 are regrouped to (1, B, H, Lq, Lk) (Swin's window mask); softmax with or without a float
-cast; the P·v product — or from a *near miss*: softmax over the query axis, sigmoid instead
+cast; the P·v product, or its transpose v' @ pᵀ — or from a *near miss*: softmax over the query axis, sigmoid instead
 of softmax, probabilities contracted over the query axis, a learned query whose
 probabilities mix a weight table instead of values computed from the input.
 Each is exported to an FX program (torch.export) and to ONNX (the TorchScript exporter).
@@ -111,6 +111,9 @@ class Piece(torch.nn.Module):
         if s["kind"] == "contract_queries":
             o = p.transpose(-2, -1) @ q                       # (b, h, lk, d): over the query axis
             return o.transpose(1, 2).reshape(b, lk, h * d)
+        if s["pv"] == "transposed" and s["kind"] == "attention":     # EfficientViT-MSRA: v' @ pᵀ = (p @ v)ᵀ
+            o = (v.transpose(-2, -1) @ p.transpose(-2, -1)).transpose(-2, -1)
+            return o.transpose(1, 2).reshape(b, lq, h * d)
         o = p @ (self.table if s["kind"] == "learned_query_mixing_weights" else v)
         return o.transpose(1, 2).reshape(b, lq, h * d)
 
@@ -128,6 +131,7 @@ def specs(draw):
             "kt": draw(st.sampled_from(["transpose", "permute"])),
             "scale": draw(st.sampled_from(["none", "mul", "div", "on_q", "split", "per_head"])),
             "query": draw(st.sampled_from(["computed", "computed", "learned"])),
+            "pv": draw(st.sampled_from(["p_at_v", "p_at_v", "transposed"])),
             "mask": mask, "cast": draw(st.booleans()),
             "kind": draw(st.sampled_from(["attention"] * 3 + list(NEAR_MISSES)))}
 

@@ -335,6 +335,20 @@ class LearnedQueryPooling(nn.Module):
         return torch.softmax(s, dim=-1) @ x
 
 
+class TransposedPV(nn.Module):
+    """EfficientViT-MSRA: channels-first q, k, v (B·H, D, L); scores qᵀ·k plus a learned
+    bias, and the P·V product written as v @ Pᵀ, (B·H, Dv, Lq)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(L, L))
+
+    def forward(self, q, k, v):
+        q, k, v = (t.flatten(0, 1).transpose(-2, -1) for t in (q, k, v))
+        s = (q * SD).transpose(-2, -1) @ k + self.bias
+        return v @ s.softmax(-1).transpose(-2, -1)
+
+
 class LearnedQueryMixingWeights(nn.Module):
     """A learned query whose probabilities mix a weight table: nothing from the input is attended to."""
 
@@ -392,7 +406,6 @@ POSITIVE = {
     "gqa_repeat_interleave": (RepeatInterleave, lambda: qkv(hkv=HKV), 1, dict(kv_heads=HKV, irs=["training"])),
     "mqa_broadcast": (MQABroadcast, lambda: qkv(hkv=1), 1, dict(kv_heads=1, irs=["training"])),
     "softcap": (Softcap, qkv, 1, dict(softcap=5.0)),
-    "probs_returned": (ReturnProbs, qkv, 1, {}),
     "cross_attention": (Matmul, lambda: qkv(lk=LK), 1, dict(kv_len=LK)),
     "shared_twice": (Shared, qkv, 2, {}),
     # the model libraries' forms (timm's Swin V2, XCiT, Swin, attention pooling)
@@ -401,6 +414,7 @@ POSITIVE = {
     "window_mask_regrouped": (WindowMask, lambda: (*qkv(), window_mask()), 1, dict(mask="additive")),
     "learned_query_pooling": (LearnedQueryPooling, lambda: (_randn(B, L, D),), 1,
                               dict(heads=1, kv_heads=1, q_len=1)),
+    "pv_transposed": (TransposedPV, qkv, 1, dict(mask="additive", heads=1, kv_heads=1)),
 }
 
 
@@ -451,13 +465,24 @@ def test_spelling_is_one_site(case, ir):
         else:
             assert isinstance(s.scale, float) and s.scale == pytest.approx(want_scale, rel=1e-6), s.to_dict()
     assert len({s.name for s in sites}) == count
-    if case == "probs_returned":
-        assert "also read by output" in sites[0].reason
     assert [s.status for s in sites] == ["rewritten"] * count
     assert r.report["check"]["rel_err"] <= 1e-5
     assert r.report["check"]["passed"] is True
     targets = [n.target for n in r.program.graph.nodes if n.op == "call_function"]
     assert targets.count(torch.ops.attnrewrite.exact_attention.default) == count
+
+
+def test_probabilities_returned_keep_the_site():
+    """p = softmax(q·kᵀ) returned beside p·v: the dense probabilities stay, so the site is
+    found but kept (a rewrite would add its op to the dense work); the model is unchanged."""
+    torch.manual_seed(0)
+    args = qkv()
+    ep = torch.export.export(ReturnProbs().eval(), args, strict=False)
+    (s,) = attnrewrite.detect(ep, example_inputs=args)
+    assert "also read by output" in s.reason and "need_weights=True" in s.reason
+    r = attnrewrite.rewrite(ep, "exact", example_inputs=args)
+    assert [s.status for s in r.sites] == ["kept"] and r.report["check"]["rel_err"] == 0.0
+    assert not any(n.target == torch.ops.attnrewrite.exact_attention.default for n in r.program.graph.nodes)
 
 
 def test_detect_agrees_with_rewrite():
