@@ -56,6 +56,7 @@ class Backend:
         if inner not in INNERS:
             raise InputError(f"inner={inner!r} is not one of {', '.join(INNERS)}")
         with pipeline.python_words():                                   # fail now, not at the first call
+            variant = pipeline.variant_module(variant)                  # the name, resolved once
             pipeline.validate_options(variant, options, tolerance)
         self.variant, self.inner, self.sites, self.check = variant, inner, sites, check
         self.tolerance, self.options, self.calibrate = tolerance, options, int(calibrate)
@@ -92,7 +93,7 @@ class Backend:
         except Exception as e:  # noqa: BLE001 - any failure here: run the graph as Dynamo gave it
             why = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}".rstrip(": ")
             if report is None:
-                report = self._record(build_report(model="torch.compile graph", fmt="dynamo", variant=self.variant,
+                report = self._record(build_report(model="torch.compile graph", fmt="dynamo", variant=self.variant.name,
                                                    options=self.options, inputs_kind="example", sites=[]))
             pipeline.declined(report, why)
             if why not in WARNED:
@@ -112,7 +113,7 @@ class Backend:
         REPORTS.append(report)
         statuses = [s["status"] for s in report["sites"]]
         message = (f"attnrewrite: graph {len(REPORTS) - 1}: {len(statuses)} attention site(s), "
-                   f"{statuses.count('rewritten')} rewritten into {self.variant}, {statuses.count('kept')} kept")
+                   f"{statuses.count('rewritten')} rewritten into {self.variant.name}, {statuses.count('kept')} kept")
         if os.environ.get("ATTNREWRITE_LOG", "") not in ("", "0"):
             print(message, file=sys.stderr)
         log.info(message)

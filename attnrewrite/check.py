@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .variants import exact
+from .variants import exact, resolve
 from .variants.base import apply_out_map, is_causal_mask, score_bias  # noqa: F401 - is_causal_mask re-exported
 
 TIMING_REPEAT = 3      # median of this many calls per op, after one warm-up call
@@ -82,13 +82,14 @@ def end_to_end(pairs: list[tuple[str, torch.Tensor, torch.Tensor]], tolerance: f
     return {"outputs": outs, "rel_err": rel, "tolerance": tolerance, "passed": passed}
 
 
-def default_tolerance(variant_name: str, sites) -> float | None:
-    """exact: 1e-4 (1e-2 when any site computes in half precision); approximate variants: not gated.
+def default_tolerance(variant, sites) -> float | None:
+    """A variant that claims exactness (`Variant.exact_check`: exact): 1e-4 (1e-2 when any site
+    computes in half precision); approximate variants: not gated.
 
     A site computes in half precision when its q is half, or when any step of it is (its
     `compute_dtype`: fp32 q and k with `p.half() @ v.half()` is rounded to fp16 there).
     """
-    if variant_name != "exact":
+    if not resolve(variant).exact_check:
         return None
     half = any(str(d) in ("float16", "bfloat16")
                for s in sites for d in (s.dtype, getattr(s, "compute_dtype", None)))

@@ -26,8 +26,17 @@ from pathlib import Path
 
 from .io import InputError, atomic_write, check_target, write_rules      # stdlib only: --help stays fast
 
-# the variant names, for --help without importing torch (a test keeps this equal to VARIANTS)
+# the built-in variant names, for --help without importing torch (a test keeps this equal to
+# variants.BUILT_IN); other packages' variants come from their entry points (plugin_variants)
 VARIANT_NAMES = ("conv-basis", "exact", "preconditioned", "sparse")
+ENTRY_POINTS = "attnrewrite.variants"
+
+
+def plugin_variants() -> tuple:
+    """The names of the variants other packages register (`attnrewrite.variants` entry points),
+    read from their metadata without importing them."""
+    from importlib.metadata import entry_points
+    return tuple(sorted(ep.name.replace("_", "-") for ep in entry_points(group=ENTRY_POINTS)))
 INT64_MAX = (1 << 63) - 1
 
 
@@ -174,10 +183,11 @@ def check_outputs(args, output: Path | None) -> None:
 
 def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.variant and args.variant.replace("_", "-") not in VARIANT_NAMES:
+    known = VARIANT_NAMES + plugin_variants() if args.variant else VARIANT_NAMES
+    if args.variant and args.variant.replace("_", "-") not in known:
         raise UsageError(f"argument --variant: invalid choice: '{args.variant}' "
-                         f"(choose from {', '.join(VARIANT_NAMES)})")
-    variant = args.variant.replace("-", "_") if args.variant else None
+                         f"(choose from {', '.join(sorted(known))})")
+    variant = args.variant
     listing = args.list or variant is None
     options = parse_options(args.options)
     if listing and (options or args.output or args.calibrate):
@@ -201,6 +211,7 @@ def run(argv: list[str]) -> int:
     from .frontends.export import import_modules, read_inputs
     _quiet(args.verbose)                   # after torch's import, which sets its loggers' levels
     if variant:
+        variant = pipeline.variant_module(variant)      # the name, resolved once: the object from here on
         pipeline.validate_options(variant, options, args.tolerance)
 
     err = Console(stderr=True)
@@ -218,7 +229,7 @@ def run(argv: list[str]) -> int:
             check_outputs(args, None)
             report, unmatched = pipeline.listing(fe, timings=timings)
             return finish_listing(report, unmatched, args, out, err)
-        output = output_path(args, fe, variant)
+        output = output_path(args, fe, variant.key)
         check_outputs(args, output)
         return rewrite(fe, variant, options, output, timings, args, out, err)
 
@@ -228,10 +239,10 @@ def rewrite(fe, variant, options, output, timings, args, out, err) -> int:
     from . import pipeline
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task(f"rewriting into {variant}", total=None)
+        task = bar.add_task(f"rewriting into {variant.name}", total=None)
 
         def progress(stage: str, done: int, total: int | None) -> None:
-            bar.update(task, description=f"{variant}: {stage}", completed=done, total=total)
+            bar.update(task, description=f"{variant.name}: {stage}", completed=done, total=total)
 
         result = pipeline.rewrite(fe, variant, options, sites=args.sites, check=not args.no_check,
                                   tolerance=args.tolerance, timings=timings, calibrate=args.calibrate,

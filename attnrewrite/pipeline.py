@@ -35,9 +35,9 @@ from . import kernels
 from .io import InputError
 from .report import build_report
 from .site import AttentionSite
-from .variants import VARIANTS
+from . import variants
 from .variants import impl
-from .variants.base import IMPLEMENTATIONS, Param, parse_params
+from .variants.base import Param, parse_params
 
 # How an error names what the user can change: the command's flags, or — inside `python_words()`, which
 # api.rewrite and the compile backend open — the Python keywords they take.
@@ -93,34 +93,34 @@ def open_model(model, inputs=None, *, trust: bool = False) -> FrontEnd:
 
 # ---------------------------------------------------------------- options and selection
 
-def variant_module(variant: str):
-    name = variant.replace("-", "_")
-    if name not in VARIANTS:
-        names = ", ".join(sorted(v.replace("_", "-") for v in VARIANTS))
-        raise InputError(f"unknown variant '{variant}' (choose from {names})")
-    return VARIANTS[name]
+def variant_module(variant):
+    """The Variant object `variant` names (or is); InputError for an unknown name."""
+    try:
+        return variants.resolve(variant)
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
-def validate_options(variant: str, options: dict, tolerance: float | None = None) -> dict:
+def validate_options(variant, options: dict, tolerance: float | None = None) -> dict:
     """The variant's defaults overlaid with `options`, each checked; InputError on a bad one.
 
     `auto=true` (variants with an auto ladder) needs a tolerance: it picks per-site parameters.
     """
     mod = variant_module(variant)
-    params = dict(mod.PARAMS)
-    if getattr(mod, "auto_ladder", None) is not None:
+    params = dict(mod.params)
+    if mod.auto_ladder is not None:
         params["auto"] = Param(False, bool, "pick the cheapest per-site parameters within --tolerance")
     try:
-        opts = parse_params(variant, params, options)
+        opts = parse_params(mod.name, params, options)
     except (ValueError, TypeError, OverflowError) as e:      # OverflowError: int(inf)
-        raise InputError(str(e) or f"{words()['value']} for {variant} is out of range") from None
+        raise InputError(str(e) or f"{words()['value']} for {mod.name} is out of range") from None
     for key, value in opts.items():                # what reaches an op must fit its type (int64, finite)
         for v in (value if isinstance(value, (list, tuple)) else [value]):
             if isinstance(v, float) and not math.isfinite(v):
                 raise InputError(f"{key}={v} is not a finite number")
             if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 1 << 63:
                 raise InputError(f"{key}={v:.3g} does not fit a 64-bit integer")
-    conflict = getattr(mod, "inapplicable", lambda given, opts: None)(options, opts)
+    conflict = mod.inapplicable(options, opts) if mod.inapplicable is not None else None
     if conflict:                                   # an option the chosen mode would silently ignore
         raise InputError(conflict)
     if tolerance is not None and not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance)
@@ -213,7 +213,7 @@ def symbolic_sizes(sites, captured: dict) -> dict:
     return out
 
 
-def costs(sites, variant: str, planned: dict, captured: dict) -> dict:
+def costs(sites, variant, planned: dict, captured: dict) -> dict:
     """The report's cost block: per site before (exact) and after (the variant, where rewritten)."""
     sizes = symbolic_sizes(sites, captured)
     per_site, totals = {}, {"before": [], "after": []}
@@ -250,9 +250,9 @@ def needs_samples(mod, site: AttentionSite, options: dict) -> bool:
     """Whether planning `site` under `mod` reads its captured values: a variant with `prepare`
     does for a masked site (only the values tell a materialised causal mask: fill_causal) and
     wherever its `needs_samples(site, options)` does not say the site record is enough."""
-    if getattr(mod, "prepare", None) is None:
+    if mod.prepare is None:
         return False
-    hook = getattr(mod, "needs_samples", None)
+    hook = mod.needs_samples
     return hook is None or site.mask != "none" or bool(hook(site, options))
 
 
@@ -266,7 +266,7 @@ def plan(fe: FrontEnd, sites, mod, opts: dict, sel, captured: dict) -> tuple[dic
     options of all sites at once (sparse: one density target spread over every head).
     """
     site_opts = {k: v for k, v in opts.items() if k != "auto"}
-    prepare = getattr(mod, "prepare", None)
+    prepare = mod.prepare
     planned, kept, unselected = {}, {}, set()
     for site in sites:
         if not selected(site, sel):
@@ -280,14 +280,14 @@ def plan(fe: FrontEnd, sites, mod, opts: dict, sel, captured: dict) -> tuple[dic
             planned[site.id] = dict(site_opts)
             continue
         if site.id not in captured and needs_samples(mod, site, site_opts):
-            kept[site.id] = f"{mod.NAME} needs the site's values on example inputs, and there are none"
+            kept[site.id] = f"{mod.name} needs the site's values on example inputs, and there are none"
             continue
         r = prepare(site, samples(fe, site, captured.get(site.id, [])), dict(site_opts))
         if isinstance(r, str):
             kept[site.id] = r
         else:
             planned[site.id] = r
-    share = getattr(mod, "share_budget", None)        # a budget spread over every planned site at once
+    share = mod.share_budget        # a budget spread over every planned site at once
     if share is not None and planned:
         by_id = {s.id: s for s in sites}
         planned = share(planned, {sid: (by_id[sid], samples(fe, by_id[sid], captured[sid]))
@@ -338,7 +338,7 @@ def auto_tune(fe: FrontEnd, sites, mod, planned: dict, tolerance: float, inputs:
 
     ladders, rung, solo = {}, {}, {}
     budget = tolerance / max(len(planned), 1)
-    ladder_of = getattr(mod, "auto_ladder", None) or (lambda site, opts: [])
+    ladder_of = mod.auto_ladder or (lambda site, opts: [])
     for sid, opts in planned.items():
         ladders[sid] = [{**opts, **step} for step in ladder_of(by_id[sid], opts)] or [opts]
         rung[sid] = len(ladders[sid]) - 1
@@ -362,7 +362,7 @@ def auto_tune(fe: FrontEnd, sites, mod, planned: dict, tolerance: float, inputs:
 
 # ---------------------------------------------------------------- rewrite + check
 
-def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=None, check: bool = True,
+def rewrite(fe: FrontEnd, variant, options: dict | None = None, *, sites=None, check: bool = True,
             tolerance: float | None = None, timings: dict | None = None, require_sites: bool = True,
             calibrate: int = 0, progress=_quiet_progress) -> Result:
     """Rewrite the selected sites of `fe`'s program into `variant`; check the numbers unless check=False.
@@ -372,8 +372,8 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
     `progress(stage, done, total)` is called as long steps advance (total None: open-ended).
     """
     timings = dict(timings or {})
-    opts = validate_options(variant, dict(options or {}), tolerance)
     mod = variant_module(variant)
+    opts = validate_options(mod, dict(options or {}), tolerance)
     sel = parse_selection(sites)
     t = time.perf_counter()
     found, _ = fe.find_sites()
@@ -433,7 +433,7 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
                     s.check = site_check(mod, sc, planned[s.id], mod.op_args(s, s.options), captured[s.id])
                     if calibration and s.id in calibration["sites"]:
                         s.check["diagnostics"]["calibration"] = calibration["sites"][s.id]
-        tol = tolerance if tolerance is not None else default_tolerance(mod.NAME, found)
+        tol = tolerance if tolerance is not None else default_tolerance(mod, found)
         with impl.counting() as impl_calls:          # what served this rewrite's op calls
             pairs = output_pairs(fe, program, inputs, reference, progress)
         check_block = end_to_end(pairs, tol)
@@ -444,9 +444,9 @@ def rewrite(fe: FrontEnd, variant: str, options: dict | None = None, *, sites=No
             if s.status == "rewritten" and captured.get(s.id) and not kernels.interpreting():
                 progress("timing each site's attention", i + 1, len(found))
                 speed[s.id] = time_site(mod, fe.scalars(s), mod.op_args(s, s.options), captured[s.id][0])
-    report = build_report(model=fe.name, fmt=fe.fmt, variant=variant, options=opts, inputs_kind=fe.inputs_kind,
+    report = build_report(model=fe.name, fmt=fe.fmt, variant=mod.name, options=opts, inputs_kind=fe.inputs_kind,
                           sites=found, check=check_block, timings=timings,
-                          cost=costs(found, mod.NAME, planned, captured), kernels=site_kernels(fe, found, mod, captured))
+                          cost=costs(found, mod, planned, captured), kernels=site_kernels(fe, found, mod, captured))
     if speed:
         for site in report["sites"]:
             if site["id"] in speed:
@@ -484,8 +484,8 @@ def site_kernels(fe: FrontEnd, sites, mod, captured: dict) -> dict:
             out[s.id] = {"kernel": None, "kernel_reason": "head_dim is not static and no input set was captured"}
             continue
         args = (q, k, v, mask, sc["scale"], sc["softcap"], sc["causal"], sc["dropout_p"], *mod.op_args(s, s.options))
-        out[s.id] = {**kernels.describe(mod.OP_NAME, *args[:8], args[8:]),
-                     **impl.describe(IMPLEMENTATIONS[mod.OP_NAME], args)}
+        out[s.id] = {**kernels.describe(mod.op_name, *args[:8], args[8:]),
+                     **impl.describe(mod.implementations, args)}
         if run is None and any(isinstance(x, str) for x in (s.q_len, s.kv_len)):   # judged at length 2
             out[s.id]["impl_reason"] = "; ".join(r for r in ("sizes are symbolic: the op chooses per call at run "
                                                              "time", out[s.id]["impl_reason"]) if r)

@@ -537,9 +537,9 @@ def zero_nan_rows(b: Builder, y: str) -> str:
 
 def lower_site(b: Builder, site: AttentionSite, variant, options: dict) -> str:
     """The new value computing the site's output (in the site's layout)."""
-    lower = getattr(variant, "onnx_lower", None)
+    lower = variant.onnx_lower
     if lower is None:
-        raise Unsupported(f"no ONNX lowering for {variant.NAME} yet")
+        raise Unsupported(f"no ONNX lowering for {variant.name} yet")
     q, k, v, mask = normal_form(b, site)
     # the flag the lowering must apply: causal masks found in the graph are already in `mask`
     y = lower(b, replace(site, causal=site.graph.causal), q, k, v, mask, options)

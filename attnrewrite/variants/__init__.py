@@ -1,40 +1,65 @@
-"""One file per variant; VARIANTS maps the variant's name (conv_basis ↔ --variant conv-basis) to its module.
+"""The variants: one file each, one `base.Variant` object each (`<file>.VARIANT`).
 
-A variant module defines:
-  NAME, OP_NAME    its name and its permanent op name (attnrewrite::<OP_NAME>)
-  PARAMS           {key: base.Param}: the `--set KEY=VALUE` options, defaults and validation
-  reference(q, k, v, mask, scale, softcap, causal, dropout_p, *params) -> Tensor
-                   the PyTorch reference (what the op runs on CPU; kernels are tested against it)
-  op               define_attention_op(OP_NAME, reference, extra_schema): attnrewrite::<OP_NAME>,
-                   (normal form, variant params, Tensor? dropout_seed=None) -> out
-  backward_op      base.BACKWARD_OPS[OP_NAME]: attnrewrite::<OP_NAME>_backward,
-                   (grad, the forward's arguments) -> (dq, dk, dv); the forward's autograd
-                   formula calls it, so a kernel can back the backward alone
-  op_args(site, options) -> tuple     the variant parameters appended after the normal form
-  diagnostics(q, k, v, mask, scale, softcap, causal, options) -> dict   JSON-able, per site
-and optionally:
-  prepare(site, samples, options) -> dict | str
-                   per-site options with rewrite-time state filled in (e.g. a calibrated gain),
-                   or a string: why this site stays exact (status "kept"). `samples` holds, per
-                   input set, the site's captured normal form {q, k, v, mask, scale, softcap,
-                   causal, dropout_p} (K/V before GQA expansion).
-  needs_samples(site, options) -> bool
-                   whether `prepare` reads captured values for this site (absent: always; a
-                   masked site is captured whatever it says); where no site needs them and the
-                   check is off, the pipeline plans without running the model.
-  auto_ladder(site, options) -> list[dict]
-                   option overrides from cheapest to most exact, for `--set auto=true`.
+`resolve(name)` turns what a user wrote ("conv-basis", "conv_basis", or a Variant) into the
+object; the CLI, the Python API and the compile backend call it once and hand the object
+down. `registry()` holds the four built in here and every variant another package
+registers under the entry-point group `attnrewrite.variants`::
+
+    # pyproject.toml of a package that adds a variant
+    [project.entry-points."attnrewrite.variants"]
+    temperature = "my_package.temperature:VARIANT"
+
+The object an entry point names is a `base.Variant` (its op made with
+`base.define_attention_op`, so it exports, compiles and trains like the built-in ones).
+What a variant file defines, and what each callable receives, is documented on `Variant`.
 
 `reference` draws nothing random but its dropout mask, from the global RNG in a fixed order,
 so that run under base.seeded_rng(dropout_seed) the mask is a pure function of the seed and
 the backward op replays it.
 """
-from . import exact
+from __future__ import annotations
 
-VARIANTS = {exact.NAME: exact}
-from . import preconditioned  # noqa: E402
-VARIANTS[preconditioned.NAME] = preconditioned
-from . import conv_basis  # noqa: E402
-VARIANTS[conv_basis.NAME] = conv_basis
-from . import sparse  # noqa: E402
-VARIANTS[sparse.NAME] = sparse
+from importlib.metadata import entry_points
+
+from . import conv_basis, exact, preconditioned, sparse
+from .base import Variant
+
+ENTRY_POINTS = "attnrewrite.variants"
+BUILT_IN = (exact.VARIANT, preconditioned.VARIANT, conv_basis.VARIANT, sparse.VARIANT)
+_registry: dict[str, Variant] | None = None
+
+
+def registry(reload: bool = False) -> dict[str, Variant]:
+    """{name as users write it: Variant}: the built-in ones, then the entry points' (loaded once)."""
+    global _registry
+    if _registry is None or reload:
+        found = {v.name: v for v in BUILT_IN}
+        for ep in entry_points(group=ENTRY_POINTS):
+            v = ep.load()
+            if not isinstance(v, Variant):
+                raise TypeError(f"entry point {ep.name} = {ep.value} in {ENTRY_POINTS} is not an "
+                                "attnrewrite.variants.base.Variant")
+            if v.name in found and found[v.name] is not v:
+                raise ValueError(f"two variants are named {v.name!r} (entry point {ep.value})")
+            found[v.name] = v
+        _registry = found
+    return _registry
+
+
+def resolve(variant) -> Variant:
+    """The Variant `variant` names ("conv-basis" or "conv_basis"); ValueError listing the known ones."""
+    if isinstance(variant, Variant):
+        return variant
+    known = registry()
+    name = str(variant).replace("_", "-")
+    for v in known.values():
+        if v.name.replace("_", "-") == name:
+            return v
+    raise ValueError(f"unknown variant '{variant}' (choose from {', '.join(sorted(known))})")
+
+
+def names() -> list[str]:
+    return sorted(registry())
+
+
+VARIANTS = {v.key: v for v in BUILT_IN}      # the built-in ones by key ("conv_basis"); all: registry()

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -319,3 +321,75 @@ def parse_params(variant_name: str, params: dict, options: dict) -> dict:
             raise ValueError(f"unknown option '{key}' for variant {variant_name} (known: {names})")
         out[key] = params[key].parse(key, value)
     return out
+
+
+# ---------------------------------------------------------------- the variant object
+
+@dataclass(frozen=True, eq=False)
+class Variant:
+    """One variant, all of it in one object, defined once at the end of its own file.
+
+    `name` is what users write (`--variant conv-basis`, `rewrite(m, "conv-basis")`,
+    `compile_backend("conv-basis")`; the underscore spelling is accepted too) and is resolved
+    to this object once, where the request comes in (`variants.resolve`); everything below
+    (pipeline, cost, check, report, front ends) holds the object. `params` are the options in
+    order ({key: Param}: default, type, validation, help). The rest is what the pipeline calls:
+
+      reference(q, k, v, mask, scale, softcap, causal, dropout_p, *op_args) -> out
+      op                      attnrewrite::<op_name> (define_attention_op)
+      op_args(site, options) -> tuple             the op's arguments after the normal form
+      diagnostics(q, k, v, mask, scale, softcap, causal, options) -> dict
+      prepare(site, samples, options) -> dict | str        per-site state, or why it stays
+      needs_samples(site, options) -> bool                 whether prepare reads captured values
+      auto_ladder(site, options) -> [overrides]            cheapest first, for auto=true
+      inapplicable(given, options) -> str | None           an option the chosen mode ignores
+      share_budget(planned, seen) -> planned               spread one budget over all the sites
+      onnx_lower(builder, site, q, k, v, mask, options) -> the (B, H, Lq, Dv) output value
+      cost_model(dims, options) -> dict                    the forward cost (variants/costing.py)
+      exact_check                                          gate the end-to-end check by default
+                                                           (exact: 1e-4; approximations: report only)
+
+    A variant outside this package is an object like these, registered under the entry-point
+    group `attnrewrite.variants` (see variants/__init__.py).
+    """
+    name: str
+    op_name: str
+    params: dict
+    reference: Callable
+    op: object
+    op_args: Callable
+    diagnostics: Callable
+    prepare: Callable | None = None
+    needs_samples: Callable | None = None
+    auto_ladder: Callable | None = None
+    inapplicable: Callable | None = None
+    share_budget: Callable | None = None
+    onnx_lower: Callable | None = None
+    cost_model: Callable | None = None
+    exact_check: bool = False
+
+    @property
+    def key(self) -> str:
+        """The name as reports and Python identifiers spell it: "conv_basis"."""
+        return self.name.replace("-", "_")
+
+    # the names the pipeline used when a variant was its module
+    NAME = property(lambda self: self.key)
+    OP_NAME = property(lambda self: self.op_name)
+    PARAMS = property(lambda self: self.params)
+
+    @property
+    def backward_op(self):
+        """attnrewrite::<op_name>_backward, the op its autograd formula calls."""
+        return BACKWARD_OPS[self.op_name]
+
+    @property
+    def implementations(self) -> tuple:
+        """Its implementation table, fastest first (impl.py)."""
+        return IMPLEMENTATIONS[self.op_name]
+
+    def defaults(self) -> dict:
+        return {k: p.default for k, p in self.params.items()}
+
+    def __repr__(self) -> str:
+        return f"<variant {self.name}>"

@@ -64,7 +64,9 @@ from onnx import helper
 from ..kernels.dispatch import register_host
 from ..passes import onnx_rewrite as R
 from .exact import attention as exact_attention
-from .base import BACKWARD_OPS, MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax
+from . import costing
+from .base import (BACKWARD_OPS, MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax,
+                   Variant)
 
 NAME = "conv_basis"
 OP_NAME = "conv_basis_attention"
@@ -1181,3 +1183,10 @@ def _onnx_dft(b, site, q, k, v, mask, options: dict) -> str:
     picked = where(unsq(cmp("Greater", vals, f32(0.5)), 3), exact, b.op("GatherElements", approx, ridx, axis=2))
     out = b.op("ScatterElements", approx, ridx, picked, axis=2)
     return b.cast(out, out_dt)
+
+
+VARIANT = Variant("conv-basis", OP_NAME, PARAMS, reference, op, op_args, diagnostics,
+                  onnx_lower=onnx_lower, cost_model=costing.conv_basis_model,
+                  prepare=prepare,
+                  needs_samples=needs_samples,
+                  auto_ladder=auto_ladder)

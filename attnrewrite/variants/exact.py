@@ -14,8 +14,9 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..passes import onnx_rewrite as R
 from .impl import Implementation, differentiable
+from . import costing
 from .base import (BACKWARD_OPS, IMPLEMENTATIONS, Param, define_attention_op, expand_kv, kv_mismatch, masked_scores,
-                   safe_softmax)
+                   safe_softmax, Variant)
 
 NAME = "exact"
 OP_NAME = "exact_attention"
@@ -264,3 +265,8 @@ def _onnx_contrib(b, site, q, k, v, mask, causal: bool) -> str | None:
         if R.rows_can_die(b, site, mask, causal):
             y = R.zero_nan_rows(b, y)
     return b.op("Transpose", b.op("Reshape", y, b.ints(0, 0, heads, -1)), perm=[0, 2, 1, 3])
+
+
+VARIANT = Variant("exact", OP_NAME, PARAMS, reference, op, op_args, diagnostics,
+                  onnx_lower=onnx_lower, cost_model=costing.exact_model,
+                  exact_check=True)

@@ -42,8 +42,9 @@ import numpy as np
 import torch
 
 from ..passes import onnx_rewrite as R
-from . import exact
-from .base import BACKWARD_OPS, MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax, score_bias
+from . import costing, exact
+from .base import (BACKWARD_OPS, MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax, score_bias,
+                   Variant)
 
 NAME = "preconditioned"
 OP_NAME = "preconditioned_attention"
@@ -228,3 +229,9 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
         o = scaled_by_inverse_norm(o)
     g = b.const(np.asarray(gain, dtype=np.float32).reshape(1, -1, 1, 1), b.dtype(o))
     return b.cast(b.op("Mul", o, g), out_dt)
+
+
+VARIANT = Variant("preconditioned", OP_NAME, PARAMS, reference, op, op_args, diagnostics,
+                  onnx_lower=onnx_lower, cost_model=costing.preconditioned_model,
+                  prepare=prepare,
+                  needs_samples=needs_samples)

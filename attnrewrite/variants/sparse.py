@@ -70,9 +70,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ..kernels.dispatch import register_block_selection
 from ..passes import onnx_rewrite as R
-from . import flex
+from . import costing, flex
 from .impl import Implementation
-from .base import BACKWARD_OPS, Param, compute_dtype, define_attention_op, expand_kv, is_causal_mask
+from .base import (BACKWARD_OPS, Param, compute_dtype, define_attention_op, expand_kv, is_causal_mask,
+                   Variant)
 
 NAME = "sparse"
 OP_NAME = "sparse_attention"
@@ -1173,3 +1174,12 @@ def _onnx_block_keep(b, s, p, o, R, i64):
     kept = b.op("Where", keep, p, zero)
     z = b.op("ReduceSum", kept, b.ints(-1), keepdims=1)
     return b.op("Div", kept, b.op("Where", b.op("Greater", z, zero, dtype=TP.BOOL), z, b.scalar_like(1.0, p)))
+
+
+VARIANT = Variant("sparse", OP_NAME, PARAMS, reference, op, op_args, diagnostics,
+                  onnx_lower=onnx_lower, cost_model=costing.sparse_model,
+                  prepare=prepare,
+                  needs_samples=needs_samples,
+                  auto_ladder=auto_ladder,
+                  inapplicable=inapplicable,
+                  share_budget=share_budget)

@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from attnrewrite import cost
+from attnrewrite.variants import costing
 from attnrewrite.cost import L, Sd, model_cost, site_cost
 from attnrewrite.site import AttentionSite
 from attnrewrite.variants import conv_basis, exact, impl, preconditioned, sparse
@@ -48,14 +49,14 @@ SMALL = [(hkv, n, d, causal) for hkv in (4, 2) for n in (16, 33) for d in (8, 16
 # ----------------------------------------------------------------------------- the references' constants
 
 def test_constants_and_defaults_are_the_references():
-    assert cost.SPARSE_CHUNK_ELEMENTS == sparse.CHUNK_ELEMENTS
-    assert cost.CONV_DENSE_MAX_N == conv_basis.DENSE_MAX_N
-    assert cost.CONV_FFT_CHUNK == conv_basis.FFT_CHUNK
-    assert cost.CONV_SAMPLED_DIAGONALS == conv_basis.SAMPLED_DIAGONALS
-    assert (cost.CONV_FFT_BLOCKS, cost.CONV_FFT_MIN_BLOCK) == (conv_basis.FFT_BLOCKS, conv_basis.FFT_MIN_BLOCK)
-    assert cost.CONV_DIAG_BAND == conv_basis.DIAG_BAND
-    for mod in (sparse, conv_basis, preconditioned, exact):
-        assert cost.DEFAULTS[mod.NAME] == {key: p.default for key, p in mod.PARAMS.items()}
+    assert costing.SPARSE_CHUNK_ELEMENTS == sparse.CHUNK_ELEMENTS
+    assert costing.CONV_DENSE_MAX_N == conv_basis.DENSE_MAX_N
+    assert costing.CONV_FFT_CHUNK == conv_basis.FFT_CHUNK
+    assert costing.CONV_SAMPLED_DIAGONALS == conv_basis.SAMPLED_DIAGONALS
+    assert (costing.CONV_FFT_BLOCKS, costing.CONV_FFT_MIN_BLOCK) == (conv_basis.FFT_BLOCKS, conv_basis.FFT_MIN_BLOCK)
+    assert costing.CONV_DIAG_BAND == conv_basis.DIAG_BAND
+    for mod in (sparse, conv_basis, preconditioned, exact):       # each variant object carries its model
+        assert mod.VARIANT.cost_model is getattr(costing, f"{mod.VARIANT.key}_model")
 
 
 # ----------------------------------------------------------------------------- matmul flops vs FlopCounterMode
@@ -152,10 +153,10 @@ def test_conv_basis_matmul_flops_match_flop_counter(n, causal, options, path, mo
     both the reference and the model."""
     if path == "fft":
         monkeypatch.setattr(conv_basis, "DENSE_MAX_N", 0)
-        monkeypatch.setattr(cost, "CONV_DENSE_MAX_N", 0)
+        monkeypatch.setattr(costing, "CONV_DENSE_MAX_N", 0)
     site = make_site(hkv=2, lq=n, d=8, causal=causal)
     q, k, v = qkv(site)
-    o = {**cost.DEFAULTS["conv_basis"], **options}
+    o = {**conv_basis.VARIANT.defaults(), **options}
     got = counted(lambda: conv_basis.reference(q, k, v, None, 8 ** -0.5, 0.0, causal, 0.0,
                                                *conv_basis.op_args(site, o)))
     model = site_cost(site, "conv_basis", options)
@@ -179,10 +180,10 @@ def test_conv_basis_cross_attention_is_priced_as_exact(monkeypatch):
 def test_sampled_diagonals_close_to_the_reference():
     """T as the reference computes it (float32 logspace), against the model's double-precision T."""
     for n in (33, 100, 600, 1000, 4096):
-        grid = torch.logspace(0, math.log10(n - 1), cost.CONV_SAMPLED_DIAGONALS).long().tolist()
+        grid = torch.logspace(0, math.log10(n - 1), costing.CONV_SAMPLED_DIAGONALS).long().tolist()
         ref = len({t for t in {*range(min(8, n)), *grid} if t < n})
-        assert abs(cost._sampled_diagonals(n, False) - ref) <= 1
-        assert cost._sampled_diagonals(n, True) == cost._sampled_diagonals(n, False) - 1
+        assert abs(costing._sampled_diagonals(n, False) - ref) <= 1
+        assert costing._sampled_diagonals(n, True) == costing._sampled_diagonals(n, False) - 1
 
 
 # ----------------------------------------------------------------------------- depth
@@ -345,7 +346,7 @@ def test_symbolic_sizes():
     assert site_cost(sym, "exact", {}, sizes={"s0": 16}) == site_cost(make_site(lq=16, d=8), "exact", {})
     assert site_cost(make_site(lq="2*s0"), "sparse", {}, sizes={"s0": 8}) == site_cost(make_site(lq=16), "sparse", {})
     assert site_cost(make_site(lq="Max(1, s0)"), "exact", {}, sizes={"s0": 8}) is None
-    with pytest.raises(ValueError, match="no cost model"):
+    with pytest.raises(ValueError, match="unknown variant 'nope'"):
         site_cost(make_site(), "nope", {})
 
 

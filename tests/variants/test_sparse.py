@@ -388,7 +388,7 @@ def test_params_validate_and_ladders_end_exact():
     assert sparse.auto_ladder(Site, {"mode": "block"})[-1] == {"density": 1.0, "mass": 1.0}
     Site.kv_len = "s0"                                        # symbolic: a generous ladder, exact at run time
     assert sparse.auto_ladder(Site, {"mode": "topk"})[-1]["k"] >= 1 << 20
-    assert VARIANTS["sparse"] is sparse and sparse.op is torch.ops.attnrewrite.sparse_attention.default
+    assert VARIANTS["sparse"] is sparse.VARIANT and sparse.op is torch.ops.attnrewrite.sparse_attention.default
 
 
 # ---------------------------------------------------------------- end to end on transformers models
