@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _models import TinyAttention
 
 import attnrewrite
 from attnrewrite import variants
@@ -64,20 +64,9 @@ def installed(tmp_path, monkeypatch):
     variants.registry(reload=True)
 
 
-class Attn(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv = torch.nn.Linear(16, 48)
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, 16)
-
-
 def model_and_input():
     torch.manual_seed(0)
-    return Attn().eval(), torch.randn(2, 6, 16)
+    return TinyAttention().eval(), torch.randn(2, 6, 16)
 
 
 def test_registered_by_entry_point_and_resolved_by_name(installed):
