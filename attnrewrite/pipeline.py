@@ -484,7 +484,7 @@ def site_kernels(fe: FrontEnd, sites, mod, captured: dict) -> dict:
             out[s.id] = {"kernel": None, "kernel_reason": "head_dim is not static and no input set was captured"}
             continue
         args = (q, k, v, mask, sc["scale"], sc["softcap"], sc["causal"], sc["dropout_p"], *mod.op_args(s, s.options))
-        out[s.id] = {**kernels.describe(mod.op_name, *args[:8], args[8:]),
+        out[s.id] = {**kernels.describe(mod.kernel, *args[:8], args[8:]),
                      **impl.describe(mod.implementations, args)}
         if run is None and any(isinstance(x, str) for x in (s.q_len, s.kv_len)):   # judged at length 2
             out[s.id]["impl_reason"] = "; ".join(r for r in ("sizes are symbolic: the op chooses per call at run "

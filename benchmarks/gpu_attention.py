@@ -30,7 +30,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from triton.testing import do_bench
 
 from attnrewrite import kernels
-from attnrewrite.variants import conv_basis
+from attnrewrite.variants import conv_basis, exact, preconditioned, sparse
 
 HEADS, WINDOW, SINKS, BLOCK, DENSITY = 16, 256, 4, 128, 0.10
 
@@ -66,7 +66,7 @@ def rows_for(n: int, d: int, fwd_bwd: bool = True):
 
     for causal in (False, True):
         args = (q, k, v, None, scale, 0.0, causal, 0.0)
-        add(f"exact fwd{' causal' if causal else ''}", lambda: kernels.forward("exact_attention", args),
+        add(f"exact fwd{' causal' if causal else ''}", lambda: kernels.forward(exact.VARIANT.kernel, args),
             lambda: sdpa_flash(q, k, v, causal), "sdpa-flash")
         if fwd_bwd:
             g = torch.randn_like(q)
@@ -76,8 +76,8 @@ def rows_for(n: int, d: int, fwd_bwd: bool = True):
                 sdpa_flash(qr, kr, vr, causal).backward(g)
 
             def ours_fb():
-                kernels.forward("exact_attention", args)
-                kernels.backward("exact_attention", g, args)
+                kernels.forward(exact.VARIANT.kernel, args)
+                kernels.backward(exact.VARIANT.kernel, g, args)
             add(f"exact fwd+bwd{' causal' if causal else ''}", ours_fb, base_fb, "sdpa-flash")
 
     flex = torch.compile(flex_attention)
@@ -94,17 +94,17 @@ def rows_for(n: int, d: int, fwd_bwd: bool = True):
         return (ki <= qi) & ((qi - ki < WINDOW) | (ki < SINKS))
     wmask = create_block_mask(window_mod, 1, 1, n, n, device="cuda")
     wargs = (q, k, v, None, scale, 0.0, True, 0.0, "window", 64, WINDOW, SINKS, "backward", 64, 0.25, 1.0)
-    add("window 256+4 fwd", lambda: kernels.forward("sparse_attention", wargs),
+    add("window 256+4 fwd", lambda: kernels.forward(sparse.VARIANT.kernel, wargs),
         lambda: sdpa_flash(q, k, v, True), "sdpa-flash causal")
-    add("window 256+4 fwd", lambda: kernels.forward("sparse_attention", wargs),
+    add("window 256+4 fwd", lambda: kernels.forward(sparse.VARIANT.kernel, wargs),
         lambda: flex(q, k, v, block_mask=wmask), "flex (same mask)")
 
     targs = (q, k, v, None, scale, 0.0, True, 0.0, "topk", 64, WINDOW, SINKS, "auto", 64, 0.25, 1.0)
     if n <= 16384:                                             # the PyTorch selection scores every key
-        add("sparse top-k 64 fwd (incl. PyTorch selection)", lambda: kernels.forward("sparse_attention", targs),
+        add("sparse top-k 64 fwd (incl. PyTorch selection)", lambda: kernels.forward(sparse.VARIANT.kernel, targs),
             lambda: sdpa_flash(q, k, v, True), "sdpa-flash causal")
     pargs = (q, k, v, None, scale, 0.0, False, 0.0, "row-equilibrate", [1.0])
-    add("preconditioned fwd", lambda: kernels.forward("preconditioned_attention", pargs),
+    add("preconditioned fwd", lambda: kernels.forward(preconditioned.VARIANT.kernel, pargs),
         lambda: sdpa_flash(q, k, v, False), "sdpa-flash")
     for causal in (True, False):
         cargs = (q, k, v, None, scale, 0.0, causal, 0.0, 16, None, 0.0)

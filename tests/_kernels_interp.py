@@ -62,12 +62,12 @@ def exact_case(d, dtype, causal, mask_kind, lq, lk, group=1, softcap=0.0, kv_bat
     q, k, v = tensors(d, dtype, lq, lk, heads=2 * group, group=group, batch=batch, kv_batch=kv_batch, dv=dv)
     mask = make_mask(mask_kind, q, lk)
     args = (q, k, v, mask, d ** -0.5, softcap, causal, 0.0)
-    out = kernels.forward("exact_attention", args)
+    out = kernels.forward(exact.VARIANT.kernel, args)
     if out is None:
         raise AssertionError("no kernel ran")
     ref = exact.reference(*args)
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
-    dq, dk, dv_ = kernels.backward("exact_attention", grad, args)
+    dq, dk, dv_ = kernels.backward(exact.VARIANT.kernel, grad, args)
     leaves = [t.float().requires_grad_() for t in (q, k, v)]
     ref_grads = torch.autograd.grad(exact.reference(*leaves, *args[3:]), leaves, grad.float())
     assert dq.shape == q.shape and dk.shape == k.shape and dv_.shape == v.shape
@@ -80,7 +80,7 @@ def window_case(d, dtype, causal, mask_kind, lq, lk, window, sinks, band, group=
     q, k, v = tensors(d, dtype, lq, lk, heads=2 * group, group=group)
     args = (q, k, v, make_mask(mask_kind, q, lk), d ** -0.5, 0.0, causal, 0.0,
             "window", 8, window, sinks, band, 64, 0.25, 1.0)
-    out = kernels.forward("sparse_attention", args)
+    out = kernels.forward(sparse.VARIANT.kernel, args)
     if out is None:
         raise AssertionError("no kernel ran")
     return {"out": max_err(out, sparse.reference(*args))}
@@ -90,7 +90,7 @@ def topk_case(d, dtype, causal, mask_kind, lq, lk, kept, group=1, softcap=0.0):
     q, k, v = tensors(d, dtype, lq, lk, heads=2 * group, group=group)
     args = (q, k, v, make_mask(mask_kind, q, lk), d ** -0.5, softcap, causal, 0.0,
             "topk", kept, 256, 4, "auto", 64, 0.25, 1.0)
-    out = kernels.forward("sparse_attention", args)
+    out = kernels.forward(sparse.VARIANT.kernel, args)
     if out is None:
         raise AssertionError("no kernel ran")
     return {"out": max_err(out, sparse.reference(*args))}
@@ -100,7 +100,7 @@ def preconditioned_case(d, dtype, causal, mask_kind, lq, lk, mode, group=1):
     q, k, v = tensors(d, dtype, lq, lk, heads=2 * group, group=group)
     gain = [0.5 + h for h in range(q.shape[1])]
     args = (q, k, v, make_mask(mask_kind, q, lk), d ** -0.5, 0.0, causal, 0.0, mode, gain)
-    out = kernels.forward("preconditioned_attention", args)
+    out = kernels.forward(preconditioned.VARIANT.kernel, args)
     if out is None:
         raise AssertionError("no kernel ran")
     return {"out": max_err(out, preconditioned.reference(*args))}
@@ -144,8 +144,8 @@ def sparse_block_case(d, dtype, causal, mask_kind, lq, lk, block, density, group
     o = {"mass": 1.0, "select": "exact", "head_density": [], **options}
     rest = (make_mask(mask_kind, q, lk), d ** -0.5, 0.0, causal, 0.0,
             "block", 8, 4, 0, "auto", block, density, o["mass"], o["select"], o["head_density"])
-    cfg, why = kernels.select("sparse_attention", q, k, v, *rest[:5], rest[5:], "interpret")
-    report = kernels.describe("sparse_attention", q, k, v, *rest[:5], rest[5:])
+    cfg, why = kernels.select(sparse.VARIANT.kernel, q, k, v, *rest[:5], rest[5:], "interpret")
+    report = kernels.describe(sparse.VARIANT.kernel, q, k, v, *rest[:5], rest[5:])
     assert cfg is not None and cfg.template == "block_sparse", why
     assert report["kernel"]["backward"] == "kernel" and report["kernel_reason"] == "", report
     calls = kernels.dispatch.CALLS.get(cfg, 0)
@@ -165,7 +165,7 @@ def sparse_block_case(d, dtype, causal, mask_kind, lq, lk, block, density, group
 def conv_select(q, k, v, rest):
     """(config, plan) of a conv-basis call (rest: the op's arguments after v) under the interpreter."""
     plan = []
-    cfg, why = kernels.select("conv_basis_attention", q, k, v, *rest[:5], rest[5:], "interpret", plan=plan)
+    cfg, why = kernels.select(conv_basis.VARIANT.kernel, q, k, v, *rest[:5], rest[5:], "interpret", plan=plan)
     assert cfg is not None and cfg.template == "conv_basis", why
     return cfg, plan[0]
 
@@ -240,7 +240,7 @@ def op_case():
     ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = exact.reference(*ref_leaves, None, 32 ** -0.5, 0.0, True, 0.0)
     ref_grads = torch.autograd.grad(ref.sum(), ref_leaves)
-    cfg, _ = kernels.select("exact_attention", q, k, v, None, 1.0, 0.0, True, 0.0, (), "interpret")
+    cfg, _ = kernels.select(exact.VARIANT.kernel, q, k, v, None, 1.0, 0.0, True, 0.0, (), "interpret")
     assert cfg is not None
     return {"out": max_err(out, ref), **{n: max_err(a, b) for n, a, b in zip(("dq", "dk", "dv"), grads, ref_grads)}}
 

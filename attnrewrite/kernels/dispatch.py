@@ -1,20 +1,20 @@
 """Which generated kernel an op call runs, and running it.
 
-The custom ops (variants/base.py) call `forward(op_name, args)` and
-`backward(op_name, grad, args)` with the reference's arguments
-(q, k, v, mask, scale, softcap, causal, dropout_p, *variant params). Each returns None when
-kernels are off for the device or no template covers the call — the op then runs its PyTorch
-reference. Kernels run for CUDA tensors, and for CPU tensors when ATTNREWRITE_KERNELS=interpret
-(the Triton interpreter, which also needs TRITON_INTERPRET=1 before triton is imported).
+The custom ops (variants/base.py) call `forward(plan, args)` and `backward(plan, grad, args)`
+with the reference's arguments (q, k, v, mask, scale, softcap, causal, dropout_p, *variant
+params), `plan` being the op's `KernelPlan`, which the variant hands over with its op
+(`define_attention_op(..., kernel=plan)`). Each returns None when kernels are off for the
+device or no template covers the call — the op then runs its PyTorch reference. Kernels run
+for CUDA tensors, and for CPU tensors when ATTNREWRITE_KERNELS=interpret (the Triton
+interpreter, which also needs TRITON_INTERPRET=1 before triton is imported).
 
-`select(op_name, ...)` is the one decision: a KernelConfig, or None and the reason. This
-module never imports attnrewrite.variants: it knows each op by its name and its schema's
-parameter order, which are permanent (saved programs bind to them). Where a kernel needs a
-variant's own data-dependent choice — sparse mode=block's kept blocks — the variant registers
-that function here (`register_block_selection`) and the kernel runs on what it returns.
-Where the op stays a PyTorch pipeline with kernels as some of its steps — conv-basis, whose start
-search and FFTs are torch code — the variant registers the pipeline (`register_host`): its plan
-decides the configuration, its run calls the loaded kernels.
+`select(plan, ...)` is the one decision: a KernelConfig, or None and the reason. This module
+never imports attnrewrite.variants and keeps no table of them: what it needs of a variant
+comes in its plan — which template covers a call and with what constants, the extra kernel
+arguments the variant computes (sparse top-k's indices, mode=block's kept blocks,
+preconditioned's gains), and, for an op that stays a PyTorch pipeline with kernels as some
+of its steps (conv-basis: the start search and the FFTs are torch code), that pipeline
+(`Host`).
 """
 from __future__ import annotations
 
@@ -87,60 +87,39 @@ def prepare_mask(mask, kind: str, q, lk: int, target: str):
     return m, m.stride()
 
 
-def _window_params(params, causal: bool) -> tuple:
-    mode, _, window, sinks, band = params[:5]
-    backward = band == "backward" or (band == "auto" and causal)
-    before, after = (window - 1, 0) if backward else (window // 2, window // 2)
-    return (("BEFORE", int(before)), ("AFTER", int(after)), ("SINKS", int(sinks)))
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    """What the kernels need of one variant's op, given by the variant with its op.
+
+      template(params, causal) -> (template name, its constants) or (None, why no template
+          covers a call with these variant parameters);
+      extra(cfg, args, backward) -> tuple: arguments the variant computes for the kernel after
+          (q, k, v, mask, scale) — e.g. top-k indices, block layouts (`block_lists`), gains;
+      host: a `Host` when the op stays a PyTorch pipeline with kernels as some of its steps;
+      note: the report's kernel_reason when only the forward has a kernel ("" for the default).
+    """
+    template: object
+    extra: object = None
+    host: object = None
+    note: str = ""
 
 
-def _block_params(op_name: str, params) -> tuple:
-    """("block_sparse", its constants) for sparse mode=block, or (None, why not): the selection
-    runs in PyTorch (the variant's registered BLOCK_SELECTIONS hook), the kernel on its blocks."""
-    block = int(params[5])
-    if block % 16:
-        return None, (f"sparse mode=block block={block}: the block-sparse kernel needs blocks that are a "
-                      "multiple of 16 (its tiles divide them, and a GPU dot takes at least 16 rows)")
-    if op_name not in BLOCK_SELECTIONS:
-        return None, f"sparse mode=block: no block selection is registered for {op_name}"
-    return "block_sparse", (("SPARSE_M", block), ("SPARSE_N", block))
+EXACT = KernelPlan(lambda params, causal: ("exact", ()))
 
 
-def template_for(op_name: str, params: tuple, causal: bool):
+def template_for(plan: KernelPlan | None, params: tuple, causal: bool):
     """(template, its constants) for an op call, or (None, why no template covers it)."""
-    if op_name == "exact_attention":
-        return "exact", ()
-    if op_name == "sparse_attention":
-        mode = params[0]
-        if mode == "window":
-            return "window", _window_params(params, causal)
-        if mode == "topk":
-            select = params[8] if len(params) > 8 else "exact"
-            if select != "exact":
-                return None, (f"sparse mode=topk select={select}: its candidates come from pooled block "
-                              "scores; the top-k template gathers an exact selection only")
-            return "topk", ()
-        if mode == "block":
-            return _block_params(op_name, params)
-        return None, f"sparse mode={mode!r} has no template"
-    if op_name == "preconditioned_attention":
-        mode = params[0]
-        if mode not in ("output-norm", "row-equilibrate"):
-            return None, f"preconditioned mode={mode!r} has no template"
-        return "preconditioned", (("EQUILIBRATE", mode == "row-equilibrate"),)
-    if op_name == "conv_basis_attention":
-        if op_name not in HOSTS:
-            return None, f"conv-basis: no host pipeline is registered for {op_name} (its FFTs run in PyTorch)"
-        return "conv_basis", ()
-    return None, f"{op_name} has no template"
+    if plan is None:
+        return None, "the op has no kernel plan"
+    return plan.template(tuple(params), bool(causal))
 
 
-def select(op_name: str, q, k, v, mask, scale, softcap, causal, dropout_p, params, target: str,
+def select(kplan: KernelPlan | None, q, k, v, mask, scale, softcap, causal, dropout_p, params, target: str,
            plan: list | None = None):
-    """(KernelConfig, "") or (None, the reason the reference runs). For an op with a registered host
-    pipeline (HOSTS: conv-basis) the variant's plan decides causal, the mask kind and the working
+    """(KernelConfig, "") or (None, the reason the reference runs). For an op with a host
+    pipeline (conv-basis) the host's plan decides causal, the mask kind and the working
     precision; a list passed as `plan` receives that plan, for the run."""
-    template, constants = template_for(op_name, tuple(params), bool(causal))
+    template, constants = template_for(kplan, tuple(params), bool(causal))
     if template is None:
         return None, constants
     if dropout_p:
@@ -158,8 +137,8 @@ def select(op_name: str, q, k, v, mask, scale, softcap, causal, dropout_p, param
     if q.shape[1] % k.shape[1] or k.shape[0] not in (1, q.shape[0]):
         return None, "k/v heads or batch do not divide q's"
     kind = mask_kind(mask, q.shape[-2])
-    if op_name in HOSTS:
-        found = HOSTS[op_name].plan(q, k, v, mask, bool(causal), tuple(params))
+    if kplan.host is not None:
+        found = kplan.host.plan(q, k, v, mask, bool(causal), tuple(params))
         if isinstance(found, str):
             return None, found
         causal, key_bias, work = found
@@ -173,23 +152,17 @@ def select(op_name: str, q, k, v, mask, scale, softcap, causal, dropout_p, param
     return cfg, ""
 
 
-def _call(op_name, args, backward: bool = False):
+def _call(kplan: KernelPlan | None, args, backward: bool = False):
     """(module, its forward's or backward's arguments after the gradient), or (None, None)."""
     q, k, v, mask, scale, softcap, causal, dropout_p, *params = args
     target = target_for(q.device)
     if target is None:
         return None, None
-    cfg, _ = select(op_name, q, k, v, mask, scale, softcap, causal, dropout_p, params, target)
+    cfg, _ = select(kplan, q, k, v, mask, scale, softcap, causal, dropout_p, params, target)
     if cfg is None or (backward and cfg.template not in BACKWARD_TEMPLATES):
         return None, None
     m = prepare_mask(mask, cfg.mask, q, k.shape[-2], target)
-    extra = ()
-    if cfg.template == "preconditioned":
-        extra = (_gains(params[1], q),)
-    elif cfg.template == "topk":
-        extra = (topk_indices(q, k, mask, scale, softcap, causal, params[1]),)
-    elif cfg.template == "block_sparse":
-        extra = _selected_lists(op_name, args, dict(cfg.params)["SPARSE_M"], backward)
+    extra = kplan.extra(cfg, args, backward) if kplan.extra is not None else ()
     CALLS[cfg] = CALLS.get(cfg, 0) + 1
     return load(cfg), (q, k, v, m, float(scale), *extra)
 
@@ -223,12 +196,13 @@ def topk_indices(q, k, mask, scale, softcap, causal, kept: int, chunk_elements: 
     return torch.cat(out, 2)
 
 
-def _gains(gain, q):
+def gains(gain, q):
+    """Per-head gains as the preconditioned kernel reads them: fp32, one per query head."""
     g = torch.tensor([float(x) for x in gain], dtype=torch.float32, device=q.device)
     return g.expand(q.shape[1]).contiguous()
 
 
-def reason(op_name: str, args) -> str | None:
+def reason(kplan: KernelPlan | None, args) -> str | None:
     """None when a generated kernel runs this call's forward on its device, else why not."""
     q, k, v, mask, scale, softcap, causal, dropout_p, *params = args
     try:
@@ -237,29 +211,29 @@ def reason(op_name: str, args) -> str | None:
         return str(e)
     if target is None:
         return f"no generated kernels on {q.device.type} (CUDA, or the interpreter under ATTNREWRITE_KERNELS=interpret)"
-    cfg, why = select(op_name, q, k, v, mask, scale, softcap, causal, dropout_p, params, target)
+    cfg, why = select(kplan, q, k, v, mask, scale, softcap, causal, dropout_p, params, target)
     return None if cfg is not None else why
 
 
-def forward(op_name: str, args) -> torch.Tensor | None:
+def forward(kplan: KernelPlan | None, args) -> torch.Tensor | None:
     """The op's output from its generated kernel, or None (the reference runs)."""
-    if op_name in HOSTS:
-        return _host_forward(op_name, args)
-    module, call = _call(op_name, args)
+    if kplan is not None and kplan.host is not None:
+        return _host_forward(kplan, args)
+    module, call = _call(kplan, args)
     if module is None:
         return None
     return module.forward(*call)[0]
 
 
-def backward(op_name: str, grad, args) -> tuple | None:
+def backward(kplan: KernelPlan | None, grad, args) -> tuple | None:
     """(dq, dk, dv) from the generated backward kernels, or None (the reference's VJP runs)."""
-    module, call = _call(op_name, args, backward=True)
+    module, call = _call(kplan, args, backward=True)
     if module is None:
         return None
     return module.backward(grad, *call)
 
 
-def describe(op_name: str, q, k, v, mask, scale, softcap, causal, dropout_p, params) -> dict:
+def describe(kplan: KernelPlan | None, q, k, v, mask, scale, softcap, causal, dropout_p, params) -> dict:
     """What the report says about a site's kernel: {"kernel": {name, hash, template, target,
     backward, config, calls}, "kernel_reason": ""} or {"kernel": None, "kernel_reason": why}.
     The target is this process's: "interpret" under ATTNREWRITE_KERNELS=interpret, else "cuda"
@@ -267,15 +241,15 @@ def describe(op_name: str, q, k, v, mask, scale, softcap, causal, dropout_p, par
     has run with the configuration so far (the check runs the rewritten program, so a count > 0
     shows the kernel really ran)."""
     target = "interpret" if interpreting() else "cuda"
-    cfg, reason = select(op_name, q, k, v, mask, scale, softcap, causal, dropout_p, params, target)
+    cfg, reason = select(kplan, q, k, v, mask, scale, softcap, causal, dropout_p, params, target)
     if cfg is None:
         return {"kernel": None, "kernel_reason": reason}
     has_backward = cfg.template in BACKWARD_TEMPLATES
     return {"kernel": {"name": cfg.name, "hash": cfg.hash, "template": cfg.template, "target": target,
                        "backward": "kernel" if has_backward else "reference", "config": cfg.as_dict(),
                        "calls": CALLS.get(cfg, 0)},
-            "kernel_reason": "" if has_backward else HOSTS[op_name].note if op_name in HOSTS
-            else f"{cfg.template}: forward only; the backward runs the reference"}
+            "kernel_reason": "" if has_backward else kplan.note or f"{cfg.template}: forward only; "
+                                                                   "the backward runs the reference"}
 
 
 BACKWARD_TEMPLATES = ("exact", "block_sparse")
@@ -286,53 +260,33 @@ CALLS: dict = {}          # KernelConfig -> forward/backward calls made through 
 
 @dataclasses.dataclass(frozen=True)
 class Host:
-    """A variant whose op stays a PyTorch pipeline with generated kernels as some of its steps
-    (conv-basis: the start search and the FFTs are torch code, the start columns, the normalisation
-    and the exact rows are kernels). The variant registers it (register_host), so this module needs
-    no copy of the pipeline and never imports attnrewrite.variants.
+    """An op that stays a PyTorch pipeline with generated kernels as some of its steps
+    (conv-basis: the start search and the FFTs are torch code, the start columns, the
+    normalisation and the exact rows are kernels), given in the variant's KernelPlan, so this
+    module needs no copy of the pipeline.
 
       plan(q, k, v, mask, causal, params) -> (causal, key_bias or None, working dtype): how the
           variant would compute the call — what the kernels are specialised on — or a str, why the
           reference runs instead;
-      run(module, args, plan) -> the op's output, calling the loaded module's host functions;
-      note: the report's kernel_reason (the backward runs the reference)."""
+      run(module, args, plan) -> the op's output, calling the loaded module's host functions."""
     plan: object
     run: object
-    note: str
 
 
-HOSTS: dict = {}          # op name -> Host
-
-
-def register_host(op_name: str, plan, run, note: str) -> None:
-    HOSTS[op_name] = Host(plan, run, note)
-
-
-def _host_forward(op_name: str, args):
+def _host_forward(kplan: KernelPlan, args):
     q, k, v, mask, scale, softcap, causal, dropout_p, *params = args
     target = target_for(q.device)
     if target is None:
         return None
     found: list = []
-    cfg, _ = select(op_name, q, k, v, mask, scale, softcap, causal, dropout_p, params, target, plan=found)
+    cfg, _ = select(kplan, q, k, v, mask, scale, softcap, causal, dropout_p, params, target, plan=found)
     if cfg is None:
         return None
     CALLS[cfg] = CALLS.get(cfg, 0) + 1
-    return HOSTS[op_name].run(load(cfg), args, found[0])
+    return kplan.host.run(load(cfg), args, found[0])
 
 
 # ---------------------------------------------------------------- block-sparse: sparse mode=block, and given lists
-
-BLOCK_SELECTIONS: dict = {}   # op name -> fn(*the op's reference arguments) -> kept blocks (B, H, Qblocks, Kblocks)
-
-
-def register_block_selection(op_name: str, fn) -> None:
-    """Let `op_name` run on the block-sparse kernel: `fn`, called with the op's reference
-    arguments (q, k, v, mask, scale, softcap, causal, dropout_p, *params), returns the key blocks
-    each query block keeps, bool (B, H, ⌈Lq/block⌉, ⌈Lk/block⌉). The variant registers its own
-    selection, so this module needs no copy of it (and never imports attnrewrite.variants)."""
-    BLOCK_SELECTIONS[op_name] = fn
-
 
 def uncut_blocks(query_blocks: int, key_blocks: int, block_m: int, block_n: int, lq: int, lk: int,
                  causal: bool, device=None) -> torch.Tensor:
@@ -344,11 +298,10 @@ def uncut_blocks(query_blocks: int, key_blocks: int, block_m: int, block_n: int,
     return inside & ((j + 1) * block_n - 1 <= i * block_m + lk - lq) if causal else inside
 
 
-def _selected_lists(op_name: str, args, block: int, backward: bool) -> tuple:
-    """The layout of the blocks the op's registered selection keeps (kept blocks that no element
-    mask cuts are full); for the backward also its transpose."""
+def selected_lists(keep: torch.Tensor, args, block: int, backward: bool) -> tuple:
+    """The layout of the kept blocks `keep` (B, H, Qblocks, Kblocks), bool, for the call `args`:
+    kept blocks that no element mask cuts are full; for the backward also its transpose."""
     q, k = args[0], args[1]
-    keep = BLOCK_SELECTIONS[op_name](*args)
     full = keep & uncut_blocks(*keep.shape[-2:], block, block, q.shape[-2], k.shape[-2], bool(args[6]), q.device)
     return block_lists(keep, full) + (block_lists(keep.mT, full.mT) if backward else ())
 
@@ -416,7 +369,7 @@ def block_sparse_attention(q, k, v, layout, block_m: int, block_n: int, *, mask=
     if block_m % 16 or block_n % 16:
         raise ValueError(f"block sizes {block_m}×{block_n}: the block-sparse kernel needs multiples of 16")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    cfg, reason = select("exact_attention", q, k, v, mask, scale, softcap, causal, 0.0, (), target)
+    cfg, reason = select(EXACT, q, k, v, mask, scale, softcap, causal, 0.0, (), target)
     if cfg is None:
         raise ValueError(f"no block-sparse kernel for this call: {reason}")
     cfg = dataclasses.replace(cfg, template="block_sparse",

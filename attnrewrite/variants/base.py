@@ -129,6 +129,7 @@ def apply_out_map(out: torch.Tensor, out_map, transpose: bool = False) -> torch.
     return torch.matmul(out.to(x.dtype), x.transpose(-1, -2) if transpose else x).to(out.dtype)
 BACKWARD_OPS: dict = {}     # op name -> its `<name>_backward` op
 IMPLEMENTATIONS: dict = {}  # op name -> its implementation table (impl.py), fastest first
+KERNEL_PLANS: dict = {}     # op name -> its kernels.KernelPlan (None: no generated kernel covers it)
 
 
 @contextlib.contextmanager
@@ -171,7 +172,7 @@ def _autograd():
         yield
 
 
-def define_attention_op(name: str, reference, extra_schema: str = "", fast: tuple = ()):
+def define_attention_op(name: str, reference, extra_schema: str = "", fast: tuple = (), kernel=None):
     """Register `attnrewrite::<name>` and `attnrewrite::<name>_backward`; return the forward op.
 
     Forward: (normal form, extra_schema, dropout_seed, out_map) -> out. Backward:
@@ -181,6 +182,8 @@ def define_attention_op(name: str, reference, extra_schema: str = "", fast: tupl
     implementation of last resort; `fast` holds the variant's faster implementations
     (impl.Implementation), tried in order after the kernels under the interpreter and before
     the kernels on CUDA — see impl.py for the whole table. The table is IMPLEMENTATIONS[name].
+    `kernel` is the op's kernels.KernelPlan (which generated kernels cover which calls; None:
+    none do), kept in KERNEL_PLANS[name].
     """
     params = f", {extra_schema}" if extra_schema else ""
     _lib.define(f"{name}({NORMAL_FORM}{params}, {SEED}, {OUT_MAP}) -> Tensor")
@@ -197,8 +200,9 @@ def define_attention_op(name: str, reference, extra_schema: str = "", fast: tupl
         args = (*args, *[None] * (n_args - len(args)))
         return args[:-2], args[7], args[-2], args[-1]
 
-    impls = impl.table(name, reference, tuple(fast))
+    impls = impl.table(reference, tuple(fast), kernel)
     IMPLEMENTATIONS[name] = impls
+    KERNEL_PLANS[name] = kernel
 
     def forward(*args):
         args, dropout_p, seed, out_map = split(args)
@@ -213,7 +217,7 @@ def define_attention_op(name: str, reference, extra_schema: str = "", fast: tupl
         _require_seed(qualname, dropout_p, seed)
         grad = apply_out_map(grad, out_map, transpose=True)   # through the map first
         chosen, _ = impl.choose(impls, args)
-        grads = kernels.backward(name, grad, args) if chosen.name == "triton" else None
+        grads = kernels.backward(kernel, grad, args) if chosen.name == "triton" else None
         if grads is not None:
             return tuple(torch.empty_like(t).copy_(g) for g, t in zip(grads, args[:3]))
         with _autograd():                          # recompute under autograd, with what covers that
@@ -382,6 +386,11 @@ class Variant:
     def backward_op(self):
         """attnrewrite::<op_name>_backward, the op its autograd formula calls."""
         return BACKWARD_OPS[self.op_name]
+
+    @property
+    def kernel(self):
+        """Its kernels.KernelPlan: which generated kernels cover its calls (None: none)."""
+        return KERNEL_PLANS[self.op_name]
 
     @property
     def implementations(self) -> tuple:

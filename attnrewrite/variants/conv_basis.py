@@ -61,10 +61,10 @@ import numpy as np
 import torch
 from onnx import helper
 
-from ..kernels.dispatch import register_host
+from ..kernels.dispatch import Host, KernelPlan
 from ..passes import onnx_rewrite as R
-from .exact import attention as exact_attention
 from . import costing
+from .exact import attention as exact_attention
 from .base import (BACKWARD_OPS, MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax,
                    Variant)
 
@@ -494,9 +494,6 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
                    1e-9 if delta is None else delta, segment or 1, precision or "auto")
 
 
-op = define_attention_op(OP_NAME, reference, "int k_basis, int[]? starts, float eps, str search=\"norm\", "
-                         "float delta=1e-09, int segment=1, str precision=\"auto\"")
-backward_op = BACKWARD_OPS[OP_NAME]
 
 
 # ----------------------------------------------------------------------------- the op on generated kernels
@@ -546,10 +543,13 @@ def kernel_forward(module, args, plan, stats=None):
                          1e-9 if delta is None else delta, segment or 1, dt, kernels=module)
 
 
-register_host(OP_NAME, _kernel_plan, kernel_forward,
-              "conv_basis: forward only — the start search and the FFT apply run in PyTorch between the "
-              "kernels (start columns; normalisation with the reliability test; exact rows); the backward "
-              "runs the reference")
+KERNEL = KernelPlan(lambda params, causal: ("conv_basis", ()), host=Host(_kernel_plan, kernel_forward),
+                    note="conv_basis: forward only — the start search and the FFT apply run in PyTorch between the "
+                         "kernels (start columns; normalisation with the reliability test; exact rows); the "
+                         "backward runs the reference")
+op = define_attention_op(OP_NAME, reference, "int k_basis, int[]? starts, float eps, str search=\"norm\", "
+                         "float delta=1e-09, int segment=1, str precision=\"auto\"", kernel=KERNEL)
+backward_op = BACKWARD_OPS[OP_NAME]
 
 
 def op_args(site, options: dict) -> tuple:

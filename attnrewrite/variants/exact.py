@@ -12,9 +12,10 @@ import numpy as np
 import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from ..kernels.dispatch import EXACT as EXACT_KERNEL
 from ..passes import onnx_rewrite as R
-from .impl import Implementation, differentiable
 from . import costing
+from .impl import Implementation, differentiable
 from .base import (BACKWARD_OPS, IMPLEMENTATIONS, Param, define_attention_op, expand_kv, kv_mismatch, masked_scores,
                    safe_softmax, Variant)
 
@@ -77,7 +78,7 @@ def sdpa(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: f
 
 
 SDPA = Implementation("sdpa", sdpa_covers, sdpa, lower=sdpa)
-op = define_attention_op(OP_NAME, reference, fast=(SDPA,))
+op = define_attention_op(OP_NAME, reference, fast=(SDPA,), kernel=EXACT_KERNEL)
 
 
 def attention(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float):

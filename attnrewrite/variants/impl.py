@@ -63,21 +63,22 @@ def label(impl: Implementation, device) -> str:
     return f"{impl.name}-{device.type}"
 
 
-def _triton_covers(op_name: str):
+def _triton_covers(plan):
     def covers(*args):
-        return kernels.reason(op_name, args)
+        return kernels.reason(plan, args)
     return covers
 
 
-def _triton_run(op_name: str):
+def _triton_run(plan):
     def run(*args):
-        return kernels.forward(op_name, args)
+        return kernels.forward(plan, args)
     return run
 
 
-def table(op_name: str, reference, fast: tuple = ()) -> tuple:
-    """The full ordered table for an op: its fast paths between the kernels and the reference."""
-    triton = Implementation("triton", _triton_covers(op_name), _triton_run(op_name))
+def table(reference, fast: tuple = (), kernel=None) -> tuple:
+    """The full ordered table for an op: its fast paths between the kernels (its KernelPlan,
+    kernels/dispatch.py) and the reference."""
+    triton = Implementation("triton", _triton_covers(kernel), _triton_run(kernel))
     first = Implementation("triton", lambda *a: triton.covers(*a) if kernels.interpreting() else "not interpreting",
                            triton.run, quiet=True)
     ref = Implementation("reference", lambda *a: None, reference, lower=None)

@@ -41,6 +41,7 @@ import math
 import numpy as np
 import torch
 
+from ..kernels.dispatch import KernelPlan, gains
 from ..passes import onnx_rewrite as R
 from . import costing, exact
 from .base import (BACKWARD_OPS, MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax, score_bias,
@@ -105,7 +106,16 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
     return (o * g).to(q.dtype)
 
 
-op = define_attention_op(OP_NAME, reference, "str mode, float[] gain")
+def _kernel_template(params: tuple, causal: bool):
+    """The preconditioned template covers output-norm and row-equilibrate."""
+    mode = params[0]
+    if mode not in ("output-norm", "row-equilibrate"):
+        return None, f"preconditioned mode={mode!r} has no template"
+    return "preconditioned", (("EQUILIBRATE", mode == "row-equilibrate"),)
+
+
+KERNEL = KernelPlan(_kernel_template, lambda cfg, args, backward: (gains(args[9], args[0]),))   # args[9]: gain
+op = define_attention_op(OP_NAME, reference, "str mode, float[] gain", kernel=KERNEL)
 backward_op = BACKWARD_OPS[OP_NAME]
 
 

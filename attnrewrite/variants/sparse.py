@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from onnx import helper
 from torch.utils.checkpoint import checkpoint
 
-from ..kernels.dispatch import register_block_selection
+from ..kernels.dispatch import KernelPlan, selected_lists, topk_indices
 from ..passes import onnx_rewrite as R
 from . import costing, flex
 from .impl import Implementation
@@ -564,7 +564,7 @@ def kept_blocks(q, k, v, mask, scale: float, softcap: float, causal: bool, dropo
                 density: float, mass: float, select: str = "exact", head_density=()):
     """Block mode's selection alone, as `reference` makes it: (B, H, ⌈Lq/block⌉, ⌈Lk/block⌉) bool,
     the key blocks each query block keeps (the same chunks, ranking and budgets; no output).
-    The block-sparse kernel runs on it (registered with kernels.dispatch below)."""
+    The block-sparse kernel runs on it (KERNEL below)."""
     o = dict(zip(_ORDER, (mode, top_k, window, sinks, band, block, density, mass, select, tuple(head_density))))
     cdt = compute_dtype(q.dtype)
     with torch.no_grad():
@@ -623,11 +623,46 @@ def _flex_window(q, k, v, mask, scale, softcap, causal, dropout_p, mode, top_k, 
 FLEX_WINDOW = Implementation("flex", _flex_window_covers, _flex_window,
                              lower=functools.partial(_flex_window, traced=True), seeded=False)
 
+# ---------------------------------------------------------------- the generated kernels
+
+def _kernel_template(params: tuple, causal: bool):
+    """Which template covers a call with these op arguments (op_args' order): window → window
+    (its band as BEFORE/AFTER, and SINKS), top-k with an exact selection → topk, block →
+    block_sparse on the blocks `kept_blocks` picks (blocks a multiple of 16)."""
+    mode, _, window, sinks, band, block = params[:6]
+    if mode == "window":
+        backward = band == "backward" or (band == "auto" and causal)
+        before, after = (window - 1, 0) if backward else (window // 2, window // 2)
+        return "window", (("BEFORE", int(before)), ("AFTER", int(after)), ("SINKS", int(sinks)))
+    if mode == "topk":
+        select = params[8] if len(params) > 8 else "exact"
+        if select != "exact":
+            return None, (f"sparse mode=topk select={select}: its candidates come from pooled block "
+                          "scores; the top-k template gathers an exact selection only")
+        return "topk", ()
+    if mode == "block":
+        if int(block) % 16:
+            return None, (f"sparse mode=block block={block}: the block-sparse kernel needs blocks that are a "
+                          "multiple of 16 (its tiles divide them, and a GPU dot takes at least 16 rows)")
+        return "block_sparse", (("SPARSE_M", int(block)), ("SPARSE_N", int(block)))
+    return None, f"sparse mode={mode!r} has no template"
+
+
+def _kernel_extra(cfg, args, backward: bool) -> tuple:
+    """The top-k template's indices, or the block-sparse template's layout of the kept blocks."""
+    q, k, v, mask, scale, softcap, causal, dropout_p, *params = args
+    if cfg.template == "topk":
+        return (topk_indices(q, k, mask, scale, softcap, causal, params[1]),)
+    if cfg.template == "block_sparse":
+        return selected_lists(kept_blocks(*args), args, dict(cfg.params)["SPARSE_M"], backward)
+    return ()
+
+
+KERNEL = KernelPlan(_kernel_template, _kernel_extra)
 op = define_attention_op(OP_NAME, reference, "str mode, int top_k, int window, int sinks, str band, "
                                              "int block, float density, float mass, str select, "
-                                             "float[] head_density", fast=(FLEX_WINDOW,))
+                                             "float[] head_density", fast=(FLEX_WINDOW,), kernel=KERNEL)
 backward_op = BACKWARD_OPS[OP_NAME]
-register_block_selection(OP_NAME, kept_blocks)
 
 
 def op_args(site, options: dict) -> tuple:

@@ -33,6 +33,8 @@ from _models import TinyAttention, save_tiny
 import attnrewrite
 from attnrewrite import kernels
 from attnrewrite.cli import main
+from attnrewrite.variants import conv_basis, exact
+from attnrewrite.variants.base import KERNEL_PLANS
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def test_interpret_needs_triton_interpret_at_import():
     os.environ["ATTNREWRITE_KERNELS"] = "interpret"
     try:
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-            kernels.forward("exact_attention", (q, q, q, None, 0.25, 0.0, False, 0.0))
+            kernels.forward(exact.VARIANT.kernel, (q, q, q, None, 0.25, 0.0, False, 0.0))
     finally:
         if old is None:
             del os.environ["ATTNREWRITE_KERNELS"]
@@ -79,7 +81,7 @@ def test_cpu_without_interpret_keeps_the_reference():
     q = torch.randn(1, 1, 4, 16)
     if kernels.interpreting():
         pytest.skip("ATTNREWRITE_KERNELS=interpret is set for this process")
-    assert kernels.forward("exact_attention", (q, q, q, None, 0.25, 0.0, False, 0.0)) is None
+    assert kernels.forward(exact.VARIANT.kernel, (q, q, q, None, 0.25, 0.0, False, 0.0)) is None
 
 
 @pytest.mark.parametrize("op, params, dtype, dropout, reason", [
@@ -92,7 +94,8 @@ def test_cpu_without_interpret_keeps_the_reference():
 ])
 def test_uncovered_calls_say_why(op, params, dtype, dropout, reason):
     q = torch.randn(1, 2, 4, 16, dtype=dtype)
-    cfg, why = kernels.select(op, q, q, q, None, 0.25, 0.0, False, dropout, params, "cuda")
+    plan = KERNEL_PLANS[op]
+    cfg, why = kernels.select(plan, q, q, q, None, 0.25, 0.0, False, dropout, params, "cuda")
     assert cfg is None and reason in why
 
 
@@ -143,7 +146,7 @@ def test_report_names_each_sites_kernel(variant, options, template, tmp_path):
 def _conv_call(n=6, lk=None, dtype=torch.float16, mask=None, causal=False, dropout=0.0, precision="auto"):
     q = torch.randn(2, 4, n, 16, dtype=dtype)
     k = torch.randn(2, 2, lk or n, 16, dtype=dtype)
-    return kernels.select("conv_basis_attention", q, k, k, mask, 0.25, 0.0, causal, dropout,
+    return kernels.select(conv_basis.VARIANT.kernel, q, k, k, mask, 0.25, 0.0, causal, dropout,
                           (4, None, 0.0, "norm", 1e-9, 1, precision), "cuda")
 
 
