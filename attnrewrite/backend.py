@@ -10,15 +10,18 @@ the dynamo front end, detected, planned on Dynamo's example inputs, rewritten in
 variant's op, then handed to Inductor (aot_autograd traces the op's registered backward,
 so the compiled model trains) or run as it is (`inner="eager"`).
 
-`ATTNREWRITE_LOG=1` logs each graph's site count to stderr; `backend.reports` (and
-`attnrewrite.backend.REPORTS` for the string backend) keeps the reports.
+`ATTNREWRITE_LOG=1` logs each graph's site count to stderr; `backend.reports` keeps a backend
+object's reports, and `attnrewrite.backend.REPORTS` the latest REPORTS_KEPT of every backend's
+(the string backend's too), so a long-running process does not grow without bound.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import sys
 import warnings
+from collections import deque
 
 from torch._dynamo.exc import RestartAnalysis
 from torch._inductor.compile_fx import compile_fx
@@ -31,7 +34,9 @@ from .variants import impl
 from .variants.base import lowerings
 
 log = logging.getLogger("attnrewrite")
-REPORTS: list[dict] = []           # every graph compiled by any attnrewrite backend, in order
+REPORTS_KEPT = 1000
+REPORTS: deque = deque(maxlen=REPORTS_KEPT)   # the latest graphs compiled by any attnrewrite backend, in order
+_GRAPHS = itertools.count()                   # how many graphs this process has compiled (for the log)
 INNERS = ("inductor", "eager")
 WARNED: set[str] = set()           # reasons a graph was declined that have been warned about (once each)
 
@@ -112,7 +117,7 @@ class Backend:
         self.reports.append(report)
         REPORTS.append(report)
         statuses = [s["status"] for s in report["sites"]]
-        message = (f"attnrewrite: graph {len(REPORTS) - 1}: {len(statuses)} attention site(s), "
+        message = (f"attnrewrite: graph {next(_GRAPHS)}: {len(statuses)} attention site(s), "
                    f"{statuses.count('rewritten')} rewritten into {self.variant.name}, {statuses.count('kept')} kept")
         if os.environ.get("ATTNREWRITE_LOG", "") not in ("", "0"):
             print(message, file=sys.stderr)

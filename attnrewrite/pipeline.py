@@ -405,11 +405,11 @@ def rewrite(fe: FrontEnd, variant, options: dict | None = None, *, sites=None, c
     calibration = None
     if calibration_sets and planned:
         calibration = _calibrate(fe, found, mod, planned, calibration_sets, progress)
-    program, not_lowered = fe.rewrite(found, mod, planned) if planned else (fe.program, {})
+    program, not_lowered, folded = fe.rewrite(found, mod, planned) if planned else (fe.program, {}, {})
     timings["rewrite_s"] = time.perf_counter() - t
     kept.update(not_lowered)
     if calibration:
-        for sid, weight in fe.folded.items():
+        for sid, weight in folded.items():
             calibration["sites"][sid]["folded_into"] = weight
     for s in found:                                   # the one place statuses are set
         if s.id in unselected:

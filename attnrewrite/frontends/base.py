@@ -4,7 +4,7 @@ The pipeline (attnrewrite/pipeline.py) is written once against this class:
 
     sites, unmatched = fe.find_sites()            # detection, once per rewrite
     runs = fe.capture(sites, fe.inputs)           # per site, per input set: the normal form it saw
-    program, kept = fe.rewrite(sites, variant, {site id: options})
+    program, kept, folded = fe.rewrite(sites, variant, {site id: options})
     fe.outputs(None, inputs) / fe.outputs(program, inputs)   # for the end-to-end check
     fe.save(program, path)
 
@@ -15,9 +15,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 from ..io import InputError
 from ..site import AttentionSite
+
+
+class Rewritten(NamedTuple):
+    """What `FrontEnd.rewrite` returns."""
+    program: object            # the new program
+    kept: dict                 # {site id: reason} for chosen sites it had to leave as they are
+    folded: dict               # {site id: weight name} whose calibration map went into that weight
 
 
 class FrontEnd:
@@ -27,7 +35,6 @@ class FrontEnd:
     inputs_kind: str = ""      # given | example | synthesised | none
     inputs_problem: str = ""   # with "none": why no inputs could be made (raised once a run is needed)
     program = None             # the original program (ExportedProgram, ModelProto, GraphModule)
-    folded: dict = {}          # after `rewrite`: {site id: weight name} whose calibration map went into that weight
 
     def find_sites(self) -> tuple[list[AttentionSite], list[tuple[str, str]]]:
         """Every site, and for every softmax that is not attention, (where, why)."""
@@ -50,8 +57,9 @@ class FrontEnd:
         """Why this front end can never rewrite `site` (None: it can)."""
         return None
 
-    def rewrite(self, sites: list[AttentionSite], variant, choice: dict[int, dict]):
-        """(new program, {site id: reason} for chosen sites it had to leave as they are)."""
+    def rewrite(self, sites: list[AttentionSite], variant, choice: dict[int, dict]) -> Rewritten:
+        """The new program, the chosen sites it had to leave as they are, and the calibration
+        maps it folded into weights (`Rewritten`)."""
         raise NotImplementedError
 
     def outputs(self, program, input_set) -> list[tuple[str, object]]:

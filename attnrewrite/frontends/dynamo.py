@@ -20,6 +20,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch._subclasses.fake_tensor import FakeTensor
 
 from ..io import InputError
+from .base import Rewritten
 from .fxgraph import FxFrontEnd, named_float_outputs
 
 
@@ -192,7 +193,7 @@ class DynamoFrontEnd(FxFrontEnd):
         return [out]
 
     def rewrite(self, sites, variant, choice):
-        return self.rewrite_graph_module(sites, variant, choice), {}
+        return Rewritten(self.rewrite_graph_module(sites, variant, choice), {}, {})
 
     def outputs(self, program, input_set):
         with torch.no_grad():

@@ -25,6 +25,7 @@ import torch
 
 from ..io import FileSink, InputError, atomic_write, what_is
 from ..passes.fx_rewrite import constants_of, fold_out_maps, parameter_tensors, params_of, program_with_graph
+from .base import Rewritten
 from .fxgraph import FxFrontEnd, named_float_outputs
 
 MAX_SYNTHESISED = 1 << 26        # elements per synthesised input (256 MiB of float32)
@@ -537,8 +538,8 @@ class ExportFrontEnd(FxFrontEnd):
     def rewrite(self, sites, variant, choice):
         gm = self.rewrite_graph_module(sites, variant, choice)
         folded = fold_out_maps(gm, parameter_tensors(self.program))
-        self.folded = {sid: name for sid, (name, _) in folded.items()}
-        return program_with_graph(self.program, gm, {name: w for name, w in folded.values()}), {}
+        return Rewritten(program_with_graph(self.program, gm, {name: w for name, w in folded.values()}), {},
+                         {sid: name for sid, (name, _) in folded.items()})
 
     def outputs(self, program, input_set):
         args, kwargs = input_set

@@ -3,7 +3,7 @@
     fe = OnnxFrontEnd.open("model.onnx")          # large external weights stay on disk
     sites, unmatched = fe.find_sites()              # [AttentionSite], source onnx-*
     runs = fe.capture(sites, fe.inputs)             # per site: normal-form q/k/v/mask and output
-    model, kept = fe.rewrite(sites, variant, {site id: options})
+    model, kept, folded = fe.rewrite(sites, variant, {site id: options})
     fe.save(model, Path("out.onnx"))                # weights to out.onnx.data when large
 
 Weights stored as external data are never read into this process: `load_model` keeps them
@@ -30,7 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..io import InputError, atomic_write, what_is
 from ..passes import onnx_detect, onnx_fold, onnx_rewrite
-from .base import FrontEnd, default_scale
+from .base import FrontEnd, Rewritten, default_scale
 
 EXTERNAL_MIN_BYTES = 1 << 20      # write weights to <out>.data once they pass 1 MiB
 SMALL_TENSOR = 1024               # tensors below this stay inside the model file
@@ -556,9 +556,9 @@ class OnnxFrontEnd(FrontEnd):
     def rewrite(self, sites, variant, choice):
         new, kept = onnx_rewrite.rewrite_model(self.program, sites, variant, choice, self._inferred)
         maps = {sid: o["out_map"] for sid, o in choice.items() if o.get("out_map") and sid not in kept}
-        self.folded = onnx_fold.fold_out_maps(new, maps, self.base_dir) if maps else {}
+        folded = onnx_fold.fold_out_maps(new, maps, self.base_dir) if maps else {}
         check_rewritten(self.program, new, self._inferred)
-        return new, kept
+        return Rewritten(new, kept, folded)
 
     def outputs(self, program, feeds):
         if program is None:
