@@ -130,7 +130,7 @@ class Operand:
 
     @property
     def shape(self):
-        s = list(_val(self.node).shape)
+        s = list(val_of(self.node).shape)
         return [s[i] for i in self.perm] if self.perm else s
 
 
@@ -160,21 +160,21 @@ class FxSite:
 
 
 # ----------------------------------------------------------------------------- helpers
-def _val(n):
+def val_of(n):
     return n.meta.get("val") if isinstance(n, Node) else n
 
 
-def _shape(n):
-    v = _val(n)
+def shape_of(n):
+    v = val_of(n)
     return list(v.shape) if isinstance(v, torch.Tensor) else None
 
 
-def _dtype(n):
-    v = _val(n)
+def dtype_of(n):
+    v = val_of(n)
     return v.dtype if isinstance(v, torch.Tensor) else None
 
 
-def _same(a, b) -> bool:
+def same_dim(a, b) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
     try:
@@ -183,23 +183,23 @@ def _same(a, b) -> bool:
         return False
 
 
-def _same_shape(a, b) -> bool:
-    return a is not None and b is not None and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+def same_shape(a, b) -> bool:
+    return a is not None and b is not None and len(a) == len(b) and all(same_dim(x, y) for x, y in zip(a, b))
 
 
-def _numel(dims):
+def numel_of(dims):
     return math.prod(dims) if dims else 1
 
 
-def _is_scalar(x) -> bool:
+def is_scalar(x) -> bool:
     """A python/symbolic number, or a node holding a one-element tensor or a sym value."""
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return True
     if isinstance(x, Node):
-        v = _val(x)
+        v = val_of(x)
         if isinstance(v, (torch.SymInt, torch.SymFloat, int, float)):
             return True
-        return isinstance(v, torch.Tensor) and v.dim() == 0 or (isinstance(v, torch.Tensor) and _same(v.numel(), 1))
+        return isinstance(v, torch.Tensor) and v.dim() == 0 or (isinstance(v, torch.Tensor) and same_dim(v.numel(), 1))
     return False
 
 
@@ -257,7 +257,7 @@ def module_path(node: Node) -> str:
 # which is this. A meaningful axis of size 1 (Lq = 1 while decoding) is tracked only by
 # where the size-1 axis must sit when the product reads the tensor: (…, 1, D) for q.
 def _is_one(d) -> bool:
-    return _same(d, 1)
+    return same_dim(d, 1)
 
 
 def _data_axes(shape) -> list:
@@ -279,8 +279,8 @@ def _regroups_lead(i, o, m: int) -> bool:
     if i is None or o is None:
         return False
     i, o = [i[a] for a in _data_axes(i)], [o[a] for a in _data_axes(o)]
-    return len(i) >= m and len(o) >= m and _same_shape(i[len(i) - m:], o[len(o) - m:]) \
-        and _same(_numel(i[:len(i) - m]), _numel(o[:len(o) - m]))
+    return len(i) >= m and len(o) >= m and same_shape(i[len(i) - m:], o[len(o) - m:]) \
+        and same_dim(numel_of(i[:len(i) - m]), numel_of(o[:len(o) - m]))
 
 
 def _perm_of(n: Node, nd: int) -> list | None:
@@ -306,12 +306,12 @@ def _axis_map(n: Node) -> list | None:
     axes), clone, contiguous, alias, detach and an expand to the same shape.
     """
     x = n.args[0] if n.args else None
-    i, o = _shape(x) if isinstance(x, Node) else None, _shape(n)
+    i, o = shape_of(x) if isinstance(x, Node) else None, shape_of(n)
     if i is None or o is None:
         return None
     ai, ao = _data_axes(i), _data_axes(o)
     t = _base(n)
-    if t in NOOPS | SQUEEZES or (t == EXPAND and _same_shape(i, o)):
+    if t in NOOPS | SQUEEZES or (t == EXPAND and same_shape(i, o)):
         return list(range(len(ai))) if len(ai) == len(ao) else None
     if t in PERMUTES:
         p = _perm_of(n, len(i))
@@ -340,11 +340,11 @@ def _peel(node: Node, factors: list | None) -> tuple[Node, bool]:
     own or its transpose; the root is the furthest point where it does and whose last two
     axes are the meaningful ones; the factors collected beyond it are dropped again.
     """
-    pat = _pattern(_shape(node))
+    pat = _pattern(shape_of(node))
     m = pat.count(False) if pat is not None else 0
     if m == 0:
         return node, False
-    pi = list(range(len(_data_axes(_shape(node)))))     # rest point's data axis r is node's pi[r]
+    pi = list(range(len(_data_axes(shape_of(node)))))     # rest point's data axis r is node's pi[r]
     swapped = False
     best = (node, swapped, len(factors or ()))
     for _ in range(32):
@@ -354,23 +354,23 @@ def _peel(node: Node, factors: list | None) -> tuple[Node, bool]:
         sigma = _axis_map(node)
         if sigma is not None:
             pi = [sigma[r] for r in pi]
-        elif t in RESHAPES and _identity(pi) and _regroups_lead(_shape(node.args[0]), _shape(node), m):
-            pi = list(range(len(_data_axes(_shape(node.args[0])))))
+        elif t in RESHAPES and _identity(pi) and _regroups_lead(shape_of(node.args[0]), shape_of(node), m):
+            pi = list(range(len(_data_axes(shape_of(node.args[0])))))
         elif factors is not None and t in MULS | DIVS and isinstance(node.args[0], Node) \
-                and _is_scalar(node.args[1]) and _same_shape(_shape(node.args[0]), _shape(node)):
+                and is_scalar(node.args[1]) and same_shape(shape_of(node.args[0]), shape_of(node)):
             factors.append((node.args[1], "mul" if t in MULS else "div"))
         else:
             break
         node = node.args[0]
         if m == 2 and _swap2(pi):
             swapped, pi = not swapped, list(range(len(pi)))
-        if _identity(pi) and _pattern(_shape(node)) in (pat, pat[::-1]):
+        if _identity(pi) and _pattern(shape_of(node)) in (pat, pat[::-1]):
             best = (node, swapped, len(factors or ()))
     root, swapped, kept = best
     if factors is not None:
         del factors[kept:]
     if m == 1:      # one data axis: the size-1 one may sit on either side of it
-        swapped = _pattern(_shape(root)) != pat
+        swapped = _pattern(shape_of(root)) != pat
     return root, swapped
 
 
@@ -391,7 +391,7 @@ def peel_kv_repeat(node: Node) -> Node | None:
     expand(x, [B, H, L, D]) with x (B, 1, L, D)                                   (MQA)
     repeat_interleave(x, r, dim=1)
     """
-    shape = _shape(node)
+    shape = shape_of(node)
     if shape is None or len(shape) != 4:
         return None
     n = node
@@ -399,8 +399,8 @@ def peel_kv_repeat(node: Node) -> Node | None:
         dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")
         return n.args[0] if dim in (1, -3) else None
     if n.op == "call_function" and n.target == aten.expand.default:
-        s = _shape(n.args[0])
-        if len(s) == 4 and _same(s[1], 1) and _same(s[0], shape[0]) and _same_shape(s[2:], shape[2:]):
+        s = shape_of(n.args[0])
+        if len(s) == 4 and same_dim(s[1], 1) and same_dim(s[0], shape[0]) and same_shape(s[2:], shape[2:]):
             return n.args[0]
         return None
     if not (n.op == "call_function" and n.target in VIEWS - {aten.expand.default}):
@@ -410,19 +410,19 @@ def peel_kv_repeat(node: Node) -> Node | None:
         n = n.args[0]
     if not (n.op == "call_function" and n.target == aten.expand.default):
         return None
-    s5 = _shape(n)
+    s5 = shape_of(n)
     if len(s5) != 5:
         return None
     u = n.args[0]
-    us = _shape(u)
-    if len(us) != 5 or not _same(us[2], 1):
+    us = shape_of(u)
+    if len(us) != 5 or not same_dim(us[2], 1):
         return None
     if u.op == "call_function" and u.target == aten.unsqueeze.default and u.args[1] in (2, -3):
         x = u.args[0]
     else:
         return None
-    xs = _shape(x)
-    ok = (_same(xs[0], shape[0]) and _same(s5[1] * s5[2], shape[1]) and _same_shape(xs[2:], shape[2:]))
+    xs = shape_of(x)
+    ok = (same_dim(xs[0], shape[0]) and same_dim(s5[1] * s5[2], shape[1]) and same_shape(xs[2:], shape[2:]))
     return x if ok else None
 
 
@@ -452,7 +452,7 @@ COPY_ = aten.copy_.default
 def _copied(gk, n: Node):
     """s = buf.copy_(t) (its result is what both export and Dynamo's graphs read next): the
     buffer now holds t, whatever it held before (a broadcasting copy is not the scores)."""
-    if not isinstance(n.args[1], Node) or _shape(n.args[1]) != _shape(n.args[0]):
+    if not isinstance(n.args[1], Node) or shape_of(n.args[1]) != shape_of(n.args[0]):
         raise NoMatch(f"{n.name} copies a broadcast value into the scores' buffer")
     return n.args[1], None
 
@@ -464,7 +464,7 @@ def _pass(gk, n: Node):
 
 def _view(gk, n: Node):
     """s = s.view(B * H, Lq, Lk) | s.unsqueeze(1) | s.unsqueeze_(1): replayed on the bias when it follows one."""
-    return n.args[0], (VIEW, _shape(n.args[0]), _shape(n), n)
+    return n.args[0], (VIEW, shape_of(n.args[0]), shape_of(n), n)
 
 
 def _permute(gk, n: Node):
@@ -476,7 +476,7 @@ def _permute(gk, n: Node):
     sigma = _axis_map(n)
     if sigma is None or not _identity(sigma):
         raise NoMatch(f"{n.name} reorders the axes of the scores", near=NEAR_REGROUP)
-    return n.args[0], (VIEW, _shape(n.args[0]), _shape(n), n)
+    return n.args[0], (VIEW, shape_of(n.args[0]), shape_of(n), n)
 
 
 def _scale(gk, n: Node):
@@ -492,11 +492,11 @@ def _scale(gk, n: Node):
     if i == 1 and t in DIVS:
         raise NoMatch(f"{n.name} divides by the scores")
     src = n.args[i]
-    if not _is_scalar(other):
-        if not head_scale(_shape(other), _shape(n), _same) or not (_dtype(other) or torch.int64).is_floating_point:
-            raise NoMatch(f"{n.name} multiplies the scores by a tensor of shape {_shape(other)} that varies "
-                          f"along the queries or keys of scores {_shape(n)}", near=NEAR_SCALE)
-        return src, (SCALE, "mul" if t in MULS else "div", other, _shape(n))
+    if not is_scalar(other):
+        if not head_scale(shape_of(other), shape_of(n), same_dim) or not (dtype_of(other) or torch.int64).is_floating_point:
+            raise NoMatch(f"{n.name} multiplies the scores by a tensor of shape {shape_of(other)} that varies "
+                          f"along the queries or keys of scores {shape_of(n)}", near=NEAR_SCALE)
+        return src, (SCALE, "mul" if t in MULS else "div", other, shape_of(n))
     if t in MULS and isinstance(src, Node) and src.op == "call_function" and _base(src) == TANH:
         return _softcap(gk, src, other)
     return src, (SCALE, "mul" if t in MULS else "div", other)
@@ -609,7 +609,7 @@ class FxKind(GraphKind):
 
     def start_forward(self, p: Node) -> None:
         """Before follow_forward(p): the probabilities' own layout is the reference."""
-        self.pattern = _pattern(_shape(p))
+        self.pattern = _pattern(shape_of(p))
         self.layout = {p: None}
 
     def classify_reader(self, u: Node, p: Node):
@@ -624,21 +624,21 @@ class FxKind(GraphKind):
         if u.op == "call_function" and u.target in IN_PLACE and u.args[0] is not p:
             return OTHER                      # writes the probabilities into another tensor
         if (t in PRODUCTS and u.args[0] is p) or (t == aten.einsum.default and p in u.args[1]):
-            if pi is None and _pattern(_shape(p)) == self.pattern:
+            if pi is None and _pattern(shape_of(p)) == self.pattern:
                 return PRODUCT                # p @ v | einsum("bhqk,bhkd->bhqd", p, v)
             return OTHER                      # p reordered: p.transpose(-2, -1) @ v
         if t in PRODUCTS and u.args[1] is p and u.args[0] is not p:
             swapped = (pi is not None and _swap2(pi)) or self.pattern.count(False) <= 1   # (size-1 axes: the pattern says)
-            if swapped and _pattern(_shape(p)) == self.pattern[::-1]:
+            if swapped and _pattern(shape_of(p)) == self.pattern[::-1]:
                 return PRODUCT                # v' @ p.transpose(-2, -1) = (p @ v'ᵀ)ᵀ (EfficientViT-MSRA)
             return OTHER
         sigma = _axis_map(u) if t in PERMUTES | SQUEEZES | NOOPS | {EXPAND} else None
         if sigma is not None:                 # p.permute(...) | p.unsqueeze(4) | p.clone()
             new = sigma if pi is None else [pi[r] for r in sigma]
             return self._follow([u], None if _identity(new) else new)
-        if t in RESHAPES and pi is None and _regroups_lead(_shape(p), _shape(u), self.pattern.count(False)):
+        if t in RESHAPES and pi is None and _regroups_lead(shape_of(p), shape_of(u), self.pattern.count(False)):
             return self._follow([u], None)    # p.view(B * H, Lq, Lk)
-        if t in RESHAPES and _same_shape(_shape(p), _shape(u)):
+        if t in RESHAPES and same_shape(shape_of(p), shape_of(u)):
             return self._follow([u], pi)      # a view to the same shape (core ATen's matmul), any layout
         if t in CASTS:
             return self._follow([u], pi)      # p.to(dtype)
@@ -668,7 +668,7 @@ def score_operands(prod: Node, steps: list, factors: list, constants):
     t = prod.target
     if t in PRODUCTS | BADDBMM:
         a, b = (prod.args[1], prod.args[2]) if t in BADDBMM else prod.args[:2]
-        if len(_shape(a)) < 2 or len(_shape(b)) < 2:
+        if len(shape_of(a)) < 2 or len(shape_of(b)) < 2:
             raise NoMatch(f"{prod.name}: a vector product is not q·kᵀ")
         if t in BADDBMM:
             beta, alpha = prod.kwargs.get("beta", 1), prod.kwargs.get("alpha", 1)
@@ -687,7 +687,7 @@ def score_operands(prod: Node, steps: list, factors: list, constants):
 
 
 def _swap_perm(node: Node) -> list:
-    nd = len(_shape(node))
+    nd = len(shape_of(node))
     return list(range(nd - 2)) + [nd - 1, nd - 2]
 
 
@@ -715,7 +715,7 @@ def value_operand(prod: Node, p: Node):
     A scale on v stays inside v (peel_no_scale): it is not a score scale. The product may
     also be written transposed, v' @ pᵀ with v' (…, Dv, Lk): its output is (…, Dv, Lq).
     """
-    plead = _shape(p)[:-2]
+    plead = shape_of(p)[:-2]
     if prod.target in PRODUCTS and prod.args[1] is p:      # o' = v' @ pᵀ: v = v'ᵀ, o = o'ᵀ
         vr, vs = peel_no_scale(prod.args[0])
         return Operand(vr, None if vs else _swap_perm(vr)), plead, _swap_perm(prod)
@@ -762,7 +762,7 @@ def _path_dtypes(start: Node, end: Node) -> list:
     q·kᵀ in float32, `p.half() @ v.half()`: [float32, ..., float16, float16].
     """
     path = _path(start, end)
-    return [_dtype(n) for n in (path if path is not None else (start, end))]
+    return [dtype_of(n) for n in (path if path is not None else (start, end))]
 
 
 # ----------------------------------------------------------------------------- in place
@@ -861,7 +861,7 @@ def depends_on(x: Node, target: Node, limit: int = 4096) -> bool:
 # ----------------------------------------------------------------------------- rules
 def match_decomposed(sm: Node, params: set, constants) -> FxSite:
     x = sm.args[0]
-    xs = _shape(x)
+    xs = shape_of(x)
     dim = sm.args[1] if len(sm.args) > 1 else sm.kwargs.get("dim")
     if xs is None or len(xs) < 2 or dim % len(xs) != len(xs) - 1:
         raise NoMatch(f"softmax over dim {dim}, not the last (key) axis")
@@ -882,14 +882,14 @@ def match_decomposed(sm: Node, params: set, constants) -> FxSite:
         raise NoMatch("the values are a parameter: the probabilities mix weights, not the input",
                       near=NEAR_QUERY)
     qs, ks, vs_ = q.shape, k.shape, v.shape
-    if not _same(qs[-1], ks[-1]):
+    if not same_dim(qs[-1], ks[-1]):
         raise NoMatch(f"{prod.name}: contraction axes do not line up ({qs[-1]} vs {ks[-1]})")
-    if not _same(ks[-2], vs_[-2]):
+    if not same_dim(ks[-2], vs_[-2]):
         raise NoMatch(f"{pv.name}: key length {ks[-2]} != value length {vs_[-2]}")
     _check_no_hidden_write(prod, pv)
     site = FxSite(out=pv, anchor=sm, q=q, k=k, v=v, lead=xs[:-2], pv_lead=pv_lead, out_perm=out_perm,
                   dropout_p=dropout_p, dropout_active=active)
-    site.compute_dtype = _lowest_precision([_dtype(n) for n in (q.node, k.node, v.node)] + _path_dtypes(prod, pv))
+    site.compute_dtype = _lowest_precision([dtype_of(n) for n in (q.node, k.node, v.node)] + _path_dtypes(prod, pv))
     _fold_steps(site, steps, factors, constants)
     for f, _ in site.scale_nodes:
         if isinstance(f, Node) and depends_on(f, prod):
@@ -912,7 +912,7 @@ def _fold_steps(site: FxSite, steps: list, factors: list, constants) -> None:
         _apply_scale(site, f, how, constants, with_bias=False)
     for st in steps:
         kind = st[0]
-        if kind == SCALE and len(st) > 3 and not _same_shape(st[3][:-2], site.lead):
+        if kind == SCALE and len(st) > 3 and not same_shape(st[3][:-2], site.lead):
             raise NoMatch(f"a per-head scale on scores {st[3]} laid out unlike the softmax's {site.lead}",
                           near=NEAR_SCALE)
         if kind == SCALE:
@@ -952,11 +952,11 @@ def match_fused(node: Node) -> FxSite:
         if len(outs) != 1:
             raise NoMatch(f"{node.name}: output is not read")
         out = outs[0]
-    qs, ks = _shape(q), _shape(k)
+    qs, ks = shape_of(q), shape_of(k)
     if len(qs) < 2 or len(ks) < 2:
         raise NoMatch(f"{node.name}: inputs of rank < 2")
     causal = bool(nk.get("is_causal", False))
-    if causal and not _same(qs[-2], ks[-2]):
+    if causal and not same_dim(qs[-2], ks[-2]):
         raise NoMatch(f"{node.name}: is_causal with q_len != kv_len (top-left alignment) is not supported")
     scale = nk.get("scale")
     if scale is None:
@@ -966,14 +966,14 @@ def match_fused(node: Node) -> FxSite:
     site = FxSite(out=out, anchor=node, q=Operand(q), k=Operand(k), v=Operand(v), lead=qs[:-2],
                   pv_lead=qs[:-2], mask=mask, causal=causal, dropout_p=float(nk.get("dropout_p", 0.0)))
     site.dropout_active = site.dropout_p > 0
-    site.compute_dtype = _lowest_precision([_dtype(n) for n in (q, k, v, out)])
+    site.compute_dtype = _lowest_precision([dtype_of(n) for n in (q, k, v, out)])
     if isinstance(scale, (int, float)):
         site.scale = float(scale)
     else:
         site.scale_nodes.append((scale, "mul"))
     if mask is not None:
-        site.mask_kinds.add("boolean" if _val(mask).dtype == torch.bool else "additive")
-    gqa = bool(nk.get("enable_gqa", False)) and len(qs) == 4 and len(ks) == 4 and not _same(qs[1], ks[1])
+        site.mask_kinds.add("boolean" if val_of(mask).dtype == torch.bool else "additive")
+    gqa = bool(nk.get("enable_gqa", False)) and len(qs) == 4 and len(ks) == 4 and not same_dim(qs[1], ks[1])
     for op in (site.k, site.v):         # enable_gqa: k/v already hold Hkv heads
         op.kv_root = op.node if gqa else peel_kv_repeat(op.node)
     return site
@@ -986,21 +986,21 @@ def _describe(fx: FxSite, idx: int, name: str) -> AttentionSite:
     if len(lead) == 2:
         batch, heads = lead
     elif len(lead) > 2:
-        batch, heads = _numel(lead[:-1]), lead[-1]
+        batch, heads = numel_of(lead[:-1]), lead[-1]
     else:
         batch, heads = _find_4d(fx) or ((lead[0] if lead else 1), 1)
     kv_heads = heads
     kroot = fx.k.kv_root
     if kroot is not None:
-        kv_heads = _shape(kroot)[1]
-    elif len(ks) == len(qs) and len(ks) >= 3 and _same(ks[-3], 1) and not _same(qs[-3], 1) \
-            and not _same(_numel(ks[:-2]), _numel(qs[:-2])):      # not just a size-1 axis in another place
+        kv_heads = shape_of(kroot)[1]
+    elif len(ks) == len(qs) and len(ks) >= 3 and same_dim(ks[-3], 1) and not same_dim(qs[-3], 1) \
+            and not same_dim(numel_of(ks[:-2]), numel_of(qs[:-2])):      # not just a size-1 axis in another place
         kv_heads = 1
     elif fx.anchor.target in FUSED and len(ks) == 4:
         kv_heads = ks[1]
     lq = qs[-2]
     lk = ks[-2]
-    dtype = str(_val(fx.q.node).dtype).replace("torch.", "")
+    dtype = str(val_of(fx.q.node).dtype).replace("torch.", "")
     compute = str(fx.compute_dtype).replace("torch.", "") if fx.compute_dtype is not None else dtype
     mask = mask_kind("additive" in fx.mask_kinds, "boolean" in fx.mask_kinds)
     s = AttentionSite(
@@ -1021,12 +1021,12 @@ def _reported_scale(fx: FxSite) -> float | str:
     each head) or "dynamic" (a scalar computed in the graph)."""
     if not fx.scale_nodes:
         return fx.scale
-    return "per-head" if any(not _is_scalar(f) for f, _ in fx.scale_nodes) else "dynamic"
+    return "per-head" if any(not is_scalar(f) for f, _ in fx.scale_nodes) else "dynamic"
 
 
 def _find_4d(fx: FxSite):
     """(batch, heads) from a 4-D view of the same scores/probabilities/output, if any."""
-    n_lead = _numel(fx.lead)
+    n_lead = numel_of(fx.lead)
     seen = [fx.anchor, fx.out, fx.anchor.args[0]]
     for n in list(seen):
         seen.extend(n.users)
@@ -1039,8 +1039,8 @@ def _find_4d(fx: FxSite):
         seen.append(node)
         node = node.args[0] if node.target not in WHERES else node.args[1]
     for n in seen:
-        s = _shape(n)
-        if s is not None and len(s) == 4 and _same(_numel(s[:2]), n_lead):
+        s = shape_of(n)
+        if s is not None and len(s) == 4 and same_dim(numel_of(s[:2]), n_lead):
             return s[0], s[1]
     return None
 

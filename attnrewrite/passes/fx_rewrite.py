@@ -57,13 +57,13 @@ class Emitter:
         if fixed is not None:                  # never int(dim): that would specialise the symbol
             return int(fixed)
         for ref in refs:
-            for i, d in enumerate(D._shape(ref) or []):
+            for i, d in enumerate(D.shape_of(ref) or []):
                 if isinstance(d, torch.SymInt) and str(d.node.expr) == str(dim.node.expr):
                     return self(aten.sym_size.int, ref, i)
         raise D.NoMatch(f"cannot rebuild symbolic size {dim}")
 
     def reshape(self, x: Node, shape, refs) -> Node:
-        if D._same_shape(D._shape(x), list(shape)):
+        if D.same_shape(D.shape_of(x), list(shape)):
             return x
         if not x.meta["val"].is_contiguous():
             x = self(aten.clone.default, x, memory_format=torch.contiguous_format)
@@ -78,8 +78,8 @@ def _to4d(e: Emitter, x: Node, lead, refs) -> Node:
         for _ in range(2 - n):
             x = e(aten.unsqueeze.default, x, 0)
         return x
-    s = D._shape(x)
-    return e.reshape(x, [D._numel(lead[:-1]), lead[-1], *s[-2:]], refs)
+    s = D.shape_of(x)
+    return e.reshape(x, [D.numel_of(lead[:-1]), lead[-1], *s[-2:]], refs)
 
 
 def _conform(e: Emitter, op: D.Operand, lead, refs, kv: bool) -> Node:
@@ -87,17 +87,17 @@ def _conform(e: Emitter, op: D.Operand, lead, refs, kv: bool) -> Node:
     if kv and op.kv_root is not None and len(lead) == 2:
         return op.kv_root
     x = op.node if op.perm is None else e(aten.permute.default, op.node, op.perm)
-    s = D._shape(x)
+    s = D.shape_of(x)
     xl, last2 = s[:-2], s[-2:]
-    if not D._same_shape(xl, list(lead)):
-        if D._same(D._numel(xl), D._numel(lead)):          # leading axes regrouped
+    if not D.same_shape(xl, list(lead)):
+        if D.same_dim(D.numel_of(xl), D.numel_of(lead)):          # leading axes regrouped
             x = e.reshape(x, [*lead, *last2], refs)
         else:                                               # broadcast (MQA key, batch 1, ...)
-            while len(D._shape(x)) < len(lead) + 2:
+            while len(D.shape_of(x)) < len(lead) + 2:
                 x = e(aten.unsqueeze.default, x, 0)
-            xl = D._shape(x)[:-2]
-            keep = kv and len(lead) == 2 and D._same(xl[0], lead[0]) and D._same(xl[1], 1)
-            if not keep and not D._same_shape(xl, list(lead)):
+            xl = D.shape_of(x)[:-2]
+            keep = kv and len(lead) == 2 and D.same_dim(xl[0], lead[0]) and D.same_dim(xl[1], 1)
+            if not keep and not D.same_shape(xl, list(lead)):
                 x = e(aten.expand.default, x, [e.size(d, refs) for d in [*lead, *last2]])
     return _to4d(e, x, lead, refs)
 
@@ -128,7 +128,7 @@ def _bias(e: Emitter, fx: D.FxSite, dtype) -> Node | None:
             shape_in, _, node = st[1], st[2], st[3]
             if node.target == aten.expand.default:
                 continue
-            if not D._same_shape(D._shape(b), shape_in):
+            if not D.same_shape(D.shape_of(b), shape_in):
                 b = e(aten.expand.default, b, [e.size(d, [node.args[0]]) for d in shape_in])
             if not b.meta["val"].is_contiguous():
                 b = e(aten.clone.default, b, memory_format=torch.contiguous_format)
@@ -137,12 +137,12 @@ def _bias(e: Emitter, fx: D.FxSite, dtype) -> Node | None:
 
 
 def _conform_mask(e: Emitter, m: Node, lead, refs) -> Node:
-    while len(D._shape(m)) < len(lead) + 2:
+    while len(D.shape_of(m)) < len(lead) + 2:
         m = e(aten.unsqueeze.default, m, 0)
     if len(lead) > 2:
-        s = D._shape(m)
+        s = D.shape_of(m)
         full = [*lead, *s[-2:]]
-        if not D._same_shape(s, full):
+        if not D.same_shape(s, full):
             m = e(aten.expand.default, m, [e.size(d, refs) for d in full])
     return _to4d(e, m, lead, refs)
 
@@ -154,14 +154,14 @@ def emit_normal_form(e: Emitter, fx: D.FxSite) -> tuple[Node, Node, Node, Node |
     refs = [fx.anchor, fx.anchor.args[0], fx.q.node, fx.k.node, fx.v.node, fx.out]
     q = _conform(e, fx.q, lead, refs, kv=False)
     k = _conform(e, fx.k, lead, refs, kv=True)
-    if D._same_shape(list(fx.pv_lead), lead):
+    if D.same_shape(list(fx.pv_lead), lead):
         v = _conform(e, fx.v, lead, refs, kv=True)
     else:
         v = _conform(e, fx.v, fx.pv_lead, refs, kv=False)
-        v = e.reshape(v, [*fx.pv_lead, *D._shape(v)[-2:]], refs) if len(fx.pv_lead) != 2 else v
+        v = e.reshape(v, [*fx.pv_lead, *D.shape_of(v)[-2:]], refs) if len(fx.pv_lead) != 2 else v
         v = _conform(e, D.Operand(v), lead, refs, kv=False)
     for node, how in fx.scale_nodes:          # a per-head tensor is laid out as the scores: (B, H, 1, 1)
-        if not D._is_scalar(node):
+        if not D.is_scalar(node):
             node = _conform_mask(e, node, lead, refs)
             if node.meta["val"].dtype != q.meta["val"].dtype:
                 node = e(aten._to_copy.default, node, dtype=q.meta["val"].dtype)
@@ -170,7 +170,7 @@ def emit_normal_form(e: Emitter, fx: D.FxSite) -> tuple[Node, Node, Node, Node |
     for t in (k, v):
         dt = torch.promote_types(dt, t.meta["val"].dtype)
     q, k, v = [t if t.meta["val"].dtype == dt else e(aten._to_copy.default, t, dtype=dt) for t in (q, k, v)]
-    sdt = D._val(fx.anchor.args[0]).dtype if fx.anchor.target in D.SOFTMAX else dt
+    sdt = D.val_of(fx.anchor.args[0]).dtype if fx.anchor.target in D.SOFTMAX else dt
     mask = _bias(e, fx, sdt)
     if mask is not None:
         mask = _conform_mask(e, mask, lead, refs)
@@ -195,15 +195,15 @@ def emit_site(graph: Graph, fx: D.FxSite, variant, options: dict, site) -> dict:
         extra["out_map"] = list(options["out_map"])
     o4 = e(variant.op, *args, **extra)
     # back to the product's own layout
-    ov = D._val(fx.out)
+    ov = D.val_of(fx.out)
     plead = list(fx.pv_lead)
     o = o4
-    if len(lead) != 2 or not D._same_shape(plead, lead):
-        o = e.reshape(o, [*lead, *D._shape(o)[-2:]], refs) if len(lead) != 2 else o
-        o = e.reshape(o, [*plead, *D._shape(o)[-2:]], refs + [fx.out])
+    if len(lead) != 2 or not D.same_shape(plead, lead):
+        o = e.reshape(o, [*lead, *D.shape_of(o)[-2:]], refs) if len(lead) != 2 else o
+        o = e.reshape(o, [*plead, *D.shape_of(o)[-2:]], refs + [fx.out])
     if fx.out_perm is not None:
         o = e(aten.permute.default, o, fx.out_perm)
-    if not D._same_shape(D._shape(o), list(ov.shape)):
+    if not D.same_shape(D.shape_of(o), list(ov.shape)):
         o = e.reshape(o, list(ov.shape), refs + [fx.out])
     if o.meta["val"].dtype != ov.dtype:
         o = e(aten._to_copy.default, o, dtype=ov.dtype)
@@ -462,13 +462,13 @@ def _output_in_normal_form(e: Emitter, fx: D.FxSite, q4: Node, v4: Node) -> Node
     """The site's own output seen in the (B, H, Lq, Dv) layout: emit_site's mapping, undone."""
     lead, plead = list(fx.lead), list(fx.pv_lead)
     refs = [q4, v4, fx.out, fx.anchor, fx.q.node, fx.v.node]
-    tail = [D._shape(q4)[-2], D._shape(v4)[-1]]
+    tail = [D.shape_of(q4)[-2], D.shape_of(v4)[-1]]
     full = [*plead, *tail]
     o = fx.out
     if fx.out_perm is not None:
         o = e.reshape(o, [full[i] for i in fx.out_perm], refs)
         o = e(aten.permute.default, o, [fx.out_perm.index(i) for i in range(len(fx.out_perm))])
     o = e.reshape(o, full, refs)
-    if not D._same_shape(plead, lead):
+    if not D.same_shape(plead, lead):
         o = e.reshape(o, [*lead, *tail], refs)
     return _to4d(e, o, lead, refs)
