@@ -45,6 +45,7 @@ from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..site import AttentionSite, dim_value
+from . import vocab as V
 from .vocab import (ADD, FILL, IGNORE, MASK_FLOOR, NEAR_QUERY, NEAR_REGROUP, NEAR_SCALE, OTHER, PRODUCT,
                     SCALE, SOFTCAP, VIEW, GraphKind, NoMatch, check_order, default_scale, einsum_pv, einsum_qk,
                     head_scale, is_mask_fill, is_softcap, mask_kind, miss, probs_read_elsewhere, rule_table)
@@ -464,7 +465,7 @@ def _pass(gk, n: Node):
 
 def _view(gk, n: Node):
     """s = s.view(B * H, Lq, Lk) | s.unsqueeze(1) | s.unsqueeze_(1): replayed on the bias when it follows one."""
-    return n.args[0], (VIEW, shape_of(n.args[0]), shape_of(n), n)
+    return n.args[0], V.view(shape_of(n.args[0]), shape_of(n), n)
 
 
 def _permute(gk, n: Node):
@@ -476,7 +477,7 @@ def _permute(gk, n: Node):
     sigma = _axis_map(n)
     if sigma is None or not _identity(sigma):
         raise NoMatch(f"{n.name} reorders the axes of the scores", near=NEAR_REGROUP)
-    return n.args[0], (VIEW, shape_of(n.args[0]), shape_of(n), n)
+    return n.args[0], V.view(shape_of(n.args[0]), shape_of(n), n)
 
 
 def _scale(gk, n: Node):
@@ -496,10 +497,10 @@ def _scale(gk, n: Node):
         if not head_scale(shape_of(other), shape_of(n), same_dim) or not (dtype_of(other) or torch.int64).is_floating_point:
             raise NoMatch(f"{n.name} multiplies the scores by a tensor of shape {shape_of(other)} that varies "
                           f"along the queries or keys of scores {shape_of(n)}", near=NEAR_SCALE)
-        return src, (SCALE, "mul" if t in MULS else "div", other, shape_of(n))
+        return src, V.scale("mul" if t in MULS else "div", other, shape_of(n))
     if t in MULS and isinstance(src, Node) and src.op == "call_function" and _base(src) == TANH:
         return _softcap(gk, src, other)
-    return src, (SCALE, "mul" if t in MULS else "div", other)
+    return src, V.scale("mul" if t in MULS else "div", other)
 
 
 def _softcap(gk, tanh: Node, cap):
@@ -513,7 +514,7 @@ def _softcap(gk, tanh: Node, cap):
     c = const_value(inner.args[1], gk.constants)
     if not is_softcap(cap, how, c):
         raise NoMatch(f"{tanh.name}: tanh on the scores is not a soft-cap ({cap:g} * tanh(s {how} {c}))")
-    return inner.args[0], (SOFTCAP, cap)
+    return inner.args[0], V.softcap(cap)
 
 
 def _add(gk, n: Node):
@@ -524,13 +525,13 @@ def _add(gk, n: Node):
     if i == 1 and t in SUBS:
         raise NoMatch(f"{n.name} negates the scores")
     alpha = n.kwargs.get("alpha", 1)
-    return n.args[i], (ADD, n.args[1 - i], -alpha if t in SUBS else alpha)
+    return n.args[i], V.add(n.args[1 - i], -alpha if t in SUBS else alpha)
 
 
 def _masked_fill(gk, n: Node):
     """s = s.masked_fill(drop, -inf) | s.masked_fill_(drop, -inf): the keys where `drop` is true are removed."""
     _check_fill_value(n.args[2], gk.constants, n.name)
-    return n.args[0], (FILL, n.args[1], n.args[2], True)
+    return n.args[0], V.fill(n.args[1], n.args[2], True)
 
 
 def _where(gk, n: Node):
@@ -538,7 +539,7 @@ def _where(gk, n: Node):
     i = gk.score_arg(n, (1, 2))
     val = n.args[3 - i]
     _check_fill_value(val, gk.constants, n.name)
-    return n.args[i], (FILL, n.args[0], val, i == 2)     # fill where cond (score in "else")
+    return n.args[i], V.fill(n.args[0], val, i == 2)     # fill where cond (score in "else")
 
 
 def _bare_tanh(gk, n: Node):
@@ -672,9 +673,9 @@ def score_operands(prod: Node, steps: list, factors: list, constants):
             raise NoMatch(f"{prod.name}: a vector product is not q·kᵀ")
         if t in BADDBMM:
             beta, alpha = prod.kwargs.get("beta", 1), prod.kwargs.get("alpha", 1)
-            pre = [(SCALE, "mul", alpha)] if alpha != 1 else []
+            pre = [V.scale("mul", alpha)] if alpha != 1 else []
             if beta != 0:
-                pre.append((ADD, prod.args[0], beta))
+                pre.append(V.add(prod.args[0], beta))
             steps[:0] = pre
         qr, qs = peel(a, factors, constants)
         kr, ks = peel(b, factors, constants)
@@ -911,16 +912,16 @@ def _fold_steps(site: FxSite, steps: list, factors: list, constants) -> None:
     for f, how in factors:
         _apply_scale(site, f, how, constants, with_bias=False)
     for st in steps:
-        kind = st[0]
-        if kind == SCALE and len(st) > 3 and not same_shape(st[3][:-2], site.lead):
-            raise NoMatch(f"a per-head scale on scores {st[3]} laid out unlike the softmax's {site.lead}",
+        kind = st.kind
+        if kind == SCALE and st.shape is not None and not same_shape(st.shape[:-2], site.lead):
+            raise NoMatch(f"a per-head scale on scores {st.shape} laid out unlike the softmax's {site.lead}",
                           near=NEAR_SCALE)
         if kind == SCALE:
-            _apply_scale(site, st[2], st[1], constants, with_bias=True)
+            _apply_scale(site, st.value, st.how, constants, with_bias=True)
             if site.bias_steps:
                 site.bias_steps.append(st)
         elif kind == SOFTCAP:
-            site.softcap = st[1]
+            site.softcap = st.cap
         elif kind == ADD:
             site.bias_steps.append(st)
             site.mask_kinds.add("additive")

@@ -112,20 +112,20 @@ def _bias(e: Emitter, fx: D.FxSite, dtype) -> Node | None:
         return v if isinstance(v, Node) else e(aten.full.default, [], float(v), dtype=dtype)
 
     for st in fx.bias_steps:
-        if st[0] == "scale":
-            b = e(aten.mul.Tensor if st[1] == "mul" else aten.div.Tensor, b, st[2])
-        elif st[0] == "add":
-            t, alpha = st[1], st[2]
+        if st.kind == "scale":
+            b = e(aten.mul.Tensor if st.how == "mul" else aten.div.Tensor, b, st.value)
+        elif st.kind == "add":
+            t, alpha = st.bias, st.coef
             term = const(t * alpha if not isinstance(t, Node) else t)
             if isinstance(t, Node) and alpha != 1:
                 term = e(aten.mul.Tensor, term, alpha)
             b = term if b is None else e(aten.add.Tensor, b, term)
-        elif st[0] == "fill":
-            cond, val, where_true = st[1], const(st[2]), st[3]
+        elif st.kind == "fill":
+            cond, val, where_true = st.cond, const(st.value), st.drops
             base = b if b is not None else const(0.0)
             b = e(aten.where.self, cond, val, base) if where_true else e(aten.where.self, cond, base, val)
-        elif st[0] == "view":
-            shape_in, _, node = st[1], st[2], st[3]
+        elif st.kind == "view":
+            shape_in, node = st.shape_in, st.node
             if node.target == aten.expand.default:
                 continue
             if not D.same_shape(D.shape_of(b), shape_in):
@@ -217,6 +217,8 @@ def remap(obj, mapping: dict):
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return dataclasses.replace(obj, **{f.name: remap(getattr(obj, f.name), mapping)
                                            for f in dataclasses.fields(obj) if f.init})
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):             # a score-chain step (vocab)
+        return type(obj)(*(remap(x, mapping) for x in obj))
     if isinstance(obj, (list, tuple, set)):
         return type(obj)(remap(x, mapping) for x in obj)
     if isinstance(obj, dict):

@@ -58,6 +58,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..site import AttentionSite
+from . import vocab as V
 from .vocab import (ADD, FILL, IGNORE, MASK_FLOOR, NEAR_QUERY, NEAR_REGROUP, NEAR_SCALE, OTHER, PRODUCT, SCALE,
                     SOFTCAP, VIEW, GraphKind, NoMatch, check_order, default_scale, einsum_pv, einsum_qk,
                     head_scale, is_mask_fill, is_softcap, mask_kind, miss, probs_read_elsewhere, rule_table)
@@ -481,17 +482,17 @@ def _add(gk, n):
     x, bias = (n.input[0], n.input[1]) if a else (n.input[1], n.input[0])
     w = g.op(bias, "Where")
     if w is not None and g.scalar(w.input[1]) == 0.0 and _is_fill(g, w.input[2]):
-        return x, (FILL, w.input[0], w.input[2], False, bias)  # Where(keep, 0, -inf)
+        return x, V.fill(w.input[0], w.input[2], False, bias)  # Where(keep, 0, -inf)
     if w is not None and g.scalar(w.input[2]) == 0.0 and _is_fill(g, w.input[1]):
-        return x, (FILL, w.input[0], w.input[1], True, bias)   # Where(drop, -inf, 0)
-    return x, (ADD, bias, 1.0)
+        return x, V.fill(w.input[0], w.input[1], True, bias)   # Where(drop, -inf, 0)
+    return x, V.add(bias, 1.0)
 
 
 def _sub(gk, n):
     """s = Sub(s, bias)."""
     a, b = gk.sides(n)
     if a and not b:
-        return n.input[0], (ADD, n.input[1], -1.0)
+        return n.input[0], V.add(n.input[1], -1.0)
     raise NoMatch(f"{n.name}: Sub does not subtract a bias from the scores")
 
 
@@ -516,10 +517,10 @@ def _scale(gk, n):
             raise NoMatch(f"{n.name}: unsupported soft-cap form")
         if not is_softcap(c, inner.op_type.lower(), ic):
             raise NoMatch(f"{n.name}: tanh soft-cap with mismatched constants")
-        return inner.input[0], (SOFTCAP, c)
+        return inner.input[0], V.softcap(c)
     if c == 1.0:
         return t, None                            # Mul(s, 1): no scale
-    return t, (SCALE, op.lower(), c)
+    return t, V.scale(op.lower(), c)
 
 
 def _tensor_scale(gk, n):
@@ -535,7 +536,7 @@ def _tensor_scale(gk, n):
     if not head_scale(g.shape(t), g.shape(x), same_dim) or g.elem_type(t) not in FLOATS:
         raise NoMatch(f"{n.name}: scores {op} by a tensor of shape {g.shape(t)} that varies along the "
                       f"queries or keys of scores {g.shape(x)}", near=NEAR_SCALE)
-    return x, (SCALE, op.lower(), t, g.shape(x))
+    return x, V.scale(op.lower(), t, g.shape(x))
 
 
 FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
@@ -545,9 +546,9 @@ def _where(gk, n):
     """s = Where(keep, s, -inf) | Where(drop, -inf, s): a boolean mask."""
     cond, a, b = n.input
     if _is_fill(gk.g, b) and not _is_fill(gk.g, a):
-        return a, (FILL, cond, b, False)
+        return a, V.fill(cond, b, False)
     if _is_fill(gk.g, a):
-        return b, (FILL, cond, a, True)
+        return b, V.fill(cond, a, True)
     raise NoMatch(f"{n.name}: Where fill is not a mask value (≤ {MASK_FLOOR:g})")
 
 
@@ -583,7 +584,7 @@ def _view(gk, n):
     if _same_shape(src, out):
         return n.input[0], None
     if _head_split(src, out) or _regroup(src, out):
-        return n.input[0], (VIEW, src, out, n)
+        return n.input[0], V.view(src, out, n)
     raise NoMatch(f"{n.name}: Reshape of the scores {src} → {out} is neither a (B·H, Lq, Lk) → "
                   "(B, H, Lq, Lk) head split nor a regrouping of the axes before the heads", near=NEAR_REGROUP)
 
@@ -708,7 +709,7 @@ def walk_scores(g: Graph, x: str, site: OnnxSite):
     """
     prod, steps = OnnxKind(g).walk_back(x)
     check_order(steps)
-    splits = [st for st in steps if st[0] == VIEW and _head_split(st[1], st[2])]
+    splits = [st for st in steps if st.kind == VIEW and _head_split(st.shape_in, st.shape_out)]
     if len(splits) > 1:
         raise NoMatch("the scores are split by heads more than once")
     if splits:
@@ -716,26 +717,27 @@ def walk_scores(g: Graph, x: str, site: OnnxSite):
     final = g.shape(x)
     factor, flat, layout, seen = 1.0, False, None, {}
     for st in reversed(steps):
-        kind = st[0]
-        if kind == SCALE and len(st) > 3:              # a per-head tensor: a scale on q
+        kind = st.kind
+        if kind == SCALE and st.shape is not None:     # a per-head tensor: a scale on q
             if flat or layout is not None:
-                raise NoMatch(f"a per-head scale on scores {st[3]} laid out unlike the softmax's {final}",
+                raise NoMatch(f"a per-head scale on scores {st.shape} laid out unlike the softmax's {final}",
                               near=NEAR_SCALE)
-            site.head_scales.append((st[2], st[1]))
+            site.head_scales.append((st.value, st.how))
         elif kind == SCALE:
-            if st[1] == "div" and st[2] == 0:
+            if st.how == "div" and st.value == 0:
                 raise NoMatch("division of the scores by zero")
-            factor *= st[2] if st[1] == "mul" else 1.0 / st[2]
+            factor *= st.value if st.how == "mul" else 1.0 / st.value
         elif kind == SOFTCAP:
-            site.softcap = st[1]
-        elif kind == VIEW and _head_split(st[1], st[2]):
+            site.softcap = st.cap
+        elif kind == VIEW and _head_split(st.shape_in, st.shape_out):
             if layout is not None:
                 raise NoMatch("the scores are split by heads while regrouped", near=NEAR_REGROUP)
             flat = True
         elif kind == VIEW:                             # walking back: now in the layout before it
-            layout = None if _same_shape(st[1], final) else st[1]
+            layout = None if _same_shape(st.shape_in, final) else st.shape_in
         elif kind in (ADD, FILL):
-            for value in [st[1]] + list(st[4:]):
+            values = [st.bias] if kind == ADD else [st.cond] + ([st.bias] if st.bias is not None else [])
+            for value in values:
                 where = (flat, None if layout is None else tuple(layout[:-3]))
                 if seen.setdefault(value, where) != where:
                     raise NoMatch(f"{value} masks the scores in two layouts (before and after a reshape)",
@@ -745,26 +747,26 @@ def walk_scores(g: Graph, x: str, site: OnnxSite):
                 if layout is not None:
                     site.regrouped[value] = list(layout[:-3])
             if kind == ADD:
-                site.biases.append((st[1], st[2] * factor))
+                site.biases.append((st.bias, st.coef * factor))
             else:
-                site.keeps.append((st[1], not st[3]))
+                site.keeps.append((st.cond, not st.drops))
     if layout is not None:
         raise NoMatch(f"the scores are regrouped from {layout} to {final} and not back", near=NEAR_REGROUP)
-    fills = [g.scalar(st[2]) for st in steps if st[0] == FILL]
+    fills = [g.scalar(st.value) for st in steps if st.kind == FILL]
     if any(math.isfinite(v) for v in fills):
         masked = False
         for st in steps:
-            if st[0] == ADD:
+            if st.kind == ADD:
                 masked = True
-                site.mask_steps.append(("add", st[1], st[2]))
-            elif st[0] == FILL and len(st) > 4:      # an added Where(keep, 0, min): the bias it is
+                site.mask_steps.append(("add", st.bias, st.coef))
+            elif st.kind == FILL and st.bias is not None:   # an added Where(keep, 0, min): the bias it is
                 masked = True
-                site.mask_steps.append(("add", st[4], 1.0))
-            elif st[0] == FILL:
+                site.mask_steps.append(("add", st.bias, 1.0))
+            elif st.kind == FILL:
                 masked = True
-                site.mask_steps.append(("fill", st[1], g.scalar(st[2]), st[3]))
-            elif st[0] == SCALE and masked:
-                site.mask_steps.append(("scale", st[2] if st[1] == "mul" else 1.0 / st[2]))
+                site.mask_steps.append(("fill", st.cond, g.scalar(st.value), st.drops))
+            elif st.kind == SCALE and masked:
+                site.mask_steps.append(("scale", st.value if st.how == "mul" else 1.0 / st.value))
     return prod, factor
 
 

@@ -11,18 +11,19 @@ come in, and the two walks (back from the softmax to the product, forward from t
 softmax to the P·v product). Each detector supplies a `GraphKind`: how to get from a
 value to its producer and readers, and a table of rules for its spellings of each step.
 
-A score-chain step is a tuple whose first item is its kind::
+A score-chain step is a named tuple whose first field is its kind (made by the functions
+of the same name)::
 
-    ("scale", "mul" | "div", c)            s = s * c  |  s / c
-    ("scale", "mul" | "div", t, shape)      s = s * t, t a tensor constant along (Lq, Lk): a per-head
+    scale(how, value)                       s = s * value  |  s / value   (how: "mul" | "div")
+    scale(how, t, shape)                    s = s * t, t a tensor constant along (Lq, Lk): a per-head
                                             scale, `shape` the scores' where it applies
-    ("softcap", cap)                        s = cap * tanh(s / cap)
-    ("add", bias, coefficient)              s = s + coefficient * bias
-    ("fill", cond, value, True)             s = where(cond, value, s)     (cond drops keys)
-    ("fill", cond, value, False)            s = where(cond, s, value)     (cond keeps keys)
-    ("fill", cond, value, drops, bias)      s = s + bias, bias = where(cond, value, 0) if drops
+    softcap(cap)                            s = cap * tanh(s / cap)
+    add(bias, coef)                         s = s + coef * bias
+    fill(cond, value, drops=True)           s = where(cond, value, s)     (cond drops keys)
+    fill(cond, value, drops=False)          s = where(cond, s, value)     (cond keeps keys)
+    fill(cond, value, drops, bias)          s = s + bias, bias = where(cond, value, 0) if drops
                                             else where(cond, 0, value)    (ONNX: a fill added as a bias)
-    ("view", shape_in, shape_out, node)     s = s.view(...)               (ONNX: the head split, or a
+    view(shape_in, shape_out, node)         s = s.view(...)               (ONNX: the head split, or a
                                             regrouping of the axes before the heads)
 
 A cast (or any other step that leaves the values alone) contributes no step.
@@ -31,10 +32,13 @@ from __future__ import annotations
 
 import math
 
+from typing import NamedTuple
+
 from ..site import MASK_FLOOR
 
 __all__ = ["NoMatch", "NEAR", "NEAR_SCALE", "NEAR_REGROUP", "NEAR_QUERY", "miss", "MASK_FLOOR", "PRODUCT_DEPTH", "CHAIN_LIMIT", "SOFTCAP_RTOL",
-           "SCALE", "SOFTCAP", "ADD", "FILL", "VIEW", "PRODUCT", "IGNORE", "OTHER",
+           "SCALE", "SOFTCAP", "ADD", "FILL", "VIEW", "Scale", "Softcap", "Add", "Fill", "View",
+           "scale", "softcap", "add", "fill", "view", "PRODUCT", "IGNORE", "OTHER",
            "is_mask_fill", "is_softcap", "check_order", "head_scale", "probs_read_elsewhere", "mask_kind", "default_scale",
            "parse_einsum", "einsum_qk", "einsum_pv", "rule_table", "GraphKind"]
 
@@ -68,6 +72,65 @@ SOFTCAP_RTOL = 1e-5   # how closely the two constants of a soft-cap must undo ea
 
 SCALE, SOFTCAP, ADD, FILL, VIEW = "scale", "softcap", "add", "fill", "view"
 PRODUCT, IGNORE, OTHER = "product", "ignore", "other"     # what a reader of the probabilities is
+
+
+class Scale(NamedTuple):
+    """s = s * value | s / value."""
+    kind: str
+    how: str                     # "mul" | "div"
+    value: object                # a number, or the graph value holding the factor
+    shape: list | None = None    # a per-head tensor: the scores' shape where it applies
+
+
+class Softcap(NamedTuple):
+    """s = cap * tanh(s / cap)."""
+    kind: str
+    cap: float
+
+
+class Add(NamedTuple):
+    """s = s + coef * bias."""
+    kind: str
+    bias: object
+    coef: float
+
+
+class Fill(NamedTuple):
+    """s = where(cond, value, s) when `drops` (cond removes keys), else where(cond, s, value);
+    with `bias`, ONNX's Where(cond, 0, value) added to the scores (that Where is `bias`)."""
+    kind: str
+    cond: object
+    value: object
+    drops: bool
+    bias: object = None
+
+
+class View(NamedTuple):
+    """s = s.view(...): shape_in → shape_out, by `node`."""
+    kind: str
+    shape_in: list
+    shape_out: list
+    node: object
+
+
+def scale(how: str, value, shape=None) -> Scale:
+    return Scale(SCALE, how, value, shape)
+
+
+def softcap(cap: float) -> Softcap:
+    return Softcap(SOFTCAP, cap)
+
+
+def add(bias, coef) -> Add:
+    return Add(ADD, bias, coef)
+
+
+def fill(cond, value, drops: bool, bias=None) -> Fill:
+    return Fill(FILL, cond, value, drops, bias)
+
+
+def view(shape_in, shape_out, node) -> View:
+    return View(VIEW, shape_in, shape_out, node)
 
 
 # ----------------------------------------------------------------------------- rules
@@ -105,10 +168,10 @@ def check_order(steps: list) -> None:
     """
     capped = masked = False
     for st in steps:
-        kind = st[0]
+        kind = st.kind
         if kind == SCALE and capped:
             raise NoMatch("a scale after the soft-cap is outside the normal form")
-        if kind == SCALE and len(st) > 3 and masked:
+        if kind == SCALE and st.shape is not None and masked:
             raise NoMatch("a per-head scale after a mask is outside the normal form", near=NEAR_SCALE)
         if kind == SOFTCAP:
             if capped:

@@ -114,11 +114,11 @@ def test_softcap_rule():
     assert not is_softcap(30.0, "mul", 0.0) and not is_softcap(0.0, "div", 0.0)
 
 
-SC, CAP, BIAS, MASK = (SCALE, "mul", 0.5), (SOFTCAP, 30.0), (ADD, "bias", 1.0), (FILL, "m", -1e9, True)
+SC, CAP, BIAS, MASK = vocab.scale("mul", 0.5), vocab.softcap(30.0), vocab.add("bias", 1.0), vocab.fill("m", -1e9, True)
 
 
 @pytest.mark.parametrize("steps", [[], [SC, CAP, BIAS, MASK], [SC, SC, CAP, MASK], [BIAS, SC, MASK, SC],
-                                   [CAP], [("view", [2, 3], [6], None), CAP, ("view", [6], [2, 3], None)]])
+                                   [CAP], [vocab.view([2, 3], [6], None), CAP, vocab.view([6], [2, 3], None)]])
 def test_order_in_the_normal_form(steps):
     check_order(steps)
 
@@ -149,8 +149,8 @@ class Toy(GraphKind):
     """Nodes are (output, op, inputs); a value is the output name."""
     products = frozenset({"mm"})
     rules = rule_table(({"cast"}, lambda gk, n: (n[2][0], None)),
-                       ({"mul"}, lambda gk, n: (n[2][0], (SCALE, "mul", n[2][1]))),
-                       ({"add"}, lambda gk, n: (n[2][0], (ADD, n[2][1], 1.0))))
+                       ({"mul"}, lambda gk, n: (n[2][0], vocab.scale("mul", n[2][1]))),
+                       ({"add"}, lambda gk, n: (n[2][0], vocab.add(n[2][1], 1.0))))
 
     def __init__(self, *nodes):
         self.nodes = {n[0]: n for n in nodes}
@@ -195,7 +195,7 @@ def test_reaches_product_searches_exactly_product_depth_steps():
 def test_walk_back_returns_the_product_and_forward_steps():
     g = Toy(("s", "mm", ("q", "k")), ("c", "cast", ("s",)), ("m", "mul", ("c", "0.5")), ("a", "add", ("m", "b")))
     prod, steps = g.walk_back("a")
-    assert prod[0] == "s" and steps == [(SCALE, "mul", "0.5"), (ADD, "b", 1.0)]
+    assert prod[0] == "s" and steps == [vocab.scale("mul", "0.5"), vocab.add("b", 1.0)]
     with pytest.raises(NoMatch, match="relu"):
         Toy(("r", "relu", ("s",)), ("s", "mm", ("q", "k"))).walk_back("r")
     with pytest.raises(NoMatch, match="input x"):
