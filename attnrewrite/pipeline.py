@@ -420,7 +420,7 @@ def rewrite(fe: FrontEnd, variant, options: dict | None = None, *, sites=None, c
         elif s.id in planned:
             s.status = "rewritten"
             s.options = {k: v for k, v in planned[s.id].items() if k != "out_map"}
-    check_block, speed = None, None
+    check_block, speed, kernel_calls = None, None, {}
     if check and found:
         t = time.perf_counter()
         for i, s in enumerate(found):
@@ -434,7 +434,7 @@ def rewrite(fe: FrontEnd, variant, options: dict | None = None, *, sites=None, c
                     if calibration and s.id in calibration["sites"]:
                         s.check["diagnostics"]["calibration"] = calibration["sites"][s.id]
         tol = tolerance if tolerance is not None else default_tolerance(mod, found)
-        with impl.counting() as impl_calls:          # what served this rewrite's op calls
+        with impl.counting() as impl_calls, kernels.counting() as kernel_calls:   # what served this rewrite's calls
             pairs = output_pairs(fe, program, inputs, reference, progress)
         check_block = end_to_end(pairs, tol)
         check_block["impl_calls"] = impl_calls
@@ -446,7 +446,7 @@ def rewrite(fe: FrontEnd, variant, options: dict | None = None, *, sites=None, c
                 speed[s.id] = time_site(mod, fe.scalars(s), mod.op_args(s, s.options), captured[s.id][0])
     report = build_report(model=fe.name, fmt=fe.fmt, variant=mod.name, options=opts, inputs_kind=fe.inputs_kind,
                           sites=found, check=check_block, timings=timings,
-                          cost=costs(found, mod, planned, captured), kernels=site_kernels(fe, found, mod, captured))
+                          cost=costs(found, mod, planned, captured), kernels=site_kernels(fe, found, mod, captured, kernel_calls))
     if speed:
         for site in report["sites"]:
             if site["id"] in speed:
@@ -469,10 +469,11 @@ def declined(report: dict, reason: str) -> dict:
     return report
 
 
-def site_kernels(fe: FrontEnd, sites, mod, captured: dict) -> dict:
+def site_kernels(fe: FrontEnd, sites, mod, captured: dict, calls: dict) -> dict:
     """{id: {"kernel", "kernel_reason"}} for every rewritten site: the generated kernel its op
     runs with on a GPU (and in the interpreter), specialised on its first captured input set
-    (or, without one, on its reported shape), or null and the reason the reference runs."""
+    (or, without one, on its reported shape), or null and the reason the reference runs;
+    `calls` counts the kernel calls this rewrite's check made (kernels.counting)."""
     out = {}
     for s in sites:
         if s.status != "rewritten":
@@ -484,7 +485,7 @@ def site_kernels(fe: FrontEnd, sites, mod, captured: dict) -> dict:
             out[s.id] = {"kernel": None, "kernel_reason": "head_dim is not static and no input set was captured"}
             continue
         args = (q, k, v, mask, sc["scale"], sc["softcap"], sc["causal"], sc["dropout_p"], *mod.op_args(s, s.options))
-        out[s.id] = {**kernels.describe(mod.kernel, *args[:8], args[8:]),
+        out[s.id] = {**kernels.describe(mod.kernel, *args[:8], args[8:], calls=calls),
                      **impl.describe(mod.implementations, args)}
         if run is None and any(isinstance(x, str) for x in (s.q_len, s.kv_len)):   # judged at length 2
             out[s.id]["impl_reason"] = "; ".join(r for r in ("sizes are symbolic: the op chooses per call at run "

@@ -5,9 +5,9 @@ preconditioned.py, conv_basis.py, with the helpers in common.py — template tex
 site's configuration and loads it; dispatch.py decides, per op call, which configuration runs or why the PyTorch
 reference does. See docs/kernels.md.
 """
-from .dispatch import (backward, block_lists, block_sparse_attention, describe, forward, interpreting, reason,
-                       select, target_for)
+from .dispatch import (backward, block_lists, block_sparse_attention, counting, describe, forward, interpreting,
+                       reason, select, target_for)
 from .generate import KernelConfig, compile_aot, emit, load, specialise, write
 
-__all__ = ["KernelConfig", "backward", "block_lists", "block_sparse_attention", "compile_aot", "describe",
+__all__ = ["KernelConfig", "backward", "block_lists", "block_sparse_attention", "compile_aot", "counting", "describe",
            "emit", "forward", "interpreting", "load", "reason", "select", "specialise", "target_for", "write"]

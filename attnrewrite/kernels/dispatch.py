@@ -18,6 +18,8 @@ of its steps (conv-basis: the start search and the FFTs are torch code), that pi
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import os
@@ -163,7 +165,7 @@ def _call(kplan: KernelPlan | None, args, backward: bool = False):
         return None, None
     m = prepare_mask(mask, cfg.mask, q, k.shape[-2], target)
     extra = kplan.extra(cfg, args, backward) if kplan.extra is not None else ()
-    CALLS[cfg] = CALLS.get(cfg, 0) + 1
+    _count(cfg)
     return load(cfg), (q, k, v, m, float(scale), *extra)
 
 
@@ -233,13 +235,15 @@ def backward(kplan: KernelPlan | None, grad, args) -> tuple | None:
     return module.backward(grad, *call)
 
 
-def describe(kplan: KernelPlan | None, q, k, v, mask, scale, softcap, causal, dropout_p, params) -> dict:
+def describe(kplan: KernelPlan | None, q, k, v, mask, scale, softcap, causal, dropout_p, params,
+             calls: dict | None = None) -> dict:
     """What the report says about a site's kernel: {"kernel": {name, hash, template, target,
     backward, config, calls}, "kernel_reason": ""} or {"kernel": None, "kernel_reason": why}.
     The target is this process's: "interpret" under ATTNREWRITE_KERNELS=interpret, else "cuda"
-    (what the op runs on CUDA tensors). `calls`: how many forward and backward calls this process
-    has run with the configuration so far (the check runs the rewritten program, so a count > 0
-    shows the kernel really ran)."""
+    (what the op runs on CUDA tensors). `calls`: how many forward and backward calls ran with the
+    configuration inside the `counting()` whose counts are passed (the pipeline counts its check,
+    which runs the rewritten program, so a count > 0 shows the kernel really ran for this
+    rewrite); without them, this process's total."""
     target = "interpret" if interpreting() else "cuda"
     cfg, reason = select(kplan, q, k, v, mask, scale, softcap, causal, dropout_p, params, target)
     if cfg is None:
@@ -247,13 +251,32 @@ def describe(kplan: KernelPlan | None, q, k, v, mask, scale, softcap, causal, dr
     has_backward = cfg.template in BACKWARD_TEMPLATES
     return {"kernel": {"name": cfg.name, "hash": cfg.hash, "template": cfg.template, "target": target,
                        "backward": "kernel" if has_backward else "reference", "config": cfg.as_dict(),
-                       "calls": CALLS.get(cfg, 0)},
+                       "calls": (CALLS if calls is None else calls).get(cfg, 0)},
             "kernel_reason": "" if has_backward else kplan.note or f"{cfg.template}: forward only; "
                                                                    "the backward runs the reference"}
 
 
 BACKWARD_TEMPLATES = ("exact", "block_sparse")
 CALLS: dict = {}          # KernelConfig -> forward/backward calls made through the ops in this process
+_COUNTS: contextvars.ContextVar = contextvars.ContextVar("attnrewrite_kernel_calls", default=None)
+
+
+@contextlib.contextmanager
+def counting():
+    """Count, into the dict it yields ({KernelConfig: calls}), the kernel calls made inside."""
+    counts: dict = {}
+    token = _COUNTS.set(counts)
+    try:
+        yield counts
+    finally:
+        _COUNTS.reset(token)
+
+
+def _count(cfg) -> None:
+    CALLS[cfg] = CALLS.get(cfg, 0) + 1
+    counts = _COUNTS.get()
+    if counts is not None:
+        counts[cfg] = counts.get(cfg, 0) + 1
 
 
 # ---------------------------------------------------------------- ops whose kernels are steps of a PyTorch pipeline
@@ -282,7 +305,7 @@ def _host_forward(kplan: KernelPlan, args):
     cfg, _ = select(kplan, q, k, v, mask, scale, softcap, causal, dropout_p, params, target, plan=found)
     if cfg is None:
         return None
-    CALLS[cfg] = CALLS.get(cfg, 0) + 1
+    _count(cfg)
     return kplan.host.run(load(cfg), args, found[0])
 
 
