@@ -18,8 +18,6 @@ of its steps (conv-basis: the start search and the FFTs are torch code), that pi
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import math
 import os
@@ -27,6 +25,7 @@ import os
 import torch
 from triton import knobs
 
+from ..tally import Tally
 from .generate import KernelConfig, load
 
 MAX_HEAD_DIM = 256
@@ -258,25 +257,13 @@ def describe(kplan: KernelPlan | None, q, k, v, mask, scale, softcap, causal, dr
 
 BACKWARD_TEMPLATES = ("exact", "block_sparse")
 CALLS: dict = {}          # KernelConfig -> forward/backward calls made through the ops in this process
-_COUNTS: contextvars.ContextVar = contextvars.ContextVar("attnrewrite_kernel_calls", default=None)
-
-
-@contextlib.contextmanager
-def counting():
-    """Count, into the dict it yields ({KernelConfig: calls}), the kernel calls made inside."""
-    counts: dict = {}
-    token = _COUNTS.set(counts)
-    try:
-        yield counts
-    finally:
-        _COUNTS.reset(token)
+_SCOPED = Tally("kernel calls")
+counting = _SCOPED.counting  # `with counting() as counts:` {KernelConfig: calls} made inside
 
 
 def _count(cfg) -> None:
     CALLS[cfg] = CALLS.get(cfg, 0) + 1
-    counts = _COUNTS.get()
-    if counts is not None:
-        counts[cfg] = counts.get(cfg, 0) + 1
+    _SCOPED.add(cfg)
 
 
 # ---------------------------------------------------------------- ops whose kernels are steps of a PyTorch pipeline

@@ -25,8 +25,6 @@ not to the process.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import os
 from typing import Callable
@@ -35,6 +33,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .. import kernels
+from ..tally import Tally
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +47,6 @@ class Implementation:
 
 
 FORCE_ENV = "ATTNREWRITE_IMPL"     # a name (sdpa, flex, triton, reference): take it wherever it covers the call
-_counts: contextvars.ContextVar = contextvars.ContextVar("attnrewrite_impl_counts", default=None)
 
 
 def label(impl: Implementation, device) -> str:
@@ -116,21 +114,11 @@ def describe(impls, args, device=None) -> dict:
 
 
 def count(impl: Implementation, device) -> None:
-    counts = _counts.get()
-    if counts is not None:
-        key = label(impl, device)
-        counts[key] = counts.get(key, 0) + 1
+    _CALLS.add(label(impl, device))
 
 
-@contextlib.contextmanager
-def counting():
-    """Collect {label: calls} of every op call made while open (this thread / task only)."""
-    counts: dict = {}
-    token = _counts.set(counts)
-    try:
-        yield counts
-    finally:
-        _counts.reset(token)
+_CALLS = Tally("implementation calls")
+counting = _CALLS.counting   # `with counting() as counts:` {label: calls} of every op call made inside
 
 
 # ---------------------------------------------------------------- lowering the ops in a graph
