@@ -49,7 +49,7 @@ SMALL = [(hkv, n, d, causal) for hkv in (4, 2) for n in (16, 33) for d in (8, 16
 # ----------------------------------------------------------------------------- the references' constants
 
 def test_constants_and_defaults_are_the_references():
-    assert costing.SPARSE_CHUNK_ELEMENTS == sparse.CHUNK_ELEMENTS
+    assert costing.SPARSE_CHUNK_ELEMENTS == sparse.scores.CHUNK_ELEMENTS
     assert costing.CONV_DENSE_MAX_N == conv_basis.DENSE_MAX_N
     assert costing.CONV_FFT_CHUNK == conv_basis.FFT_CHUNK
     assert costing.CONV_SAMPLED_DIAGONALS == conv_basis.SAMPLED_DIAGONALS

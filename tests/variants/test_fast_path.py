@@ -120,7 +120,7 @@ def test_exact_dropout_replays_from_its_seed():
 def small_flex(monkeypatch):
     """FlexAttention at test sizes: no length threshold, 16-row blocks (so blocks are partial,
     full and skipped within a few dozen rows)."""
-    monkeypatch.setattr(sparse, "FLEX_MIN_KEYS", 1)
+    monkeypatch.setattr(sparse.compute, "FLEX_MIN_KEYS", 1)
     monkeypatch.setattr(flex, "BLOCK", 16)
 
 
@@ -168,7 +168,7 @@ def test_window_below_the_threshold_and_other_modes_say_why():
     table = IMPLEMENTATIONS["sparse_attention"]
     short = impl.describe(table, (q, k, v, None, 0.3, 0.0, True, 0.0, *WINDOW, 8, 2, "auto", 64, 0.25, 1.0,
                                   "exact", []))
-    assert short["impl"] == "reference" and f"below {sparse.FLEX_MIN_KEYS}" in short["impl_reason"]
+    assert short["impl"] == "reference" and f"below {sparse.compute.FLEX_MIN_KEYS}" in short["impl_reason"]
     topk = impl.describe(table, (q, k, v, None, 0.3, 0.0, True, 0.0, "topk", 8, 8, 2, "auto", 64, 0.25, 1.0,
                                  "exact", []))
     assert topk["impl"] == "reference" and "mode=topk" in topk["impl_reason"]
@@ -315,7 +315,7 @@ def test_a_kept_op_of_symbolic_sizes_says_its_implementation_is_chosen_at_run_ti
     op it keeps still takes FlexAttention per call wherever the real sizes allow, so the label must
     not read "kept: reference" alone. (Inductor and the compiled FlexAttention are not needed here:
     the backend's graph and FlexAttention both run eagerly.)"""
-    monkeypatch.setattr(sparse, "FLEX_MIN_KEYS", min_keys)
+    monkeypatch.setattr(sparse.compute, "FLEX_MIN_KEYS", min_keys)
     monkeypatch.setattr(B, "compile_fx", lambda gm, inputs, **kw: gm)
     monkeypatch.setattr(flex, "_compiled", lambda: torch.nn.attention.flex_attention.flex_attention)
     torch._dynamo.reset()

@@ -110,7 +110,7 @@ def test_window_matches_reference(config):
     opts, lq, lk, kw = WINDOW[config]
     o = {"mode": "window", **opts}
     site = AttentionSite(id=0, name="s", source="x", q_len=lq, kv_len=lk if kw.get("static", True) else "b")
-    assert sp._onnx_window_dense(site, sp._options(o), kw.get("causal", False)) == (config == "short-dense")
+    assert sp.onnx_lowering._onnx_window_dense(site, sp._options(o), kw.get("causal", False)) == (config == "short-dense")
     assert _check(sp, o, lq, lk, **kw) <= BOUND
 
 

@@ -163,7 +163,7 @@ def test_half_inputs_computed_in_fp32():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("chunk", [1 << 20, 1])           # one chunk, or the smallest chunks allowed
 def test_weights_identity_and_diagnostics_against_dense(monkeypatch, mode, causal, chunk):
-    monkeypatch.setattr(sparse, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(sparse.scores, "CHUNK_ELEMENTS", chunk)
     b, h, hkv, lq, lk = 2, 4, 2, 9, 11
     q, k, _ = rand_qkv(b, h, hkv, lq, lk, 8, seed=1)
     mask = make_mask("padding", b, h, lq, lk)
@@ -276,11 +276,11 @@ def cases(draw):
 
 @contextlib.contextmanager
 def chunk_elements(n):
-    old, sparse.CHUNK_ELEMENTS = sparse.CHUNK_ELEMENTS, n
+    old, sparse.scores.CHUNK_ELEMENTS = sparse.scores.CHUNK_ELEMENTS, n
     try:
         yield
     finally:
-        sparse.CHUNK_ELEMENTS = old
+        sparse.scores.CHUNK_ELEMENTS = old
 
 
 @settings(max_examples=25, deadline=None)
@@ -340,7 +340,7 @@ class MaxNumel(TorchDispatchMode):
                                        ("block", {"block": 16, "density": 0.25})])
 def test_no_n_by_n_tensor(monkeypatch, mode, opts):
     n, d = 4096, 16
-    monkeypatch.setattr(sparse, "CHUNK_ELEMENTS", 1 << 18)   # 64 query rows × 4096 keys per chunk
+    monkeypatch.setattr(sparse.scores, "CHUNK_ELEMENTS", 1 << 18)   # 64 query rows × 4096 keys per chunk
     q, k, v = (torch.randn(1, 1, n, d, requires_grad=True) for _ in range(3))
     pad = torch.ones(1, 1, 1, n, dtype=torch.bool)
     pad[..., -100:] = False
@@ -525,7 +525,7 @@ def pooled_omega(q, k, s, mask, scale, causal, block, density, k_top=None):
 @pytest.mark.parametrize("mask", ["none", "bool", "additive", "padding"])
 @pytest.mark.parametrize("chunk", [1, 1 << 20])
 def test_pooled_exact_limit_and_weights(monkeypatch, mode, causal, mask, chunk):
-    monkeypatch.setattr(sparse, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(sparse.scores, "CHUNK_ELEMENTS", chunk)
     b, h, hkv, lq, lk = 2, 4, 2, 9, 11
     q, k, v = rand_qkv(b, h, hkv, lq, lk, 8, seed=2)
     m = make_mask(mask, b, h, lq, lk)
@@ -575,7 +575,7 @@ def test_pooled_selection_equals_exact_on_separated_blocks(causal, opts):
                                   {"mode": "block", "block": 16, "density": 0.25, "head_density": [0.1]}])
 def test_no_n_by_n_tensor_new_paths(monkeypatch, opts):
     n, d = 1024, 16
-    monkeypatch.setattr(sparse, "CHUNK_ELEMENTS", 1 << 14)   # 16 query rows × 1024 keys per chunk
+    monkeypatch.setattr(sparse.scores, "CHUNK_ELEMENTS", 1 << 14)   # 16 query rows × 1024 keys per chunk
     q, k, v = (torch.randn(1, 1, n, d, requires_grad=True) for _ in range(3))
     pad = torch.ones(1, 1, 1, n, dtype=torch.bool)
     pad[..., -100:] = False

@@ -136,7 +136,7 @@ def test_gradcheck_with_dropout(case, causal):
 
 def test_sparse_chunks_replay_their_masks(monkeypatch):
     """One query row per checkpointed chunk: each chunk's recompute must see its own mask."""
-    monkeypatch.setattr(sparse, "CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr(sparse.scores, "CHUNK_ELEMENTS", 1)
     seed = torch.tensor(9)
     for case in ("sparse-topk", "sparse-window", "sparse-block"):
         assert torch.autograd.gradcheck(
