@@ -72,7 +72,7 @@ from .compute import FLEX_WINDOW, kept_blocks, reference
 
 def _kernel_template(params: tuple, causal: bool):
     """Which template covers a call with these op arguments (op_args' order): window → window
-    (its band as BEFORE/AFTER, and SINKS), top-k with an exact selection → topk, block →
+    (its band as BEFORE/AFTER, and SINKS), top-k with an exact selection → topk, block and heads →
     block_sparse on the blocks `kept_blocks` picks (blocks a multiple of 16)."""
     mode, _, window, sinks, band, block = params[:6]
     if mode == "window":
@@ -85,9 +85,9 @@ def _kernel_template(params: tuple, causal: bool):
             return None, (f"sparse mode=topk select={select}: its candidates come from pooled block "
                           "scores; the top-k template gathers an exact selection only")
         return "topk", ()
-    if mode == "block":
+    if mode in ("block", "heads"):
         if int(block) % 16:
-            return None, (f"sparse mode=block block={block}: the block-sparse kernel needs blocks that are a "
+            return None, (f"sparse mode={mode} block={block}: the block-sparse kernel needs blocks that are a "
                           "multiple of 16 (its tiles divide them, and a GPU dot takes at least 16 rows)")
         return "block_sparse", (("SPARSE_M", int(block)), ("SPARSE_N", int(block)))
     return None, f"sparse mode={mode!r} has no template"
@@ -106,7 +106,8 @@ def _kernel_extra(cfg, args, backward: bool) -> tuple:
 KERNEL = KernelPlan(_kernel_template, _kernel_extra)
 op = define_attention_op(OP_NAME, reference, "str mode, int top_k, int window, int sinks, str band, "
                                              "int block, float density, float mass, str select, "
-                                             "float[] head_density", fast=(FLEX_WINDOW,), kernel=KERNEL)
+                                             "float[] head_density, int[] head_pattern=[], int last=64",
+                         fast=(FLEX_WINDOW,), kernel=KERNEL)
 backward_op = BACKWARD_OPS[OP_NAME]
 
 
@@ -114,8 +115,7 @@ def op_args(site, options: dict) -> tuple:
     o = _options(options)
     return (str(o["mode"]), int(o["k"]), int(o["window"]), int(o["sinks"]), str(o["band"]),
             int(o["block"]), float(o["density"]), float(o["mass"]), str(o["select"]),
-            [float(x) for x in o["head_density"]])
-
+            [float(x) for x in o["head_density"]], [int(x) for x in o["head_pattern"]], int(o["last"]))
 
 
 VARIANT = Variant("sparse", OP_NAME, PARAMS, reference, op, op_args, diagnostics,

@@ -2,11 +2,14 @@
 per-head budgets, the pooled ranking from block means, and attention over gathered key blocks."""
 from __future__ import annotations
 
+import heapq
+import math
+
 import torch
 import torch.nn.functional as F
 
 from . import scores as S
-from .scores import NEG_INF, _apply_mask, _chunks, _dropout, _mask_rows, _scores, _softmax
+from .scores import NEG_INF, _apply_mask, _chunks, _dense_scores, _dropout, _mask_rows, _scores, _softmax
 
 
 def _block_keep(s, p, block: int, density: float, mass: float, n_keep=None):
@@ -276,3 +279,74 @@ def _select(plan: dict, o: dict, i0: int, i1: int):
 
 
 # ---------------------------------------------------------------- the reference
+
+
+# ---------------------------------------------------------------- per-head budgets from example inputs
+
+def block_masses(qc, kx, mask, causal: bool, scale: float, softcap: float, bs: int):
+    """The dense softmax mass of every (query block, key block), summed over the block's rows:
+    (B, H, nq, nk) in float64 (each row's mass sums to 1), chunked like the op."""
+    b, h, lq, _ = qc.shape
+    lk = kx.shape[-2]
+    nk = -(-lk // bs)
+    parts = []
+    for i0, i1 in _chunks(lq, b * h * lk, bs):
+        p = _softmax(_dense_scores(qc, kx, mask, scale, softcap, causal, i0, i1).double())
+        c, n = p.shape[-2:]
+        cq, nb = -(-c // bs), -(-n // bs)
+        pm = F.pad(p, (0, nb * bs - n, 0, cq * bs - c)).view(b, h, cq, bs, nb, bs).sum((3, 5))
+        parts.append(F.pad(pm, (0, nk - nb)))
+    return torch.cat(parts, -2)
+
+
+def ranked_mass(mass, rank, count):
+    """(cumulative mass of the best j blocks by `rank`, visible blocks per query block) for one
+    sequence: ((B, H, nq, nk + 1), (B, H, nq)) — one entry of head_curves' input."""
+    order = rank.argsort(-1, descending=True)
+    cum = F.pad(mass.gather(-1, order).cumsum(-1), (1, 0))
+    return cum, (count > 0).sum(-1).expand(*mass.shape[:2], -1)
+
+
+def head_curves(seqs):
+    """(densities (M,), blocks kept (H, M), mass kept (H, M), visible blocks (H,)) summed over the
+    sequences [(cum, visible)] of ranked_mass; the densities are every m/n_I (m ≤ n_I), where some
+    query block's ⌈d·n_I⌉ steps, and a head keeps _n_keep's ⌈d·n_I⌉ at each."""
+    sizes = sorted({int(x) for _, n in seqs for x in n.unique().tolist() if x > 0}) or [1]
+    dens = sorted({math.ceil(m / nb * 1e12) / 1e12 for nb in sizes for m in range(1, nb + 1)})
+    d = torch.tensor(dens, dtype=torch.float64).view(1, 1, -1, 1)
+    cost = gain = 0.0
+    for cum, n in seqs:
+        nn = n[:, :, None, :]
+        keep = torch.minimum(_ceil_share(d, nn).clamp(min=1), nn.clamp(min=1)).long()   # (B, H, M, nq)
+        got = cum[:, :, None].expand(*keep.shape, cum.shape[-1]).gather(-1, keep[..., None])[..., 0]
+        cost = cost + keep.sum(-1).sum(0).double()
+        gain = gain + got.sum(-1).sum(0)
+    visible = sum(n.sum((0, 2)) for _, n in seqs)
+    return dens, cost, gain, visible
+
+
+def spread_budget(heads, target: float) -> list[int]:
+    """Greedy shares of one block budget: heads [(cost curve, gain curve)] all start at step 0;
+    while the total cost stays ≤ target, the head whose next step adds the most gain per added
+    cost takes it. Returns each head's step."""
+    step = [0] * len(heads)
+    total = sum(cost[0] for cost, _ in heads)
+    queue = []
+
+    def offer(i):
+        cost, gain = heads[i]
+        j = step[i]
+        if j + 1 < len(cost):
+            dc, dg = cost[j + 1] - cost[j], gain[j + 1] - gain[j]
+            heapq.heappush(queue, (-dg / dc if dc > 0 else -math.inf, i))
+    for i in range(len(heads)):
+        offer(i)
+    while queue:
+        _, i = heapq.heappop(queue)
+        cost, j = heads[i][0], step[i]
+        if total + cost[j + 1] - cost[j] > target + 1e-9:
+            continue                                                   # this head stops here
+        total += cost[j + 1] - cost[j]
+        step[i] = j + 1
+        offer(i)
+    return step

@@ -11,10 +11,19 @@ from torch.utils.checkpoint import checkpoint
 from .. import flex
 from ..base import compute_dtype, expand_kv
 from ..impl import Implementation
+from . import heads
 from .blocks import _block_choice, _block_keep, _block_plan, _budget_chunks, _plan_rows, _pooled_out, _select
 from .options import MODE_KEYS, _ORDER
 from .scores import (NEG_INF, _apply_mask, _band, _chunks, _dense_scores, _dropout, _in_window, _mask_rows,
                      _normalise, _scores, _softmax, _take, _window_keys)
+
+
+def selection_plan(qc, kx, mask, causal: bool, o: dict, scale: float, softcap: float) -> dict | None:
+    """What a call needs once before its chunks: mode=heads' per-head selection, or block and topk's
+    (select=pooled, per-head densities); None when each chunk selects on its own."""
+    if o["mode"] == "heads":
+        return heads.plan(qc, kx, mask, causal, o, scale, softcap)
+    return _block_plan(qc, kx, mask, causal, o, scale, softcap)
 
 
 def _chunk_out(q, kx, vx, mask, scale, softcap, causal, dropout_p, o, i0, i1, n_keep=None):
@@ -51,15 +60,17 @@ def _row_chunks(q, kx, vx_dim, o, causal, plan=None):
 
 def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float,
               mode: str, top_k: int, window: int, sinks: int, band: str, block: int,
-              density: float, mass: float, select: str = "exact", head_density=()):
-    o = dict(zip(_ORDER, (mode, top_k, window, sinks, band, block, density, mass, select, tuple(head_density))))
+              density: float, mass: float, select: str = "exact", head_density=(), head_pattern=(),
+              last: int = 64):
+    o = dict(zip(_ORDER, (mode, top_k, window, sinks, band, block, density, mass, select, tuple(head_density),
+                          tuple(head_pattern), last)))
     if mode not in MODE_KEYS:
         raise ValueError(f"sparse: unknown mode {mode!r}")
     cdt = compute_dtype(q.dtype)               # half inputs computed in fp32
     qc, kx, vx = q.to(cdt), expand_kv(q, k).to(cdt), expand_kv(q, v).to(cdt).contiguous()
     lq, lk = qc.shape[-2], kx.shape[-2]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    plan = _block_plan(qc, kx, mask, causal, o, scale, softcap) if lq and lk else None
+    plan = selection_plan(qc, kx, mask, causal, o, scale, softcap) if lq and lk else None
     chunks = _row_chunks(qc, kx, vx.shape[-1], o, causal, plan)
     if plan is not None and plan["pooled"]:    # queries, keys and values padded to whole blocks, once
         qc, kx, vx = (F.pad(x, (0, 0, 0, -x.shape[-2] % block)) for x in (qc, kx, vx))
@@ -82,17 +93,19 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
 
 def kept_blocks(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float,
                 mode: str, top_k: int, window: int, sinks: int, band: str, block: int,
-                density: float, mass: float, select: str = "exact", head_density=()):
-    """Block mode's selection alone, as `reference` makes it: (B, H, ⌈Lq/block⌉, ⌈Lk/block⌉) bool,
+                density: float, mass: float, select: str = "exact", head_density=(), head_pattern=(),
+                last: int = 64):
+    """Block (and heads) mode's selection alone, as `reference` makes it: (B, H, ⌈Lq/block⌉, ⌈Lk/block⌉) bool,
     the key blocks each query block keeps (the same chunks, ranking and budgets; no output).
     The block-sparse kernel runs on it (KERNEL below)."""
-    o = dict(zip(_ORDER, (mode, top_k, window, sinks, band, block, density, mass, select, tuple(head_density))))
+    o = dict(zip(_ORDER, (mode, top_k, window, sinks, band, block, density, mass, select, tuple(head_density),
+                          tuple(head_pattern), last)))
     cdt = compute_dtype(q.dtype)
     with torch.no_grad():
         qc, kx = q.to(cdt), expand_kv(q, k).to(cdt)
         (b, h, lq, _), lk = qc.shape, kx.shape[-2]
         keep = torch.zeros(b, h, -(-lq // block), -(-lk // block), dtype=torch.bool, device=q.device)
-        plan = _block_plan(qc, kx, mask, causal, o, scale, softcap) if lq and lk else None
+        plan = selection_plan(qc, kx, mask, causal, o, scale, softcap) if lq and lk else None
         if plan is not None and plan["pooled"]:
             return keep.scatter_(-1, plan["idx"], plan["valid"])
         for i0, i1 in _row_chunks(qc, kx, v.shape[-1], o, causal, plan):

@@ -2,15 +2,15 @@
 the retained-mass diagnostics."""
 from __future__ import annotations
 
-import heapq
 import math
 
 import torch
-import torch.nn.functional as F
 
 from ..base import compute_dtype, expand_kv, is_causal_mask
-from .blocks import (_block_keep, _block_means, _block_plan, _block_stats, _ceil_share, _plan_rows,
-                     _pooled_offset, _select)
+from .blocks import (_block_keep, _block_means, _block_stats, _plan_rows, _pooled_offset, _select,
+                     block_masses, head_curves, ranked_mass, spread_budget)
+from . import heads
+from .compute import selection_plan
 from .options import MODE_KEYS, _options
 from .scores import NEG_INF, _chunks, _dense_scores, _in_window, _scores, _softmax
 
@@ -34,15 +34,18 @@ def prepare(site, samples, options: dict) -> dict:
         keys += ("select",) + (("block", "density") if o["mode"] == "topk" else ())
     if o["budget"] == "global" and o["mode"] == "block":        # share_budget adds head_density
         keys += ("budget",)
-    return {"mode": o["mode"], **{key: o[key] for key in keys}}
+    out = {"mode": o["mode"], **{key: o[key] for key in keys}}
+    if o["mode"] == "heads" and samples:                        # a pattern and a density per head
+        out["head_pattern"], out["head_density"] = heads.calibrate(samples, o)
+    return out
 
 
 def needs_samples(site, options: dict) -> bool:
     """Whether planning reads the site's captured values beyond what a mask needs (the pipeline
-    captures every masked site): `budget=global` measures per-head curves on them. Otherwise the
+    captures every masked site): `budget=global` and mode=heads measure per-head curves on them. Otherwise the
     site record is enough, and with the check off the pipeline plans without running the model."""
     o = _options(options)
-    return o["mode"] == "block" and o["budget"] == "global"
+    return o["mode"] == "heads" or (o["mode"] == "block" and o["budget"] == "global")
 
 
 def auto_ladder(site, options: dict) -> list[dict]:
@@ -50,7 +53,7 @@ def auto_ladder(site, options: dict) -> list[dict]:
     o = _options(options)
     lk = site.kv_len if isinstance(site.kv_len, int) else None
     lq = site.q_len if isinstance(site.q_len, int) else None
-    if o["mode"] == "block":                  # per-head densities (budget=global) scale with the rung
+    if o["mode"] in ("block", "heads"):       # per-head densities (budget=global, heads) scale with the rung
         def rung(d, **more):
             hd = [min(1.0, x * d / o["density"]) for x in o["head_density"]] if d < 1 else []
             return {"density": d, **more, **({"head_density": hd} if o["head_density"] else {})}
@@ -76,9 +79,9 @@ def share_budget(planned: dict, seen: dict) -> dict:
     the blocks the op would keep (_n_keep's rule, the same as budget=uniform's) and the softmax
     mass they hold, ranked as the op ranks them. Every head starts at one block per query block;
     then, while the blocks kept stay within density × the visible blocks of all of them, the head
-    whose next step adds the most mass per added block takes it. So the total never exceeds the
-    target (uniform's ⌈·⌉ can) and falls short of it by less than one step of one head. Each such
-    site's options gain `head_density` (one per query head).
+    whose next step adds the most mass per added block takes it (blocks.spread_budget). So the
+    total never exceeds the target (uniform's ⌈·⌉ can) and falls short of it by less than one step
+    of one head. Each such site's options gain `head_density` (one per query head).
     """
     ids = [sid for sid, o in planned.items()
            if o.get("mode") == "block" and o.get("budget") == "global" and sid in seen]
@@ -87,35 +90,18 @@ def share_budget(planned: dict, seen: dict) -> dict:
         o = _options(planned[sid])
         dens, cost, gain, visible = _head_curves(seen[sid][1], o)
         target += o["density"] * float(visible.sum())
-        heads += [[sid, dens, cost[h].tolist(), gain[h].tolist(), 0] for h in range(cost.shape[0])]
-    total = sum(hd[2][0] for hd in heads)
-    queue = []
-
-    def offer(i):
-        _, _, cost, gain, j = heads[i]
-        if j + 1 < len(cost):
-            dc, dg = cost[j + 1] - cost[j], gain[j + 1] - gain[j]
-            heapq.heappush(queue, (-dg / dc if dc > 0 else -math.inf, i))
-    for i in range(len(heads)):
-        offer(i)
-    while queue:
-        _, i = heapq.heappop(queue)
-        j, cost = heads[i][4], heads[i][2]
-        if total + cost[j + 1] - cost[j] > target + 1e-9:
-            continue                                                   # this head stops here
-        total += cost[j + 1] - cost[j]
-        heads[i][4] = j + 1
-        offer(i)
+        heads += [(sid, dens, cost[h].tolist(), gain[h].tolist()) for h in range(cost.shape[0])]
+    steps = spread_budget([(c, g) for _, _, c, g in heads], target)
     out = dict(planned)
     for sid in ids:
-        out[sid] = {**planned[sid], "head_density": [hd[1][hd[4]] for hd in heads if hd[0] == sid]}
+        out[sid] = {**planned[sid], "head_density": [d[j] for (s, d, _, _), j in zip(heads, steps) if s == sid]}
     return out
 
 
 def _head_curves(samples, o: dict):
     """(densities (M,), blocks kept (H, M), mass kept (H, M), visible blocks (H,)) over every
-    sequence of `samples`; the densities are every m/n_I (m ≤ n_I), where some query block's
-    ⌈d·n_I⌉ steps. Mass is summed over rows (each row's softmax sums to 1); p in float64."""
+    sequence of `samples`, each head's blocks ranked as the op ranks them (select=exact: by their
+    dense mass; pooled: by the pooled logit)."""
     bs = o["block"]
     seqs = []
     for smp in samples:
@@ -123,37 +109,14 @@ def _head_curves(samples, o: dict):
         scale, softcap = smp["scale"], smp["softcap"]
         cdt = compute_dtype(q.dtype)
         qc, kx = q.detach().to(cdt), expand_kv(q, k).detach().to(cdt)
-        b, h, lq, _ = qc.shape
-        lk = kx.shape[-2]
-        nk = -(-lk // bs)
         with torch.no_grad():
-            count, bias = _block_stats(mask, causal, lq, lk, bs, q.device)
-            parts = []
-            for i0, i1 in _chunks(lq, b * h * lk, bs):
-                p = _softmax(_dense_scores(qc, kx, mask, scale, softcap, causal, i0, i1).double())
-                c, n = p.shape[-2:]
-                cq, nb = -(-c // bs), -(-n // bs)
-                pm = F.pad(p, (0, nb * bs - n, 0, cq * bs - c)).view(b, h, cq, bs, nb, bs).sum((3, 5))
-                parts.append(F.pad(pm, (0, nk - nb)))
-            mass = torch.cat(parts, -2)                                  # (B, H, nq, nk)
+            count, bias = _block_stats(mask, causal, qc.shape[-2], kx.shape[-2], bs, q.device)
+            mass = block_masses(qc, kx, mask, causal, scale, softcap, bs)
             rank = mass
             if o["select"] == "pooled":
                 rank = _scores(_block_means(qc, bs), _block_means(kx, bs), scale, softcap) + _pooled_offset(count, bias)
-            order = rank.argsort(-1, descending=True)
-            cum = F.pad(mass.gather(-1, order).cumsum(-1), (1, 0))       # mass of the best j blocks
-            seqs.append((cum, (count > 0).sum(-1).expand(b, h, -1)))
-    sizes = sorted({int(x) for _, n in seqs for x in n.unique().tolist() if x > 0}) or [1]
-    dens = sorted({math.ceil(m / nb * 1e12) / 1e12 for nb in sizes for m in range(1, nb + 1)})
-    d = torch.tensor(dens, dtype=torch.float64).view(1, 1, -1, 1)
-    cost = gain = 0.0
-    for cum, n in seqs:
-        nn = n[:, :, None, :]
-        keep = torch.minimum(_ceil_share(d, nn).clamp(min=1), nn.clamp(min=1)).long()   # (B, H, M, nq)
-        got = cum[:, :, None].expand(*keep.shape, cum.shape[-1]).gather(-1, keep[..., None])[..., 0]
-        cost = cost + keep.sum(-1).sum(0).double()
-        gain = gain + got.sum(-1).sum(0)
-    visible = sum(n.sum((0, 2)) for _, n in seqs)
-    return dens, cost, gain, visible
+            seqs.append(ranked_mass(mass, rank, count))
+    return head_curves(seqs)
 
 
 def _omega(s, o: dict, i0, i1, lq, lk, causal, n_keep=None, chosen=None):
@@ -165,7 +128,7 @@ def _omega(s, o: dict, i0, i1, lq, lk, causal, n_keep=None, chosen=None):
         bs, nk = o["block"], -(-lk // o["block"])
         blocks = torch.zeros(*idx.shape[:-1], nk, dtype=torch.bool, device=s.device).scatter_(-1, idx, valid)
         cand = blocks.repeat_interleave(bs, -2)[..., :s.shape[-2], :].repeat_interleave(bs, -1)[..., :n]
-        if o["mode"] == "block":
+        if o["mode"] in ("block", "heads"):
             return cand
         s = s.masked_fill(~cand, NEG_INF)     # topk among the candidates (a pick scoring −inf keeps nothing)
     if o["mode"] == "topk":
@@ -193,7 +156,7 @@ def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:
     total = torch.zeros(h, dtype=torch.float64)
     rows = torch.zeros(h, dtype=torch.float64)
     gap, kept = 0.0, 0.0
-    plan = _block_plan(qc, kx, mask, causal, o, scale, softcap) if lq and kx.shape[-2] else None
+    plan = selection_plan(qc, kx, mask, causal, o, scale, softcap) if lq and kx.shape[-2] else None
     align = o["block"] if o["mode"] == "block" or plan is not None else 1
     with torch.no_grad():
         for i0, i1 in _chunks(lq, b * h * kx.shape[-2], align):
@@ -221,7 +184,8 @@ def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:
             "retained_mass_min_per_head": per_min,
             "retained_mass_mean_per_head": per_mean,
             "l1_identity_gap": gap,
-            "kept_keys_mean": kept / n if n else 0.0}
+            "kept_keys_mean": kept / n if n else 0.0,
+            **({"head_pattern": heads.pattern_names(heads.head_patterns(o, h))} if o["mode"] == "heads" else {})}
 
 
 # ---------------------------------------------------------------- ONNX lowering
