@@ -152,7 +152,7 @@ def test_conv_basis_matmul_flops_match_flop_counter(n, causal, options, path, mo
     and FFTs (not counted) on the FFT path — forced at small n by moving the threshold in
     both the reference and the model."""
     if path == "fft":
-        monkeypatch.setattr(conv_basis, "DENSE_MAX_N", 0)
+        monkeypatch.setattr(conv_basis.convolve, "DENSE_MAX_N", 0)
         monkeypatch.setattr(costing, "CONV_DENSE_MAX_N", 0)
     site = make_site(hkv=2, lq=n, d=8, causal=causal)
     q, k, v = qkv(site)

@@ -37,7 +37,7 @@ def qkv(b=2, h=2, hkv=2, n=24, d=8, dtype=torch.float64, spread=1.0, seed=0):
 @pytest.fixture(params=["dense", "fft"])
 def path(request, monkeypatch):
     """Run a test on both ways of applying H̃: built densely (short n) and by FFT (long n)."""
-    monkeypatch.setattr(cb, "DENSE_MAX_N", 10_000 if request.param == "dense" else 0)
+    monkeypatch.setattr(cb.convolve, "DENSE_MAX_N", 10_000 if request.param == "dense" else 0)
     return request.param
 
 
@@ -142,12 +142,12 @@ def test_rows_far_below_the_global_max_fall_back_to_exact(monkeypatch):
     """A 40-logit spread: without the fallback those rows are FFT noise; with it, exact."""
     q, k, v = qkv(b=1, h=1, hkv=1, n=48, d=8, spread=1.0, seed=3)
     q = q * torch.linspace(0.05, 14, 48, dtype=torch.float64)[None, None, :, None]   # row scales differ a lot
-    monkeypatch.setattr(cb, "DENSE_MAX_N", 0)                     # the FFT path is where the noise is
+    monkeypatch.setattr(cb.convolve, "DENSE_MAX_N", 0)            # the FFT path is where the noise is
     out, ref, stats = run(q, k, v, causal=True, kk=48)
     assert stats["fallback_rows"] > 0
     rows = ((out - ref).norm(dim=-1) / ref.norm(dim=-1)).max().item()
     assert rows < 1e-6 and rel(ref, out) < 1e-8                   # RELIABLE = 1e6: six digits per row
-    monkeypatch.setattr(cb, "RELIABLE", 0.0)
+    monkeypatch.setattr(cb.compute, "RELIABLE", 0.0)
     noisy, _, stats0 = run(q, k, v, causal=True, kk=48)
     assert stats0["fallback_rows"] < stats["fallback_rows"] and rel(ref, noisy) > 1e3 * rel(ref, out)
 
@@ -266,7 +266,7 @@ def test_dense_and_fft_paths_compute_the_same_matrix(monkeypatch, causal):
     mask[1, ..., 33:] = False
     outs = []
     for dense_max in (10_000, 0):
-        monkeypatch.setattr(cb, "DENSE_MAX_N", dense_max)
+        monkeypatch.setattr(cb.convolve, "DENSE_MAX_N", dense_max)
         out, ref, stats = run(q, k, v, mask=mask, causal=causal, kk=5)
         outs.append(out)
         # the independent basis-error diagnostic sees the same H̃ the output used (no fallback rows here)
@@ -289,7 +289,7 @@ def test_float32_fast_path_k_equal_n_matches_exact(monkeypatch, causal, spread):
     """k = n in float32 by FFT: the reliability test keeps every row within 1e-3 of exact attention
     (RELIABLE_F32 = 1e3 against float32's round-off: three digits in the worst case), the whole
     output within 1e-4; a spread of 3 (scaled logits up to ~±30) makes rows fall back."""
-    monkeypatch.setattr(cb, "DENSE_MAX_N", 0)
+    monkeypatch.setattr(cb.convolve, "DENSE_MAX_N", 0)
     q, k, v = qkv(n=200, d=16, dtype=torch.float32, spread=spread, seed=1)
     mask = padded(200)
     stats: dict = {}
@@ -299,7 +299,7 @@ def test_float32_fast_path_k_equal_n_matches_exact(monkeypatch, causal, spread):
     rows = (out.double() - ref).norm(dim=-1)[live] / ref.norm(dim=-1)[live]
     assert out.dtype == torch.float32 and rows.max() < 1e-3 and rel(ref, out) < 1e-4
     assert (stats["fallback_rows"] > 0) == (spread > 1)
-    monkeypatch.setattr(cb, "RELIABLE_F32", 0.0)                 # without the fallback: visibly worse rows
+    monkeypatch.setattr(cb.compute, "RELIABLE_F32", 0.0)         # without the fallback: visibly worse rows
     noisy = cb._attend(q, k, v, mask, 0.25, 0.0, causal, 0.0, 200, "norm", 0.0, precision="float32")
     if spread > 1:
         assert ((noisy.double() - ref).norm(dim=-1)[live] / ref.norm(dim=-1)[live]).max() > 2 * rows.max()
@@ -310,7 +310,7 @@ def test_float32_and_float64_paths_agree_at_small_k(monkeypatch, causal):
     """Same starts, same H̃: float32 transforms differ from float64 ones by round-off only (≤ 1e-5),
     while the approximation itself is far from exact at k = 4 (> 0.1). auto picks float32 for
     float32 inputs on the FFT path and float64 for float64 inputs."""
-    monkeypatch.setattr(cb, "DENSE_MAX_N", 0)
+    monkeypatch.setattr(cb.convolve, "DENSE_MAX_N", 0)
     q, k, v = qkv(n=200, d=16, dtype=torch.float32, spread=1.0, seed=2)
     mask = padded(200)
     args = (q, k, v, mask, 0.25, 0.0, causal, 0.0, 4, [0, 30, 77, 150], 0.0)

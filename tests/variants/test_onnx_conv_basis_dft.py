@@ -1,4 +1,4 @@
-"""conv-basis's DFT lowering (`conv_basis._onnx_dft`): float32 overlap-save through the ONNX `DFT` op.
+"""conv-basis's DFT lowering (`conv_basis.onnx_dft`): float32 overlap-save through the ONNX `DFT` op.
 
 * Hand-built graphs (inputs q/k/v[/m], the only computation `onnx_lower`), the DFT path forced at
   small n (`ONNX_DFT_MIN_N` patched): onnxruntime matches the PyTorch reference op with
@@ -105,7 +105,7 @@ CASES = {  # id: (n, graph/input keywords)
 
 @pytest.mark.parametrize("case", CASES)
 def test_matches_reference(case, monkeypatch):
-    monkeypatch.setattr(cb, "ONNX_DFT_MIN_N", 1)
+    monkeypatch.setattr(cb.onnx_lowering, "ONNX_DFT_MIN_N", 1)
     n, kw = CASES[case]
     kw = dict(kw)
     qmul, opts = kw.pop("qmul", 1.0), kw.get("opts") or {}
@@ -129,7 +129,7 @@ def test_matches_reference(case, monkeypatch):
 
 
 def test_fully_padded_batch_gives_zeros(monkeypatch):
-    monkeypatch.setattr(cb, "ONNX_DFT_MIN_N", 1)
+    monkeypatch.setattr(cb.onnx_lowering, "ONNX_DFT_MIN_N", 1)
     model = _graph(23, mask="bool")
     feeds = _inputs(23, mask="bool")
     feeds["m"][1] = False
@@ -140,7 +140,7 @@ def test_fully_padded_batch_gives_zeros(monkeypatch):
 
 def test_dynamic_length_takes_either_path(monkeypatch):
     """One model, symbolic n: the `If` runs the dense lowering below the threshold, the DFT one from it."""
-    monkeypatch.setattr(cb, "ONNX_DFT_MIN_N", 40)
+    monkeypatch.setattr(cb.onnx_lowering, "ONNX_DFT_MIN_N", 40)
     model = _graph("n", mask="bool")
     assert [x.op_type for x in model.graph.node].count("If") == 1
     for n, precision in ((31, "auto"), (47, "float32"), (601, "float32")):   # 601: the per-row-block estimate
@@ -150,19 +150,19 @@ def test_dynamic_length_takes_either_path(monkeypatch):
 
 def test_no_square_tensor(monkeypatch):
     """Shape inference on static graphs: no (…, n, n) value or initializer (k < n)."""
-    monkeypatch.setattr(cb, "ONNX_DFT_MIN_N", 1)
+    monkeypatch.setattr(cb.onnx_lowering, "ONNX_DFT_MIN_N", 1)
     n = 100
     for kw in ({"causal": True, "mask": "bool"}, {"mask": "add"}, {}):
         model = _graph(n, opts={"k": 6}, **kw)
         inferred = onnx.shape_inference.infer_shapes(model)
         assert sum(bool(vi.type.tensor_type.shape.dim) for vi in inferred.graph.value_info) > 50
         assert _square_shapes(model, n) == [], kw
-    monkeypatch.setattr(cb, "ONNX_DFT_MIN_N", n + 1)
+    monkeypatch.setattr(cb.onnx_lowering, "ONNX_DFT_MIN_N", n + 1)
     assert _square_shapes(_graph(n, causal=True), n)      # the dense lowering has them: the check can fail
 
 
 def test_dispatch(monkeypatch):
-    monkeypatch.setattr(cb, "ONNX_DFT_MIN_N", 50)
+    monkeypatch.setattr(cb.onnx_lowering, "ONNX_DFT_MIN_N", 50)
     ops = lambda m: {x.op_type for x in m.graph.node}     # noqa: E731
     assert "DFT" in ops(_graph(50, causal=True))
     assert "DFT" not in ops(_graph(49, causal=True))
@@ -172,7 +172,7 @@ def test_dispatch(monkeypatch):
 
 def test_dynamo_causal_export_has_no_square_tensor(monkeypatch):
     """The export's constant causal mask becomes the flag; every site lowered through DFT."""
-    monkeypatch.setattr(cb, "ONNX_DFT_MIN_N", 1)
+    monkeypatch.setattr(cb.onnx_lowering, "ONNX_DFT_MIN_N", 1)
     n = 80
     x = {"x": np.random.default_rng(0).standard_normal((1, n, 32)).astype(np.float32)}
     r = attnrewrite.rewrite(_dynamo_causal(n), "conv_basis", example_inputs=x, check=False, k=4)
