@@ -192,12 +192,12 @@ def define_attention_op(name: str, reference, extra_schema: str = "", fast: tupl
     qualname = f"{NAMESPACE}::{name}"
     ops = getattr(torch.ops, NAMESPACE)
     fwd, bwd = getattr(ops, name).default, getattr(ops, f"{name}_backward").default
-    n_args = len(fwd._schema.arguments)
+    defaults = [a.default_value if a.has_default_value() else None for a in fwd._schema.arguments]
 
     def split(args):
         """(the reference's arguments, dropout_p, dropout_seed, out_map); the dispatcher leaves
-        out trailing arguments equal to their defaults."""
-        args = (*args, *[None] * (n_args - len(args)))
+        out trailing arguments equal to their defaults, which come back here."""
+        args = (*args, *defaults[len(args):])
         return args[:-2], args[7], args[-2], args[-1]
 
     impls = impl.table(reference, tuple(fast), kernel)

@@ -19,6 +19,7 @@ from attnrewrite.backend import compile_backend
 from attnrewrite.cli import main
 from attnrewrite.variants import sparse
 from attnrewrite.variants.sparse import heads
+from test_onnx_speed_lowerings import BOUND, _check, _graph, _inputs, _rel, _run  # noqa: E402 - ORT against the reference
 
 F64 = torch.float64
 
@@ -200,22 +201,46 @@ def test_cli_on_a_saved_program(tmp_path):
     assert main([str(path), "--variant", "sparse", "--set", "mode=heads", "--set", "patterns=diagonal"]) == 2
 
 
-def test_onnx(tmp_path):
+def test_onnx_front_end(tmp_path):
     m, x = causal_model()
     path = tmp_path / "m.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(m, (x,), str(path), input_names=["x"], dynamo=False, opset_version=17)
-    for density, exact_limit in ((1.0, True), (0.5, False)):
+        torch.onnx.export(m, (x,), str(path), input_names=["x"], dynamo=True, opset_version=18)
+    for density in (1.0, 0.5):
         r = attnrewrite.rewrite(str(path), "sparse", example_inputs={"x": x.numpy()}, mode="heads", block=16,
                                 density=density)
         site = r.report["sites"][0]
         assert site["status"] == "rewritten", site
-        assert (site["check"]["rel_err"] <= 1e-5) == exact_limit, site["check"]
-        torch_side = attnrewrite.rewrite(torch.export.export(m, (x,)), "sparse", mode="heads", block=16,
-                                         density=density).report["sites"][0]
-        assert site["options"]["head_pattern"] == torch_side["options"]["head_pattern"]
-        assert abs(site["check"]["rel_err"] - torch_side["check"]["rel_err"]) <= 1e-4
+        assert len(site["options"]["head_pattern"]) == 4
+        assert (site["check"]["rel_err"] <= 1e-5) == (density == 1.0), site["check"]
+
+
+HEADS = {  # id: (options, lq, lk, extra keywords) — the lowering in onnxruntime against the reference
+    "mixed-causal-gqa": ({"block": 8, "density": 0.4, "last": 5, "head_pattern": [0, 1, 2, 1]}, 45, 45,
+                         {"causal": True, "heads": 4, "kv_heads": 2}),
+    "bidirectional": ({"block": 8, "density": 0.4, "last": 7, "head_pattern": [1, 0]}, 40, 40, {}),
+    "cross": ({"block": 8, "density": 0.5, "head_pattern": [1, 2]}, 30, 45, {"causal": True}),
+    "mass-guard": ({"block": 8, "density": 1.0, "mass": 0.5, "head_pattern": [2, 2]}, 37, 37, {"causal": True}),
+    "softcap": ({"block": 8, "density": 0.3, "head_pattern": [2, 1], "head_density": [0.2, 0.5]}, 41, 41,
+                {"causal": True, "softcap": 2.0}),
+}
+
+
+@pytest.mark.parametrize("config", HEADS)
+def test_onnx_lowering_matches_reference(config):
+    opts, lq, lk, kw = HEADS[config]
+    assert _check(sparse, {"mode": "heads", **opts}, lq, lk, **kw) <= BOUND
+
+
+@pytest.mark.parametrize("density,exact_limit", [(1.0, True), (0.25, False)])
+def test_onnx_lowering_keeping_every_block_is_exact(density, exact_limit):
+    o = {"mode": "heads", "block": 8, "density": density, "head_pattern": [0, 1]}
+    feeds = _inputs(37, 37)
+    got = next(iter(_run(_graph(sparse, o, 37, 37, causal=True), feeds).values()))
+    t = [torch.from_numpy(feeds[k]) for k in ("q", "k", "v")]
+    want = attnrewrite.variants.exact.reference(*t, None, 0.3, 0.0, True, 0.0).numpy()
+    assert (_rel(want, got) <= BOUND) == exact_limit
 
 
 def test_compile_backend():

@@ -52,10 +52,12 @@ WINDOW, VSLASH, BLOCKS = range(len(PATTERNS))
 
 def window_rank(nq: int, nk: int, lq: int, lk: int, bs: int, device):
     """(nq, nk): the block of query block I's last diagonal key (i' = i + Lk − Lq) first, the block
-    before it, the sink block, then the others by their distance from the first."""
+    before it, the sink block, then the others by their distance from the first (those behind it
+    first: no two blocks rank alike, so every TopK keeps the same ones)."""
     i_last = (torch.arange(nq, device=device) * bs + bs - 1).clamp(max=lq - 1) + (lk - lq)
     diag = (i_last.clamp(min=0) // bs).clamp(max=nk - 1)
-    z = -(torch.arange(nk, device=device)[None, :] - diag[:, None]).abs().to(torch.float32)
+    after = torch.arange(nk, device=device)[None, :] - diag[:, None]
+    z = -after.abs().to(torch.float32) - 0.25 * (after > 0)              # (behind the diagonal before ahead)
     return torch.where(z > -2, z, z.masked_fill(torch.arange(nk, device=device) == 0, -1.5))
 
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-from onnx import helper
 
 from ...passes import onnx_rewrite as R
-from .blocks import _block_stats, _n_keep
+from .onnx_blocks import heads_block, pooled_block, topk
 from .options import MODE_KEYS, _options
 
 
@@ -16,7 +14,7 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
     """Standard ONNX ops (onnxruntime CPU).
 
     window, and block with select=pooled, score only the keys they keep (`_onnx_window`,
-    `_onnx_pooled_block`: no (Lq, Lk) tensor); a short window (c + band + sinks ≥ a static Lk)
+    `onnx_blocks.pooled_block`: no (Lq, Lk) tensor; mode=heads too); a short window (c + band + sinks ≥ a static Lk)
     and the other modes build the full score matrix and mask it:
       topk    TopK over keys with k' = Min(k, Lk) at run time; the threshold is the k'-th value,
               and every score ≥ it is kept. Ties at the threshold therefore keep *all* tied keys
@@ -46,7 +44,9 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
     if o["mode"] == "window" and not _onnx_window_dense(site, o, causal):
         return b.cast(_onnx_window(b, site, q, k, v, mask, o, causal), out_dt)
     if o["mode"] == "block" and o["select"] == "pooled":
-        return b.cast(_onnx_pooled_block(b, site, q, k, v, mask, o, causal), out_dt)
+        return b.cast(pooled_block(b, site, q, k, v, mask, o, causal), out_dt)
+    if o["mode"] == "heads":
+        return b.cast(heads_block(b, site, q, k, v, mask, o, causal), out_dt)
     if o["select"] == "pooled" or o["head_density"]:
         raise R.Unsupported(f"sparse {o['mode']}: select=pooled / per-head densities have no ONNX lowering here")
     s = R.decomposed_scores(b, site, q, k, mask, causal)          # mask and causal before selection
@@ -54,7 +54,7 @@ def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
     i64 = lambda x: b.const(np.array(x, np.int64))                # noqa: E731 - a 0-d int64
     if o["mode"] == "topk":
         kk = b.op("Min", b.ints(int(o["k"])), b.shape_of(s, 3, 4))   # k clamped to the run-time Lk
-        top = _onnx_topk(b, s, kk)
+        top = topk(b, s, kk)
         kth = b.op("Slice", top, b.ints(-1), b.ints(np.iinfo(np.int64).max), b.ints(-1))
         s = b.op("Where", b.op("GreaterOrEqual", s, kth, dtype=TP.BOOL), s, ninf)
     elif o["mode"] == "window":                                   # short: the band over the dense scores
@@ -185,113 +185,6 @@ def _onnx_window_mask(b, q, mask, jc, c, nq1, ns1):
     return g
 
 
-def _onnx_pooled_block(b, site, q, k, v, mask, o, causal: bool) -> str:
-    """Block mode with select=pooled as gathered block attention: O(Lq·kb·block·D), kb the most
-    key blocks any query block keeps, never an (Lq, Lk) tensor.
-
-    The rank is the reference's pooled logit (`_pooled_select`): block means of q and k, scaled
-    and soft-capped, plus log(visible pairs) and the mean bias. The per-block pair counts, bias
-    and budgets depend only on the lengths and the mask, so for static lengths with no mask or
-    a constant causal one they are the reference's own (`_block_stats`, `_n_keep`), computed
-    once here and stored as constants; the TopK over the pooled logits runs in the graph. Each
-    query block then gathers its chosen key (and value) blocks from (B·H·nk, block·D) views,
-    scores them, masks keys past Lk, unchosen slots and the causal pattern, and attends.
-    A constant causal mask is taken as the causal flag, as the reference sees it with
-    `causal=True` and no mask (with finfo.min fills the reference would sum them into the bias).
-    """
-    TP, I64 = R.TensorProto, R.TensorProto.INT64
-    lq, lk = site.q_len, site.kv_len
-    if not (isinstance(lq, int) and isinstance(lk, int) and lq > 0 and lk > 0):
-        raise R.Unsupported("sparse block select=pooled: ONNX needs static sequence lengths")
-    if o["head_density"]:
-        raise R.Unsupported("sparse block: per-head densities (budget=global) have no ONNX lowering")
-    if mask is not None:
-        if causal or not R.constant_causal(b, mask):
-            raise R.Unsupported("sparse block select=pooled: ONNX supports no mask or a constant causal one")
-        causal = True                  # the constant causal mask as the flag: counts are the causal pattern's
-    bs = int(o["block"])
-    nq, nk = -(-lq // bs), -(-lk // bs)
-    with torch.no_grad():
-        count, bias = _block_stats(None, causal, lq, lk, bs, "cpu")
-        n_keep = _n_keep(count, o, site.heads if isinstance(site.heads, int) else 1)
-    dt = b.dtype(q)
-    np_dt = R.helper.tensor_dtype_to_np_dtype(dt)
-    i64 = lambda x: b.const(np.array(x, np.int64))                 # noqa: E731 - a 0-d int64
-    scale = R.resolve_scale(b, site)
-
-    def blocks(x, n, nb):                                          # (B, H, n, D) → (B, H, nb, bs, D), zero-padded
-        x = b.op("Pad", x, b.ints(0, 0, 0, 0, 0, 0, nb * bs - n, 0), b.scalar_like(0.0, x))
-        return b.op("Reshape", x, b.ints(0, 0, nb, bs, -1))
-
-    def means(xb, n, nb):
-        sizes = np.minimum(bs, n - np.arange(nb) * bs).astype(np_dt).reshape(nb, 1)
-        return b.op("Div", b.op("ReduceSum", xb, b.ints(3), keepdims=0), b.const(sizes))
-
-    qb, kb_, vb = blocks(q, lq, nq), blocks(k, lk, nk), blocks(v, lk, nk)
-    z = b.op("MatMul", b.op("Mul", means(qb, lq, nq), b.scalar_like(scale, q)),
-             b.op("Transpose", means(kb_, lk, nk), perm=[0, 1, 3, 2]))          # (B, H, nq, nk)
-    if site.softcap:
-        cap = b.scalar_like(float(site.softcap), z)
-        z = b.op("Mul", b.op("Tanh", b.op("Div", z, cap)), cap)
-    cnt = count.double().numpy()
-    extra = np.log(cnt, where=cnt > 0, out=np.full_like(cnt, -np.inf))
-    if bias is not None:
-        extra = extra + np.where(cnt > 0, bias.double().numpy() / np.maximum(cnt, 1), 0.0)
-    z = b.op("Add", z, b.const(extra.astype(np_dt)))
-    kb = int(n_keep.max())
-    top, idx = _onnx_topk(b, z, b.ints(kb), indices=True)                         # (B, H, nq, kb)
-    valid = b.op("And", b.op("Less", b.const(np.arange(kb, dtype=np.int64)), b.const(n_keep.numpy()), dtype=TP.BOOL),
-                 b.op("Greater", top, b.scalar_like(-math.inf, top), dtype=TP.BOOL), dtype=TP.BOOL)
-    if o["mass"] < 1.0:
-        lse = b.op("ReduceLogSumExp", z, b.ints(-1), keepdims=1) if b.opset >= 18 else \
-            b.op("ReduceLogSumExp", z, axes=[-1], keepdims=1)
-        lse = b.op("Where", b.op("IsInf", lse, dtype=TP.BOOL), b.scalar_like(0.0, lse), lse)
-        share = b.op("Where", valid, b.op("Exp", b.op("Sub", top, lse)), b.scalar_like(0.0, top))
-        before = b.op("Sub", b.op("CumSum", share, i64(-1)), share)
-        valid = b.op("And", valid, b.op("Less", before, b.scalar_like(float(o["mass"]), top), dtype=TP.BOOL),
-                     dtype=TP.BOOL)
-    # gather the chosen key/value blocks from (B·H·nk, bs·D) views
-    bh = b.op("Mul", b.shape_of(q, 0, 1), b.shape_of(q, 1, 2), dtype=I64)
-    base = b.op("Reshape", b.op("Mul", b.op("Range", i64(0), b.op("Squeeze", bh, b.ints(0)), i64(1), dtype=I64),
-                                 i64(nk)), b.op("Concat", b.shape_of(q, 0, 2), b.ints(1, 1), axis=0, dtype=I64))
-    flat = b.op("Add", idx, base)                                                 # (B, H, nq, kb)
-
-    def gathered(xb):
-        shape = b.op("Concat", b.ints(-1), b.shape_of(xb, 3, 5), axis=0, dtype=I64)
-        x = b.op("Reshape", xb, shape)                                            # (B·H·nk, bs, D)
-        g = b.op("Gather", x, flat, axis=0)                                       # (B, H, nq, kb, bs, D)
-        return b.op("Reshape", g, b.ints(0, 0, 0, kb * bs, -1))
-
-    kg, vg = gathered(kb_), gathered(vb)
-    s = b.op("MatMul", b.op("Mul", qb, b.scalar_like(scale, q)), b.op("Transpose", kg, perm=[0, 1, 2, 4, 3]))
-    if site.softcap:
-        cap = b.scalar_like(float(site.softcap), s)
-        s = b.op("Mul", b.op("Tanh", b.op("Div", s, cap)), cap)                   # (B, H, nq, bs, kb·bs)
-    j = b.op("Reshape", b.op("Add", b.op("Unsqueeze", b.op("Mul", idx, i64(bs)), b.ints(4)),
-                             b.const(np.arange(bs, dtype=np.int64))), b.ints(0, 0, 0, kb * bs))  # key positions
-    ok = b.op("And", b.op("Unsqueeze", b.op("Less", j, i64(lk), dtype=TP.BOOL), b.ints(3)),
-              b.op("Reshape", b.op("Expand", b.op("Unsqueeze", valid, b.ints(4)), b.ints(1, 1, 1, 1, bs)),
-                   b.ints(0, 0, 0, 1, kb * bs)), dtype=TP.BOOL)                   # (B, H, nq, 1, kb·bs)
-    if causal:
-        rows = (np.arange(nq * bs).reshape(nq, bs, 1) + (lk - lq)).astype(np.int64)
-        ok = b.op("And", ok, b.op("LessOrEqual", b.op("Unsqueeze", j, b.ints(3)), b.const(rows), dtype=TP.BOOL),
-                  dtype=TP.BOOL)
-    p = b.op("Softmax", b.op("Where", ok, s, b.scalar_like(-math.inf, s)), axis=-1)
-    y = b.op("Reshape", b.op("MatMul", p, vg), b.ints(0, 0, nq * bs, -1))
-    y = b.op("Slice", y, b.ints(0), b.ints(lq), b.ints(2))
-    return R.zero_nan_rows(b, y) if R.rows_can_die(b, site, None, causal) else y
-
-
-def _onnx_topk(b, x, k: str, indices: bool = False):
-    """The k largest values of x over the last axis, sorted descending (TopK's values output;
-    with `indices`, (values, indices))."""
-    values, index = b.fresh("TopK"), b.fresh("TopK_indices")
-    b.nodes.append(helper.make_node("TopK", [x, k], [values, index], name=b.fresh("TopK_node"),
-                                    axis=-1, largest=1, sorted=1))
-    b.types[values], b.types[index] = b.dtype(x), R.TensorProto.INT64
-    return (values, index) if indices else values
-
-
 def _onnx_block_keep(b, s, p, o, R, i64):
     """Block mode: p restricted to the kept key blocks and renormalised (see _block_keep)."""
     TP = R.TensorProto
@@ -314,7 +207,7 @@ def _onnx_block_keep(b, s, p, o, R, i64):
                                    dtype=b.dtype(p)), b.ints(-1), keepdims=1)
     budget = b.op("Max", b.op("Ceil", b.op("Mul", n_vis, b.scalar_like(float(o["density"]), p))),
                   b.scalar_like(1.0, p))                                    # blocks kept per query block
-    top = _onnx_topk(b, mass, nk)                                           # masses, best first
+    top = topk(b, mass, nk)                                           # masses, best first
     if o["mass"] < 1.0:                                                     # + stop once `mass` is reached
         alive = b.op("Cast", b.op("Greater", b.op("ReduceSum", live, b.ints(-1), keepdims=0), zero, dtype=TP.BOOL),
                      to=b.dtype(p), dtype=b.dtype(p))                       # (B, H, Lq): rows seeing a key
