@@ -86,10 +86,10 @@ def rewrite(src: Path, variant: str, options: dict, out: Path) -> str:
     everything it would read from captured values, e.g. band=backward), lower.
     """
     import onnx
-    from attnrewrite.passes import onnx_detect, onnx_rewrite
+    from attnrewrite.passes import onnx_detect, onnx_graph, onnx_rewrite
     from attnrewrite.pipeline import validate_options, variant_module
     model = onnx.load(str(src))
-    inferred = onnx_detect.infer(model)
+    inferred = onnx_graph.infer(model)
     sites, _, _ = onnx_detect.find_sites(model, inferred)
     mod = variant_module(variant)
     opts = {k: v for k, v in validate_options(variant, options).items() if k != "auto"}

@@ -29,7 +29,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..io import InputError, atomic_write, what_is
-from ..passes import onnx_detect, onnx_fold, onnx_rewrite
+from ..passes import onnx_detect, onnx_fold, onnx_graph, onnx_rewrite
 from .base import FrontEnd, Rewritten, default_scale
 
 EXTERNAL_MIN_BYTES = 1 << 20      # write weights to <out>.data once they pass 1 MiB
@@ -209,7 +209,7 @@ def checkable(model: onnx.ModelProto) -> onnx.ModelProto:
     typed inputs, and ops only onnxruntime knows (`runtime_only_ops`) move to an opaque
     domain the checker does not look into — their edges (defined before use, no dangling
     names, one producer per value) are still checked."""
-    m = onnx_detect.light_copy(model)
+    m = onnx_graph.light_copy(model)
     for t in _attribute_tensors(m):       # a value left on disk (a huge Constant): empty, structure kept
         if t.data_location == TensorProto.EXTERNAL:
             del t.external_data[:], t.dims[:]
@@ -507,7 +507,7 @@ class OnnxFrontEnd(FrontEnd):
         self.name = name or model.graph.name or "onnx model"
         self.source = source
         self.base_dir = Path(source).resolve().parent if source else None   # where external weights live
-        self._inferred = onnx_detect.infer(model)
+        self._inferred = onnx_graph.infer(model)
         self._original_session = None
         self._last = (None, None)              # (program, its session): auto-tuning runs one at a time
 

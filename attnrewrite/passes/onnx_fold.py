@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .onnx_detect import Graph
+from .onnx_graph import Graph
 
 
 def _only_consumer(g: Graph, name: str):

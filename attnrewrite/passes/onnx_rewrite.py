@@ -23,7 +23,8 @@ After (`exact`, opset ≥ 23)::
 
 The model's opset and IR version are kept: below opset 23 the exact lowering is the
 decomposed form again (canonical: one MatMul, one scale, one mask, a NaN-safe softmax).
-Plain onnx protobuf + onnx.helper: the edits are local, and nothing else is needed.
+Plain onnx protobuf + onnx.helper: the edits are local, and nothing else is needed. The graph
+indexes, the node `Builder`, constant folding and the dead-node sweep are `onnx_graph`'s.
 """
 from __future__ import annotations
 
@@ -32,88 +33,17 @@ from dataclasses import replace
 
 import numpy as np
 import onnx
-from onnx import TensorProto, external_data_helper, helper, numpy_helper
-from onnx.reference import ReferenceEvaluator
+from onnx import TensorProto, helper
 
 from ..site import MASK_FLOOR, AttentionSite
-from .onnx_detect import Graph, OnnxSite
+from .onnx_detect import OnnxSite
+from .onnx_graph import Builder, Graph, constant, subgraph_inputs, subgraph_made, sweep
 
 MIN_OPSET = 13           # Unsqueeze/Squeeze/Slice with axes as inputs
 
 
 class Unsupported(Exception):
     """The site cannot be lowered; it is kept as it is with this reason."""
-
-
-class Builder:
-    """Emits nodes and constants for one graph; every name is fresh; tracks dtypes."""
-
-    def __init__(self, g: Graph, prefix: str = "attnrewrite"):
-        self.g, self.prefix = g, prefix
-        self.opset = g.opset
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.types: dict[str, int] = {}
-        self._n = 0
-        self._taken = set(g.producer) | set(g.inits) | {i.name for i in g.graph.input}
-
-    def fresh(self, hint: str) -> str:
-        while True:
-            self._n += 1
-            name = f"{self.prefix}/{hint}_{self._n}"
-            if name not in self._taken:
-                self._taken.add(name)
-                return name
-
-    def require_opset(self, version: int) -> None:
-        """The default-domain opset the emitted nodes need (`rewrite_model` raises the model's to it)."""
-        self.opset = max(self.opset, version)
-
-    def dtype(self, name: str) -> int:
-        return self.types.get(name) or self.g.elem_type(name)
-
-    def op(self, op_type: str, *inputs, domain: str = "", dtype: int | None = None, **attrs) -> str:
-        """One node with one output; returns the output's name."""
-        out = self.fresh(op_type)
-        self.nodes.append(helper.make_node(op_type, [i or "" for i in inputs], [out],
-                                           name=self.fresh(op_type + "_node"), domain=domain, **attrs))
-        if dtype is None:                     # most ops keep their first input's type
-            dtype = self.dtype(inputs[1] if op_type == "Where" else inputs[0]) if inputs else 0
-        self.types[out] = dtype
-        return out
-
-    def const(self, value, dtype: int | None = None) -> str:
-        arr = np.asarray(value, dtype=helper.tensor_dtype_to_np_dtype(dtype) if dtype else None)
-        name = self.fresh("const")
-        self.inits.append(numpy_helper.from_array(arr, name))
-        self.types[name] = helper.np_dtype_to_tensor_dtype(arr.dtype)
-        return name
-
-    def ints(self, *values) -> str:
-        return self.const(np.array(values, dtype=np.int64))
-
-    def scalar_like(self, value: float, like: str) -> str:
-        return self.const(np.array(value), self.dtype(like))
-
-    def transpose(self, x: str, perm) -> str:
-        return x if perm is None else self.op("Transpose", x, perm=list(perm))
-
-    def reduce(self, op_type: str, x: str, axes, keepdims: int = 1) -> str:
-        """A Reduce* node over `axes`, which are an input from opset 18 on (ReduceSum: 13)."""
-        if (op_type == "ReduceSum" and self.opset >= 13) or self.opset >= 18:
-            return self.op(op_type, x, self.ints(*axes), keepdims=keepdims)
-        return self.op(op_type, x, axes=list(axes), keepdims=keepdims)
-
-    def compare(self, op_type: str, x: str, y: str) -> str:
-        """A comparison (Less, Equal, …) or logical op: a bool output."""
-        return self.op(op_type, x, y, dtype=TensorProto.BOOL)
-
-    def shape_of(self, x: str, start: int, end: int) -> str:
-        return self.op("Slice", self.op("Shape", x, dtype=TensorProto.INT64), self.ints(start),
-                       self.ints(end), dtype=TensorProto.INT64)
-
-    def cast(self, x: str, to: int) -> str:
-        return x if self.dtype(x) == to else self.op("Cast", x, to=to, dtype=to)
 
 
 # ---------------------------------------------------------------- normal form
@@ -426,56 +356,6 @@ def safe_softmax(b: Builder, s: str) -> str:
     return b.op("Where", b.op("IsNaN", p, dtype=TensorProto.BOOL), b.scalar_like(0.0, p), p)
 
 
-FOLD_NODES = 16          # `constant` evaluates at most this many nodes ...
-FOLD_ELEMENTS = 1 << 28  # ... into a value of at most this many elements (a 16k × 16k mask)
-
-
-def constant(b: Builder, name: str | None):
-    """The value of `name` as a numpy array when it is an initializer or computed from
-    initializers and Constant nodes alone by at most FOLD_NODES standard-domain nodes, into a
-    value of a known shape of at most FOLD_ELEMENTS elements (exporters leave e.g. a causal
-    mask as Where(Equal(Trilu(ones), 0), …)); else None.
-    Evaluated once per builder with onnx's reference evaluator."""
-    if not name:
-        return None
-    cache = b.__dict__.setdefault("_constants", {})
-    if name not in cache:
-        cache[name] = _fold(b.g, name)
-    return cache[name]
-
-
-def _fold(g: Graph, name: str):
-    if name in g.inits:
-        t = g.inits[name]
-        return None if external_data_helper.uses_external_data(t) else numpy_helper.to_array(t)
-    shape = g.shape(name)
-    if shape is None or not all(isinstance(d, int) for d in shape) or math.prod(shape) > FOLD_ELEMENTS:
-        return None
-    nodes, inits, stack = {}, set(), [name]
-    while stack:
-        x = stack.pop()
-        if x in g.inits:
-            if external_data_helper.uses_external_data(g.inits[x]):     # (reading it would fill the model's proto)
-                return None
-            inits.add(x)
-            continue
-        n = g.producer.get(x)
-        if n is None or n.domain not in ("", "ai.onnx") or len(nodes) >= FOLD_NODES or \
-                any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
-            return None
-        if id(n) not in nodes:
-            nodes[id(n)] = n
-            stack.extend(i for i in n.input if i)
-    order = [n for n in g.graph.node if id(n) in nodes]
-    out = helper.make_tensor_value_info(name, g.elem_type(name) or TensorProto.FLOAT, None)
-    sub = helper.make_model(helper.make_graph(order, "fold", [], [out], [g.inits[i] for i in sorted(inits)]),
-                            opset_imports=[o for o in g.model.opset_import if o.domain in ("", "ai.onnx")])
-    try:
-        return np.asarray(ReferenceEvaluator(sub).run(None, {})[0])
-    except Exception:  # noqa: BLE001 - an op the evaluator lacks: not a constant we can read
-        return None
-
-
 def _removed(a: np.ndarray) -> np.ndarray:
     """Where a mask removes the key: False (boolean) or at/below MASK_FLOOR (additive)."""
     return ~a if a.dtype == np.bool_ else a <= MASK_FLOOR
@@ -616,49 +496,6 @@ def _ensure_domains(model: onnx.ModelProto, nodes) -> None:
             have.add(n.domain)
 
 
-def _subgraph_inputs(node) -> set:
-    names = set()
-    for a in node.attribute:
-        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            for n in sub.node:
-                names.update(n.input)
-                names |= _subgraph_inputs(n)
-    return names
-
-
-def _subgraph_made(node) -> set:
-    """Names defined inside `node`'s subgraphs (their inputs, initializers and node outputs)."""
-    names = set()
-    for a in node.attribute:
-        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            names |= {i.name for i in sub.input} | {t.name for t in sub.initializer}
-            for n in sub.node:
-                names.update(n.output)
-                names |= _subgraph_made(n)
-    return names
-
-
-def sweep(model: onnx.ModelProto) -> None:
-    """Remove nodes and initializers nothing reaches from the graph outputs."""
-    g = model.graph
-    live = {o.name for o in g.output}
-    keep = []
-    for n in reversed(g.node):
-        if any(o in live for o in n.output if o):
-            keep.append(n)
-            live.update(i for i in n.input if i)
-            live |= _subgraph_inputs(n)
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
-    inits = [t for t in g.initializer if t.name in live]
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    vi = [v for v in g.value_info if v.name in live]
-    del g.value_info[:]
-    g.value_info.extend(vi)
-
-
 def probe_model(model: onnx.ModelProto, sites: list[AttentionSite], inferred=None):
     """A copy whose extra outputs are each site's normal-form q/k/v/mask and output.
 
@@ -722,7 +559,7 @@ def changed_subgraph(original: onnx.ModelProto, rewritten: onnx.ModelProto,
     old_inits = {t.name for t in original.graph.initializer}
     inits = [t for t in rewritten.graph.initializer if t.name not in old_inits]
     made = {o for n in nodes for o in n.output if o} | {t.name for t in inits}
-    made |= {x for n in nodes for x in _subgraph_made(n)}
+    made |= {x for n in nodes for x in subgraph_made(n)}
     src = Graph(rewritten, inferred)          # original values keep their inferred types
     before = Graph(original, inferred)
 
@@ -736,7 +573,7 @@ def changed_subgraph(original: onnx.ModelProto, rewritten: onnx.ModelProto,
 
     inputs, seen = [], set()
     for n in nodes:
-        for i in [*n.input, *sorted(_subgraph_inputs(n))]:          # (an If branch reads outer values)
+        for i in [*n.input, *sorted(subgraph_inputs(n))]:          # (an If branch reads outer values)
             if i and i not in made and i not in seen:
                 seen.add(i)
                 vi = info(i, src)

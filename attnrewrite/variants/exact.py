@@ -13,6 +13,7 @@ import torch
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ..kernels.dispatch import EXACT as EXACT_KERNEL
+from ..passes import onnx_graph
 from ..passes import onnx_rewrite as R
 from . import costing
 from .impl import Implementation, differentiable
@@ -102,7 +103,7 @@ def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:
 def onnx_lower(b, site, q, k, v, mask, options: dict) -> str:
     """ONNX lowering, as the `onnx_attention` option says (see PARAMS and docs/onnx.md).
 
-    `b` is an `onnx_rewrite.Builder`; q (B, H, Lq, D), k/v (B, Hkv, Lk, D) and the mask
+    `b` is an `onnx_graph.Builder`; q (B, H, Lq, D), k/v (B, Hkv, Lk, D) and the mask
     (boolean: True = attend, or additive, or None) are value names in the normal form.
     Returns the (B, H, Lq, Dv) output. A constant mask that is exactly the causal pattern
     becomes the causal flag. Other variants follow the same shape, reusing the helpers in
@@ -208,7 +209,7 @@ def _lowest_moved_up(b, mask: str) -> str:
     np_dt = R.helper.tensor_dtype_to_np_dtype(b.dtype(mask))
     lowest = np.finfo(np_dt).min
     up = np.nextafter(lowest, np_dt.type(0))
-    a = R.constant(b, mask)
+    a = onnx_graph.constant(b, mask)
     if a is not None:
         return b.const(np.where(a == lowest, up, a).astype(np_dt)) if (a == lowest).any() else mask
     hit = b.op("Equal", mask, b.scalar_like(float(lowest), mask), dtype=R.TensorProto.BOOL)

@@ -41,7 +41,7 @@ import attnrewrite  # noqa: E402
 from attnrewrite.cli import main  # noqa: E402
 from attnrewrite.frontends.onnx import load_model  # noqa: E402
 from attnrewrite.io import InputError  # noqa: E402
-from attnrewrite.passes import onnx_detect  # noqa: E402
+from attnrewrite.passes import onnx_detect, onnx_graph  # noqa: E402
 
 BOUND = 1e-5
 B, S, HIDDEN, HEADS = 2, 8, 64, 4
@@ -374,7 +374,7 @@ def test_contrib_ops_shapes_read_from_the_graph(ops):
     constant shape, the Transpose's perm and the shape-preserving ops (before: 'q·kᵀ of rank None')."""
     m, _ = contrib_model(ops)
     ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])   # it runs as built
-    inferred = onnx.shape_inference.infer_shapes(onnx_detect.light_copy(m))
+    inferred = onnx.shape_inference.infer_shapes(onnx_graph.light_copy(m))
     q = "l0/q_rot" if ops != "rmsnorm" else "l0/q_norm"
     assert not any(v.name == q and v.type.tensor_type.HasField("shape") for v in inferred.graph.value_info)
     sites, unmatched, g = onnx_detect.find_sites(m, inferred)

@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from attnrewrite import site
-from attnrewrite.passes import fx_detect, onnx_detect, vocab
+from attnrewrite.passes import fx_detect, onnx_detect, onnx_graph, vocab
 from attnrewrite.passes.vocab import (ADD, FILL, IGNORE, OTHER, PRODUCT, PRODUCT_DEPTH, SCALE, SOFTCAP,
                                       GraphKind, NoMatch, check_order, einsum_pv, einsum_qk, is_mask_fill,
                                       is_softcap, mask_kind, parse_einsum, rule_table)
@@ -267,7 +267,7 @@ def test_fx_and_onnx_read_the_same_steps_from_the_same_chain():
     ep = torch.export.export(Chain(), args, strict=False)
     sm = next(n for n in ep.graph.nodes if n.target in fx_detect.SOFTMAX)
     _, fx_steps = fx_detect.walk_scores(sm.args[0], {})
-    g = onnx_detect.Graph(_onnx_chain())
+    g = onnx_graph.Graph(_onnx_chain())
     _, onnx_steps = onnx_detect.OnnxKind(g).walk_back("s6")
     assert [st[0] for st in fx_steps] == [st[0] for st in onnx_steps] == [SCALE, SOFTCAP, ADD, FILL]
     assert fx_steps[1][1] == onnx_steps[1][1] == 30.0
@@ -280,7 +280,7 @@ def test_fx_and_onnx_read_the_same_steps_from_the_same_chain():
 
 @pytest.mark.parametrize("fill,kept", [(site.MASK_FLOOR, True), (site.MASK_FLOOR + 1, False)])
 def test_onnx_where_fill_at_and_above_the_floor(fill, kept):
-    g = onnx_detect.Graph(_onnx_chain(fill))
+    g = onnx_graph.Graph(_onnx_chain(fill))
     if kept:
         assert onnx_detect.OnnxKind(g).walk_back("s6")[1][-1][0] == FILL
     else:

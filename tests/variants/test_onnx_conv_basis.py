@@ -24,7 +24,7 @@ from onnx import TensorProto as TP, helper  # noqa: E402
 from test_onnx_variants import BOUND, L1, L2, _feeds, _rel, _run, end_to_end, exported  # noqa: E402
 
 import attnrewrite  # noqa: E402
-from attnrewrite.passes import onnx_detect, onnx_rewrite  # noqa: E402
+from attnrewrite.passes import onnx_detect, onnx_graph, onnx_rewrite  # noqa: E402
 from attnrewrite.site import AttentionSite  # noqa: E402
 from attnrewrite.variants import conv_basis as cb  # noqa: E402
 from attnrewrite.variants import exact as ex  # noqa: E402
@@ -40,7 +40,7 @@ def site_errors(path, opts: dict, lengths) -> tuple[list[float], list[float]]:
     """Per rewritten site and length: rel_err of ORT vs the conv-basis reference, and of the
     reference vs exact attention, on the q/k/v/mask captured in the same ORT run."""
     model = onnx.load(str(path))
-    inferred = onnx_detect.infer(model)
+    inferred = onnx_graph.infer(model)
     sites, _, _ = onnx_detect.find_sites(model, inferred)
     probe, names = onnx_rewrite.probe_model(model, sites, inferred)
     typed = {v.name: v.type for v in onnx.shape_inference.infer_shapes(probe).graph.output}
@@ -89,7 +89,7 @@ def test_cross_attention_is_kept():
     r = attnrewrite.rewrite(onnx.load(str(exported("cross", "legacy"))), "conv_basis", _feeds("cross", L1),
                           check=False, k=3)
     assert all(s.status == "kept" and "q_len == kv_len" in s.reason for s in r.sites)
-    b = onnx_rewrite.Builder(onnx_detect.Graph(helper.make_model(helper.make_graph([], "g", [], []))))
+    b = onnx_graph.Builder(onnx_graph.Graph(helper.make_model(helper.make_graph([], "g", [], []))))
     site = AttentionSite(id=0, name="s", source="x", q_len=5, kv_len=7, scale=1.0)
     with pytest.raises(onnx_rewrite.Unsupported, match="q_len == kv_len"):
         cb.onnx_lower(b, site, "q", "k", "v", None, {"k": 3, "starts": None, "eps": 0.0})
@@ -113,7 +113,7 @@ def _graph(heads, kv_heads, d, mask_kind, mask_rows, causal, scale, softcap, opt
         ins.append(helper.make_tensor_value_info("m", TP.BOOL if mask_kind == "bool" else TP.FLOAT,
                                                  ["b", 1, "n" if mask_rows else 1, "n"]))
     model = helper.make_model(helper.make_graph([], "g", ins, []), opset_imports=[helper.make_opsetid("", opset)])
-    b = onnx_rewrite.Builder(onnx_detect.Graph(model))
+    b = onnx_graph.Builder(onnx_graph.Graph(model))
     site = AttentionSite(id=0, name="s", source="x", heads=heads, kv_heads=kv_heads, scale=scale,
                          softcap=softcap, causal=causal)
     y = cb.onnx_lower(b, site, "q", "k", "v", "m" if mask_kind else None, opts)

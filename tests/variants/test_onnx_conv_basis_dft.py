@@ -29,7 +29,7 @@ from test_onnx_speed_lowerings import _dynamo_causal, _square_shapes  # noqa: E4
 from test_onnx_variants import BOUND, _rel, _run  # noqa: E402
 
 import attnrewrite  # noqa: E402
-from attnrewrite.passes import onnx_detect, onnx_rewrite  # noqa: E402
+from attnrewrite.passes import onnx_graph  # noqa: E402
 from attnrewrite.site import AttentionSite  # noqa: E402
 from attnrewrite.variants import conv_basis as cb  # noqa: E402
 from attnrewrite.variants import exact as ex  # noqa: E402
@@ -49,7 +49,7 @@ def _graph(n, heads=2, kv_heads=2, d=8, mask=None, causal=False, softcap=0.0, op
         ins.append(helper.make_tensor_value_info("m", TP.FLOAT if mask == "add" else TP.BOOL,
                                                  [2, 1, n if mask == "rows" else 1, n]))
     model = helper.make_model(helper.make_graph([], "g", ins, []), opset_imports=[helper.make_opsetid("", opset)])
-    b = onnx_rewrite.Builder(onnx_detect.Graph(model))
+    b = onnx_graph.Builder(onnx_graph.Graph(model))
     site = AttentionSite(id=0, name="s", source="x", heads=heads, kv_heads=kv_heads, scale=SCALE, softcap=softcap,
                          causal=causal, q_len=n, kv_len=n)
     y = cb.onnx_lower(b, site, "q", "k", "v", "m" if mask else None, {"k": 3, **(opts or {})})

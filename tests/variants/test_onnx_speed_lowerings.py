@@ -32,7 +32,7 @@ from onnx import TensorProto as TP, helper  # noqa: E402
 from test_onnx_variants import BOUND, CausalTwo, _rel, _run, exported  # noqa: E402
 
 import attnrewrite  # noqa: E402
-from attnrewrite.passes import onnx_detect, onnx_rewrite  # noqa: E402
+from attnrewrite.passes import onnx_graph  # noqa: E402
 from attnrewrite.site import AttentionSite  # noqa: E402
 from attnrewrite.variants import exact as ex  # noqa: E402
 from attnrewrite.variants import sparse as sp  # noqa: E402
@@ -53,7 +53,7 @@ def _graph(mod, opts, lq, lk, heads=2, kv_heads=2, d=8, causal=False, mask=None,
     elif mask == "rows":
         ins.append(helper.make_tensor_value_info("m", TP.FLOAT, [2, 1, a, bb]))
     model = helper.make_model(helper.make_graph([], "g", ins, []), opset_imports=[helper.make_opsetid("", 17)])
-    b = onnx_rewrite.Builder(onnx_detect.Graph(model))
+    b = onnx_graph.Builder(onnx_graph.Graph(model))
     site = AttentionSite(id=0, name="s", source="x", heads=heads, kv_heads=kv_heads, scale=0.3, softcap=softcap,
                          causal=causal, q_len=a, kv_len=bb)
     y = mod.onnx_lower(b, site, "q", "k", "v", "m" if mask else None, opts)
@@ -266,7 +266,7 @@ def test_standard_moves_lowest_fill_up():
     ins = [helper.make_tensor_value_info(n, TP.FLOAT, [1, 1, 6, 4]) for n in "qkv"]
     ins.append(helper.make_tensor_value_info("m", TP.FLOAT, [1, 1, lq, lk]))
     model = helper.make_model(helper.make_graph([], "g", ins, []), opset_imports=[helper.make_opsetid("", 23)])
-    b = onnx_rewrite.Builder(onnx_detect.Graph(model))
+    b = onnx_graph.Builder(onnx_graph.Graph(model))
     site = AttentionSite(id=0, name="s", source="x", heads=1, kv_heads=1, scale=0.5, q_len=lq, kv_len=lk)
     y = ex.onnx_lower(b, site, "q", "k", "v", "m", {"onnx_attention": "standard"})
     model.graph.node.extend(b.nodes)

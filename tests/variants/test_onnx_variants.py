@@ -31,7 +31,7 @@ import attnrewrite  # noqa: E402
 from attnrewrite.frontends import onnx as onnx_fe  # noqa: E402
 from attnrewrite.pipeline import variant_module  # noqa: E402
 from attnrewrite.check import compare  # noqa: E402
-from attnrewrite.passes import onnx_detect, onnx_rewrite  # noqa: E402
+from attnrewrite.passes import onnx_detect, onnx_graph, onnx_rewrite  # noqa: E402
 
 BOUND = 1e-5
 DIR = Path(tempfile.mkdtemp(prefix="onnxvar_"))
@@ -139,7 +139,7 @@ def per_site_errors(path: Path, variant: str, opts: dict, lengths) -> list[float
     graph outputs) is what gets rewritten, so the probes read the rewritten graph's values.
     """
     model = onnx.load(str(path))
-    inferred = onnx_detect.infer(model)
+    inferred = onnx_graph.infer(model)
     sites, _, _ = onnx_detect.find_sites(model, inferred)
     probe, names = onnx_rewrite.probe_model(model, sites, inferred)
     typed = {v.name: v.type for v in onnx.shape_inference.infer_shapes(probe).graph.output}
