@@ -339,6 +339,11 @@ def sparse_model(d, o):
         depth_alg = score_alg + 3 * L(max(omega, default=1)) + 4
         return _finish(d, t, depth, flops_alg, depth_alg, "sparse/window")
     causal = int(d.causal)
+    if mode == "heads":              # gathered blocks like select=pooled, at the heads' mean density,
+        hd = o.get("head_density") or ()       # plus the vertical-slash estimate from the last queries
+        vslash = sum(1 for x in o.get("head_pattern") or (1,) if int(x) == 1) / max(len(o.get("head_pattern") or (1,)), 1)
+        t.mm(G * vslash, min(o.get("last", 64), nq), D, nk)
+        return _pooled_model(d, {**o, "density": sum(hd) / len(hd) if hd else o["density"]}, t, score)
     if o["select"] == "pooled":
         return _pooled_model(d, o, t, score)
     if mode == "topk":
