@@ -141,9 +141,11 @@ def sparse_block_case(d, dtype, causal, mask_kind, lq, lk, block, density, group
     (its selection in PyTorch, the block-sparse kernels forward and backward) against the
     variant's PyTorch reference, called directly."""
     q, k, v = tensors(d, dtype, lq, lk, heads=2 * group, group=group)
-    o = {"mass": 1.0, "select": "exact", "head_density": [], **options}
+    o = {"mode": "block", "mass": 1.0, "select": "exact", "head_density": [], "head_pattern": [], "last": 64,
+         **options}
     rest = (make_mask(mask_kind, q, lk), d ** -0.5, 0.0, causal, 0.0,
-            "block", 8, 4, 0, "auto", block, density, o["mass"], o["select"], o["head_density"])
+            o["mode"], 8, 4, 0, "auto", block, density, o["mass"], o["select"], o["head_density"],
+            o["head_pattern"], o["last"])
     cfg, why = kernels.select(sparse.VARIANT.kernel, q, k, v, *rest[:5], rest[5:], "interpret")
     report = kernels.describe(sparse.VARIANT.kernel, q, k, v, *rest[:5], rest[5:])
     assert cfg is not None and cfg.template == "block_sparse", why
@@ -280,6 +282,10 @@ CASES = {
                                           {"group": 2}),
     "sparse-block-d16-f32-additive-pooled-mass": (sparse_block_case, (16, F32, False, "additive", 40, 70, 16, 0.4),
                                                   {"select": "pooled", "mass": 0.9}),
+    "sparse-heads-d16-f32-causal-mixed": (sparse_block_case, (16, F32, True, "none", 70, 70, 16, 0.5),
+                                          {"mode": "heads", "head_pattern": [0, 2], "mass": 0.9, "last": 9}),
+    "sparse-heads-d64-f16-keybool-gqa2-vslash": (sparse_block_case, (64, F16, False, "key-bool", 40, 56, 16, 0.5),
+                                                 {"group": 2, "mode": "heads", "head_pattern": [1, 0, 2, 1]}),
     "sparse-block-d16-f32-causal-keybool-headdensity-b32": (sparse_block_case,
                                                             (16, F32, True, "key-bool", 70, 70, 32, 0.5),
                                                             {"head_density": [0.3, 0.7]}),
