@@ -831,32 +831,15 @@ def _check_no_hidden_write(prod: Node, pv: Node) -> None:
 
 def live(n: Node, limit: int = 4096) -> bool:
     """Something the graph returns (or an op with side effects) is computed from `n`."""
-    stack, seen = [n], set()
-    while stack and len(seen) < limit:
-        x = stack.pop()
-        if x in seen:
-            continue
-        seen.add(x)
-        if x.op == "output" or (x.op == "call_function" and x.is_impure() and x is not n):
-            return True
-        stack.extend(x.users)
-    return len(seen) >= limit
+    return V.reaches(n, lambda x: x.users, lambda x: x.op == "output" or (
+        x.op == "call_function" and x.is_impure() and x is not n), limit)
 
 
 def depends_on(x: Node, target: Node, limit: int = 4096) -> bool:
     """`x` is computed from `target` (a node before `target` in the graph never is)."""
     if not precedes(target, x):
         return False
-    stack, seen = [x], set()
-    while stack and len(seen) < limit:
-        n = stack.pop()
-        if n is target:
-            return True
-        if n in seen:
-            continue
-        seen.add(n)
-        stack.extend(n.all_input_nodes)
-    return len(seen) >= limit
+    return V.reaches(x, lambda n: n.all_input_nodes, lambda n: n is target, limit)
 
 
 # ----------------------------------------------------------------------------- rules

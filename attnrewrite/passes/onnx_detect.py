@@ -199,7 +199,10 @@ def _tensor_scale(gk, n):
     return x, V.scale(op.lower(), t, g.shape(x))
 
 
-FLOATS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
+# the floating element types, by the names torch gives them
+_DT = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
+       onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.DOUBLE: "float64"}
+FLOATS = tuple(_DT)
 
 
 def _where(gk, n):
@@ -373,7 +376,7 @@ def walk_scores(g: Graph, x: str, site: OnnxSite):
     if len(splits) > 1:
         raise NoMatch("the scores are split by heads more than once")
     if splits:
-        site.flat_heads = int(splits[0][2][1])
+        site.flat_heads = int(splits[0].shape_out[1])
     final = g.shape(x)
     factor, flat, layout, seen = 1.0, False, None, {}
     for st in reversed(steps):
@@ -541,18 +544,12 @@ def unmerge_heads(g: Graph, x: str, heads: int) -> str | None:
 
 def depends_on(g: Graph, x: str, target: str, limit: int = 4096) -> bool:
     """Value `x` is computed from value `target` (searched back through producers)."""
-    stack, seen = [x], set()
-    while stack and len(seen) < limit:
-        v = stack.pop()
-        if v == target:
-            return True
-        if v in seen:
-            continue
-        seen.add(v)
+
+    def inputs(v):
         n = g.producer.get(v)
-        if n is not None:
-            stack.extend(i for i in n.input if i)
-    return len(seen) >= limit
+        return [] if n is None else [i for i in n.input if i]
+
+    return V.reaches(x, inputs, lambda v: v == target, limit)
 
 
 def is_weight(g: Graph, name: str) -> bool:
@@ -778,10 +775,6 @@ def site_name(node) -> str:
     if name.startswith("/") and name.count("/") > 1:
         return ".".join(p for p in name.split("/")[1:-1] if p)
     return name or node.op_type
-
-
-_DT = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-       onnx.TensorProto.BFLOAT16: "bfloat16", onnx.TensorProto.DOUBLE: "float64"}
 
 
 def _dims_bhsd(g: Graph, name: str, perm, rank: int):

@@ -7,8 +7,8 @@
 so everything that does not depend on how a graph stores its nodes lives here: the
 `NoMatch` exception, the mask floor, how far back a q·kᵀ product is searched for, the
 einsum equations, the kinds of step a score chain is made of and the order they must
-come in, and the two walks (back from the softmax to the product, forward from the
-softmax to the P·v product). Each detector supplies a `GraphKind`: how to get from a
+come in, the two walks (back from the softmax to the product, forward from the
+softmax to the P·v product) and a bounded reachability search (`reaches`). Each detector supplies a `GraphKind`: how to get from a
 value to its producer and readers, and a table of rules for its spellings of each step.
 
 A score-chain step is a named tuple whose first field is its kind (made by the functions
@@ -40,7 +40,7 @@ __all__ = ["NoMatch", "NEAR", "NEAR_SCALE", "NEAR_REGROUP", "NEAR_QUERY", "miss"
            "SCALE", "SOFTCAP", "ADD", "FILL", "VIEW", "Scale", "Softcap", "Add", "Fill", "View",
            "scale", "softcap", "add", "fill", "view", "PRODUCT", "IGNORE", "OTHER",
            "is_mask_fill", "is_softcap", "check_order", "head_scale", "probs_read_elsewhere", "mask_kind", "default_scale",
-           "parse_einsum", "einsum_qk", "einsum_pv", "rule_table", "GraphKind"]
+           "parse_einsum", "einsum_qk", "einsum_pv", "rule_table", "reaches", "GraphKind"]
 
 
 class NoMatch(Exception):
@@ -286,6 +286,22 @@ def rule_table(*rows) -> dict:
                 raise ValueError(f"{op} is in two score-chain rules")
             table[op] = read
     return table
+
+
+def reaches(start, successors, goal, limit: int = 4096) -> bool:
+    """Whether a depth-first search from `start` along `successors(node)` meets a node for which
+    `goal(node)` holds, visiting at most `limit` distinct nodes; a search that hits the limit says
+    True (the callers' safe answer: a value kept, a dependence assumed)."""
+    stack, seen = [start], set()
+    while stack and len(seen) < limit:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if goal(x):
+            return True
+        stack.extend(successors(x))
+    return len(seen) >= limit
 
 
 class GraphKind:
