@@ -1,28 +1,29 @@
-"""Template text shared by every generated kernel (read by generate.py, never imported).
+"""The helpers every template imports: tile loads and stores, scores, the online softmax and the
+backward's pieces (device side, `@triton.jit`), and the launchers the exact, window and
+block-sparse templates share (host side).
 
-The generator pastes the part below the body marker into each generated module, after the
-configuration block, so these helpers read the same module constants as the kernels:
+Nothing here reads a global setting: a site's specialisation reaches each kernel as
+`tl.constexpr` arguments (KernelConfig.constants and its tiles, filled in at launch by
+`KernelConfig.launch`), and each helper takes the ones it uses:
 
-  HEAD_DIM, HEAD_DIM_V   the site's q/k and v head sizes; D_PAD, DV_PAD their next powers of two
+  HEAD_DIM, HEAD_DIM_V   the site's q/k and v head sizes; D_PAD, DV_PAD their next powers of two (≥ 16)
   GROUP                  query heads per kv head (GQA); 1 for plain multi-head attention
   CAUSAL                 bottom-right causal: key j is visible to query i iff j <= i + Lk - Lq
-  MASK                   0 none, 1 per-key bias row (key padding), 2 full additive, 3 full boolean
+  WINDOW                 None, or the window template's (BEFORE, AFTER, SINKS): see `_visible`
+  MASK                   "none", "key" (one bias row for every query: key padding), "additive", "boolean"
   SOFTCAP                0.0 for none, else scores become SOFTCAP * tanh(scores / SOFTCAP)
-  BLOCK_M, BLOCK_N       query rows and keys per tile
   DOT_PRECISION          fp32 sites: "tf32x3" on a GPU (about fp32's accuracy on tensor cores),
                          "ieee" in the interpreter; ignored for half types
-
-Each template defines `_visible(offs_m, offs_n, Lq, Lk)`: which keys of a tile each row keeps
-(the causal pattern for exact attention; band and sinks for the window).
+  BLOCK_M, BLOCK_N       query rows and keys per tile
 
 Scores are kept in base 2: s2 = (scale·q·kᵀ [soft-capped] + bias) · log2(e), so the softmax
 uses exp2. A key that is not visible scores -inf; a row that sees no key ends with l = 0 and
 returns zeros (its max is stored as +inf so that the backward's p = exp2(s2 - m) / l is 0).
 """
+import torch
 import triton
 import triton.language as tl
 
-# --- template body ---
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -34,14 +35,14 @@ def _tanh(x):
 
 @triton.jit
 def _load_rows(base, offs, stride, L, offs_d, DIM: tl.constexpr):
-    """A (len(offs), D_PAD) tile of rows offs < L; padding reads 0."""
+    """A (len(offs), len(offs_d)) tile of rows offs < L; padding reads 0."""
     ptrs = base + offs[:, None] * stride + offs_d[None, :]
     return tl.load(ptrs, mask=(offs[:, None] < L) & (offs_d[None, :] < DIM), other=0.0)
 
 
 @triton.jit
 def _load_cols(base, offs, stride, L, offs_d, DIM: tl.constexpr):
-    """The same rows transposed, (D_PAD, len(offs)), read straight from memory in that order
+    """The same rows transposed, (len(offs_d), len(offs)), read straight from memory in that order
     (so the load can go to shared memory as the dot's operand without a register transpose)."""
     ptrs = base + offs[None, :] * stride + offs_d[:, None]
     return tl.load(ptrs, mask=(offs[None, :] < L) & (offs_d[:, None] < DIM), other=0.0)
@@ -55,17 +56,17 @@ def _finite_floor(b):
 
 
 @triton.jit
-def _bias(mask_base, smm, smn, offs_m, offs_n, Lq, Lk):
+def _bias(mask_base, smm, smn, offs_m, offs_n, Lq, Lk, MASK: tl.constexpr):
     """The mask's contribution to a (BLOCK_M, BLOCK_N) tile: an additive bias, or -inf where a
     boolean mask says False; 0.0 without a mask."""
     inside = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-    if MASK == 1:
+    if MASK == "key":
         b = tl.load(mask_base + offs_n * smn, mask=offs_n < Lk, other=0.0).to(tl.float32)
         return _finite_floor(b)[None, :]
-    elif MASK == 2:
+    elif MASK == "additive":
         b = tl.load(mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=inside, other=0.0)
         return _finite_floor(b.to(tl.float32))
-    elif MASK == 3:
+    elif MASK == "boolean":
         keep = tl.load(mask_base + offs_m[:, None] * smm + offs_n[None, :] * smn, mask=inside, other=0)
         return tl.where(keep != 0, 0.0, float("-inf"))
     else:
@@ -73,7 +74,8 @@ def _bias(mask_base, smm, smn, offs_m, offs_n, Lq, Lk):
 
 
 @triton.jit
-def _scores(q, kt, sm_scale, mask_base, smm, smn, offs_m, offs_n, Lq, Lk):
+def _scores(q, kt, sm_scale, mask_base, smm, smn, offs_m, offs_n, Lq, Lk,
+            MASK: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """(s2, t): a tile's scores in base 2 (soft-capped, plus the mask's bias; visibility is the
     caller's) and tanh(raw / SOFTCAP), whose 1 - t² the backward needs (t = raw without a cap)."""
     raw = tl.dot(q, kt, input_precision=DOT_PRECISION) * sm_scale
@@ -83,40 +85,31 @@ def _scores(q, kt, sm_scale, mask_base, smm, smn, offs_m, offs_n, Lq, Lk):
     else:
         t = raw
         s = raw
-    s = s + _bias(mask_base, smm, smn, offs_m, offs_n, Lq, Lk)
+    s = s + _bias(mask_base, smm, smn, offs_m, offs_n, Lq, Lk, MASK)
     return s * LOG2E, t
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, k_base, v_base, skn, svn, mask_base, smm, smn, sm_scale, offs_m,
-            lo, hi, Lq, Lk, BLOCK_N: tl.constexpr, EDGE: tl.constexpr):
-    """Fold key blocks lo, lo + BLOCK_N, ... < hi into the online softmax. EDGE: the blocks may
-    hold keys a row must not see (the template's `_visible`, or past Lk), so each tile is
-    masked; without it every key of every block is visible and no element mask is built."""
-    offs_d = tl.arange(0, D_PAD)
-    offs_dv = tl.arange(0, DV_PAD)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kt = _load_cols(k_base, offs_n, skn, Lk, offs_d, HEAD_DIM)
-        v = _load_rows(v_base, offs_n, svn, Lk, offs_dv, HEAD_DIM_V)
-        s2, t = _scores(q, kt, sm_scale, mask_base, smm, smn, offs_m, offs_n, Lq, Lk)
-        if EDGE:
-            s2 = tl.where(_visible(offs_m, offs_n, Lq, Lk) & (offs_n[None, :] < Lk), s2, float("-inf"))
-        acc, m_i, l_i = _online(acc, m_i, l_i, s2, v)
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _causal(offs_m, offs_n, Lq, Lk):
-    """Bottom-right causal visibility of a tile (all True when the site is not causal)."""
-    if CAUSAL:
-        return offs_n[None, :] <= offs_m[:, None] + (Lk - Lq)
+def _visible(offs_m, offs_n, Lq, Lk, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Which keys of a tile each row keeps. Row i's diagonal is i' = i + Lk - Lq. WINDOW None:
+    every key, or (CAUSAL) those at or below the diagonal. WINDOW (BEFORE, AFTER, SINKS): the
+    band i' - BEFORE <= j <= i' + AFTER and the sinks j < SINKS (and j <= i' when CAUSAL)."""
+    diag = offs_m[:, None] + (Lk - Lq)
+    if WINDOW is None:
+        if CAUSAL:
+            return offs_n[None, :] <= diag
+        else:
+            return offs_n[None, :] >= 0
     else:
-        return offs_n[None, :] >= 0
+        keep = (offs_n[None, :] >= diag - WINDOW[0]) & (offs_n[None, :] <= diag + WINDOW[1])
+        keep = keep | (offs_n[None, :] < WINDOW[2])
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= diag)
+        return keep
 
 
 @triton.jit
-def _online(acc, m_i, l_i, s2, v):
+def _online(acc, m_i, l_i, s2, v, DOT_PRECISION: tl.constexpr):
     """One step of the online softmax: fold a tile of base-2 scores and its values into
     (acc, running max, running sum). Fully -inf rows stay at acc = 0, l = 0."""
     m_new = tl.maximum(m_i, tl.max(s2, 1))
@@ -126,6 +119,28 @@ def _online(acc, m_i, l_i, s2, v):
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, k_base, v_base, skn, svn, mask_base, smm, smn, sm_scale, offs_m, lo, hi, Lq, Lk,
+            HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+            DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr, EDGE: tl.constexpr):
+    """Fold key blocks lo, lo + BLOCK_N, ... < hi into the online softmax. EDGE: the blocks may
+    hold keys a row must not see (`_visible`, or past Lk), so each tile is masked; without it
+    every key of every block is visible and no element mask is built."""
+    offs_d = tl.arange(0, D_PAD)
+    offs_dv = tl.arange(0, DV_PAD)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kt = _load_cols(k_base, offs_n, skn, Lk, offs_d, HEAD_DIM)
+        v = _load_rows(v_base, offs_n, svn, Lk, offs_dv, HEAD_DIM_V)
+        s2, t = _scores(q, kt, sm_scale, mask_base, smm, smn, offs_m, offs_n, Lq, Lk, MASK, SOFTCAP, DOT_PRECISION)
+        if EDGE:
+            keep = _visible(offs_m, offs_n, Lq, Lk, CAUSAL, WINDOW) & (offs_n[None, :] < Lk)
+            s2 = tl.where(keep, s2, float("-inf"))
+        acc, m_i, l_i = _online(acc, m_i, l_i, s2, v, DOT_PRECISION)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -140,7 +155,7 @@ def _finish(acc, m_i, l_i):
 
 
 @triton.jit
-def attn_bwd_delta(O, DO, Delta, Lq, ROWS: tl.constexpr):
+def attn_bwd_delta(O, DO, Delta, Lq, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr, ROWS: tl.constexpr):
     """Δ = rowsum(O ∘ dO) over contiguous (B·H·Lq, Dv) rows."""
     offs_m = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_dv = tl.arange(0, DV_PAD)
@@ -153,7 +168,7 @@ def attn_bwd_delta(O, DO, Delta, Lq, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _key_range(start_m, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _key_range(start_m, Lq, Lk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(full, hi): a query block starting at start_m sees keys [0, hi); the key blocks below
     `full` are visible to every row of it (no element mask needed)."""
     if CAUSAL:
@@ -166,7 +181,8 @@ def _key_range(start_m, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(Q, K, V, Mask, sqb, sqh, sqm, skb, skh, svb, svh, smb, smh, H, Lq, BLOCK_M: tl.constexpr):
+def _query_tile(Q, K, V, Mask, sqb, sqh, sqm, skb, skh, svb, svh, smb, smh, H, Lq,
+                HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's query tile — rows start_m … start_m + BLOCK_M of head program_id(1) — as
     (start_m, offs_m, off_b, off_h, q, k_base, v_base, mask_base): its batch and query head, its
     q rows, and where its (GQA-shared) keys and values and its mask start."""
@@ -181,7 +197,7 @@ def _query_tile(Q, K, V, Mask, sqb, sqh, sqm, skb, skh, svb, svh, smb, smh, H, L
 
 
 @triton.jit
-def _store_out(O, off_b, off_h, sob, soh, som, offs_m, Lq, out):
+def _store_out(O, off_b, off_h, sob, soh, som, offs_m, Lq, out, HEAD_DIM_V: tl.constexpr, DV_PAD: tl.constexpr):
     """The tile's output rows, in O's dtype."""
     offs_dv = tl.arange(0, DV_PAD)
     tl.store(O + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_dv[None, :], out.to(O.dtype.element_ty),
@@ -214,13 +230,14 @@ def _store_grad(G, row0, offs, Ln, x, DIM: tl.constexpr, PAD: tl.constexpr):
 
 @triton.jit
 def _ds(q, kt, v, do, m_row, l_row, delta, sm_scale, offs_m, offs_n, mask_base, smm, smn, Lq, Lk,
+        CAUSAL: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
         EDGE: tl.constexpr):
     """(p, dS) of one tile: the softmax weights rebuilt from each row's stored max and sum, and
     the gradient with respect to the scaled scores (through the soft-cap). EDGE as in `_attend`:
     the tile may hold keys a row must not see, so it is masked."""
-    s2, t = _scores(q, kt, sm_scale, mask_base, smm, smn, offs_m, offs_n, Lq, Lk)
+    s2, t = _scores(q, kt, sm_scale, mask_base, smm, smn, offs_m, offs_n, Lq, Lk, MASK, SOFTCAP, DOT_PRECISION)
     if EDGE:
-        s2 = tl.where(_visible(offs_m, offs_n, Lq, Lk) & (offs_n[None, :] < Lk), s2, float("-inf"))
+        s2 = tl.where(_visible(offs_m, offs_n, Lq, Lk, CAUSAL, None) & (offs_n[None, :] < Lk), s2, float("-inf"))
     p = tl.exp2(s2 - m_row[:, None]) / l_row[:, None]
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
@@ -229,23 +246,30 @@ def _ds(q, kt, v, do, m_row, l_row, delta, sm_scale, offs_m, offs_n, mask_base, 
     return p, ds
 
 
-def backward_buffers(out, m, grad, q, k, v, mask):
+# ---------------------------------------------------------------- host side
+
+def backward_buffers(cfg, out, m, grad, q, k, v, mask):
     """What the backward kernels share once the forward has been rerun (out, and each row's max
     m): the gradient made contiguous in q's dtype, Δ = rowsum(O∘dO) (attn_bwd_delta), k/v
-    broadcast over the batch, fp32 dq/dk/dv buffers, the strides every backward kernel takes
-    (q, k, v, dO, mask) and its launch settings."""
+    broadcast over the batch, fp32 dq/dk/dv buffers and the strides every backward kernel takes
+    (q, k, v, dO, mask)."""
     b, h, lq, _ = q.shape
     hkv, lk = k.shape[1], k.shape[2]
     grad = grad.to(q.dtype).contiguous()
     delta = torch.empty_like(m)
-    attn_bwd_delta[(triton.cdiv(lq, 64), b * h)](out, grad, delta, lq, ROWS=64)
+    launch = delta_launch(cfg)
+    attn_bwd_delta[(triton.cdiv(lq, launch["ROWS"]), b * h)](out, grad, delta, lq, **launch)
     kx, vx = k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])
     dq = torch.empty((b, h, lq, q.shape[-1]), dtype=torch.float32, device=q.device)
     dk = torch.empty((b, hkv, lk, k.shape[-1]), dtype=torch.float32, device=q.device)
     dv = torch.empty((b, hkv, lk, v.shape[-1]), dtype=torch.float32, device=q.device)
     strides = (*q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3], *grad.stride()[:3], *mask[1])
-    tiles = dict(BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_WARPS, num_stages=BWD_STAGES)
-    return grad, delta, kx, vx, (dq, dk, dv), strides, tiles
+    return grad, delta, kx, vx, (dq, dk, dv), strides
+
+
+def delta_launch(cfg):
+    """attn_bwd_delta's launch keywords: 64 rows a program, 4 warps, one stage."""
+    return {**cfg.constexprs(attn_bwd_delta), "ROWS": 64, "num_warps": 4, "num_stages": 1}
 
 
 def backward_result(dq, dk, dv, q, k, v):
@@ -256,11 +280,11 @@ def backward_result(dq, dk, dv, q, k, v):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def launch_rows(kernel, q, k, v, mask, scale, lists=()):
+def launch_rows(cfg, kernel, q, k, v, mask, scale, lists=()):
     """Launch a forward kernel with the (Q, K, V, Mask, O, M, L, scale, strides…) signature of
     the exact and window templates — or, given the block-sparse template's four `lists`,
     (…, L, *lists, scale, strides…, the counts' and the indices' strides, …) — one program per
-    FWD_BLOCK_M query rows of one (batch, head); returns (out, (m, l)): each row's max (base 2)
+    BLOCK_M query rows of one (batch, head); returns (out, (m, l)): each row's max (base 2)
     and sum in fp32, for the backward."""
     b, h, lq, _ = q.shape
     lk = k.shape[2]
@@ -269,8 +293,8 @@ def launch_rows(kernel, q, k, v, mask, scale, lists=()):
     l = torch.empty_like(m)
     kx, vx = k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])
     list_strides = [s for t in lists[:2] for s in t.stride()]          # counts, then indices
-    kernel[(triton.cdiv(lq, FWD_BLOCK_M), b * h)](
+    launch = cfg.launch(kernel)
+    kernel[(triton.cdiv(lq, launch["BLOCK_M"]), b * h)](
         q, kx, vx, mask[0], out, m, l, *lists, scale, *q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3],
-        *out.stride()[:3], *mask[1], *list_strides, h, lq, lk, BLOCK_M=FWD_BLOCK_M, BLOCK_N=FWD_BLOCK_N,
-        num_warps=FWD_WARPS, num_stages=FWD_STAGES)
+        *out.stride()[:3], *mask[1], *list_strides, h, lq, lk, **launch)
     return out, (m, l)

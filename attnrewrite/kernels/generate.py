@@ -1,28 +1,28 @@
-"""The generator: a template specialised to one site's configuration becomes a module.
+"""A site's configuration, and the kernels it names: loaded, written out, compiled ahead of time.
 
-A `KernelConfig` names a template (a file beside this one) and every constant the kernels
-are specialised on: head sizes, dtype, causal, mask kind, GQA group, soft-cap, the
-variant's parameters, and the launch settings (tile sizes, warps, stages) chosen for the
-target. `specialise(cfg)` writes the module's source — a header stating the configuration,
-the constants as `tl.constexpr` globals, then the shared helpers (common.py) and the
-template's body — so what a site runs can be read as one file. `load(cfg)` imports that
-source (from a per-user cache directory, keyed by the configuration's hash) once per process;
-Triton then compiles each kernel once per argument signature. `compile_aot(cfg, arch)`
-compiles every kernel of a configuration for an NVIDIA target without a GPU and reads its
-registers, spills and shared memory from the binary.
+The templates (exact.py, window.py, block_sparse.py, preconditioned.py, topk.py, conv_basis.py)
+are ordinary modules of `@triton.jit` kernels, with helpers imported from common.py, and host
+functions that take a configuration first. A `KernelConfig` names a template and every value
+its kernels are specialised on: head sizes, dtype, causal, mask kind, GQA group, soft-cap, the
+variant's parameters, and the launch settings (tile sizes, warps, stages) chosen for the target.
+`cfg.launch(kernel)` fills in the `tl.constexpr` arguments a kernel declares from them, so Triton
+compiles each kernel once per configuration and compiles away every branch it does not take.
+`load(cfg)` is the template's host functions with cfg bound; `specialise(cfg)` the source a site
+runs with as one file (`write`, `emit`); `compile_aot(cfg, arch)` compiles every kernel of a
+configuration for an NVIDIA target without a GPU and reads its registers, spills and shared
+memory from the binary.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import triton
@@ -30,10 +30,11 @@ from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import block_sparse, conv_basis, exact, preconditioned, topk, window
+
 HERE = Path(__file__).parent
-BODY_MARK = "# --- template body ---"
-MASK_KINDS = ("none", "key", "additive", "boolean")   # MASK constant: index in this tuple
-TEMPLATES = ("exact", "window", "block_sparse", "preconditioned", "topk", "conv_basis")
+TEMPLATES = {"exact": exact, "window": window, "block_sparse": block_sparse, "preconditioned": preconditioned,
+             "topk": topk, "conv_basis": conv_basis}
 SHARED_LIMIT = {80: 166912, 90: 232448}               # bytes of shared memory one block may use
 TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "uint8": "u8", "int32": "i32"}
 
@@ -50,7 +51,7 @@ class KernelConfig:
     head_dim_v: int
     dtype: str                    # q's dtype: float16 | bfloat16 | float32
     causal: bool = False
-    mask: str = "none"            # one of MASK_KINDS
+    mask: str = "none"            # none | key | additive | boolean
     group: int = 1                # query heads per kv head
     softcap: float = 0.0
     params: tuple = ()            # ((NAME, value), ...): the template's own constants
@@ -81,6 +82,8 @@ class KernelConfig:
         else:
             fwd, bwd = (64, 32, 8, 2), (16, 32, 8, 1)
         params = dict(self.params)
+        if self.template == "topk":                # one query row a program: BLOCK_N kept keys at a time
+            fwd = (*fwd[:2], 4, 1)
         if self.template == "block_sparse":        # tiles divide the layout's blocks
             fit = lambda t, n: min(t, n & -n)        # noqa: E731 - the largest power of two dividing n, ≤ t
             fwd = (fit(fwd[0], params["SPARSE_M"]), fit(fwd[1], params["SPARSE_N"]), *fwd[2:])
@@ -89,13 +92,23 @@ class KernelConfig:
         return {**{f"FWD_{k}": v for k, v in zip(keys, fwd)}, **{f"BWD_{k}": v for k, v in zip(keys, bwd)}}
 
     def constants(self) -> dict:
-        """The tl.constexpr globals the kernels read."""
+        """The values of the kernels' tl.constexpr arguments (common.py says what each means)."""
         return {"HEAD_DIM": self.head_dim, "HEAD_DIM_V": self.head_dim_v,
                 "D_PAD": max(_pow2(self.head_dim), 16), "DV_PAD": max(_pow2(self.head_dim_v), 16),
-                "GROUP": self.group, "CAUSAL": self.causal, "MASK": MASK_KINDS.index(self.mask),
-                "SOFTCAP": float(self.softcap),
-                "DOT_PRECISION": self.dot_precision(),
-                **dict(self.params)}
+                "GROUP": self.group, "CAUSAL": self.causal, "MASK": self.mask, "SOFTCAP": float(self.softcap),
+                "DOT_PRECISION": self.dot_precision(), **dict(self.params)}
+
+    def constexprs(self, kernel, phase: str = "FWD") -> dict:
+        """The tl.constexpr arguments `kernel` declares, filled in: constants(), and BLOCK_M and
+        BLOCK_N from the phase's ("FWD" or "BWD") launch settings."""
+        s = self.settings()
+        known = {**self.constants(), "BLOCK_M": s[f"{phase}_BLOCK_M"], "BLOCK_N": s[f"{phase}_BLOCK_N"]}
+        return {name: known[name] for name in kernel.arg_names if name in known}
+
+    def launch(self, kernel, phase: str = "FWD") -> dict:
+        """The keywords of `kernel[grid](...)`: its constexprs(), and the phase's warps and stages."""
+        s = self.settings()
+        return {**self.constexprs(kernel, phase), "num_warps": s[f"{phase}_WARPS"], "num_stages": s[f"{phase}_STAGES"]}
 
     def dot_precision(self) -> str:
         """fp32 sites: three-pass TF32 on the GPU's tensor cores (about fp32's accuracy), plain
@@ -113,10 +126,10 @@ class KernelConfig:
 
     @property
     def hash(self) -> str:
-        """12 hex digits over the configuration, its launch settings and the template text (so an
-        edited template never reuses an old module's name)."""
+        """12 hex digits over the configuration, its launch settings and the template's source and
+        common.py's (so an edited template never reuses an old name)."""
         text = json.dumps({**self.as_dict(), "settings": self.settings(),
-                           "source": [_body("common"), _body(self.template)]}, sort_keys=True)
+                           "source": [_source("common"), _source(self.template)]}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
     @property
@@ -125,31 +138,47 @@ class KernelConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def _body(template: str) -> str:
-    text = (HERE / f"{template}.py").read_text()
-    return text.split(BODY_MARK, 1)[1].strip("\n")
+def _source(name: str) -> str:
+    return (HERE / f"{name}.py").read_text()
+
+
+class Bound:
+    """A template's host functions with one configuration bound, as `load` returns them:
+    `load(cfg).forward(q, ...)` is `<template>.forward(cfg, q, ...)`."""
+
+    def __init__(self, cfg: KernelConfig):
+        if cfg.template not in TEMPLATES:
+            raise ValueError(f"no template named {cfg.template!r}")
+        self.config, self.template = cfg, TEMPLATES[cfg.template]
+
+    def __getattr__(self, name: str):
+        return functools.partial(getattr(self.template, name), self.config)
+
+
+def load(cfg: KernelConfig) -> Bound:
+    """cfg's kernels, ready to run: its template's host functions with cfg bound (Triton compiles
+    each kernel on its first launch with cfg's constexprs, or interprets it under TRITON_INTERPRET=1)."""
+    return Bound(cfg)
 
 
 def specialise(cfg: KernelConfig) -> str:
-    """The complete source of cfg's module."""
+    """What a site runs with, as one file: a header stating cfg — the tl.constexpr values and the
+    launch settings its kernels are launched with — over the template module's source (its
+    helpers imported from attnrewrite.kernels.common)."""
     if cfg.template not in TEMPLATES:
         raise ValueError(f"no template named {cfg.template!r}")
-    consts = "\n".join(f"{k} = tl.constexpr({v!r})" for k, v in cfg.constants().items())
-    launch = "\n".join(f"{k} = {v!r}" for k, v in cfg.settings().items())
     config = json.dumps(cfg.as_dict(), sort_keys=True)
+    constexprs = textwrap.fill(", ".join(f"{k}={v!r}" for k, v in cfg.constants().items()), 100,
+                               initial_indent="  ", subsequent_indent="  ")
+    settings = textwrap.fill(", ".join(f"{k}={v!r}" for k, v in cfg.settings().items()), 100,
+                             initial_indent="  ", subsequent_indent="  ")
+    source = _source(cfg.template).replace("from .common import", "from attnrewrite.kernels.common import")
     return (f'"""{cfg.name}: generated by attnrewrite.kernels from the `{cfg.template}` template.\n\n'
-            f"configuration: {config}\n\nEdit the template, not this file.\n\"\"\"\n"
-            "import torch\nimport triton\nimport triton.language as tl\n\n"
-            f"# kernel constants\n{consts}\n\n# launch settings\n{launch}\n\n"
-            f"# ---- shared helpers (common.py)\n{_body('common')}\n\n\n"
-            f"# ---- the {cfg.template} template\n{_body(cfg.template)}\n")
-
-
-def cache_dir() -> Path:
-    """Where generated modules are written before import: $ATTNREWRITE_KERNEL_CACHE, else a
-    per-user directory under the system temporary directory."""
-    default = Path(tempfile.gettempdir()) / f"attnrewrite-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    return Path(os.environ.get("ATTNREWRITE_KERNEL_CACHE") or default)
+            f"configuration: {config}\n\n"
+            f"Its kernels take these tl.constexpr arguments (each those it declares):\n{constexprs}\n"
+            f"and these launch settings:\n{settings}\n\n"
+            f"attnrewrite.kernels.load(KernelConfig.from_dict(configuration)) runs them. Edit the template\n"
+            f"(attnrewrite/kernels/{cfg.template}.py), not this file.\n\"\"\"\n{source}")
 
 
 def write(cfg: KernelConfig, directory) -> Path:
@@ -163,25 +192,6 @@ def write(cfg: KernelConfig, directory) -> Path:
         tmp.write_text(text)
         os.replace(tmp, path)
     return path
-
-
-_MODULES: dict = {}
-
-
-def load(cfg: KernelConfig):
-    """cfg's module, imported once per process (interpreted when cfg.target is "interpret")."""
-    key = cfg                                      # a frozen dataclass: the hash is computed once, on a miss
-    if key not in _MODULES:
-        path = write(cfg, cache_dir())
-        name = f"attnrewrite_generated.{cfg.name}_{cfg.target}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        with knobs.runtime.scope():                # @triton.jit reads the interpreter switch when it runs
-            knobs.runtime.interpret = cfg.target == "interpret"
-            spec.loader.exec_module(module)
-        _MODULES[key] = module
-    return _MODULES[key]
 
 
 # ---------------------------------------------------------------- ahead-of-time compilation
@@ -203,11 +213,12 @@ def compile_aot(cfg: KernelConfig, arch: int) -> list[dict]:
     """Compile every kernel of cfg for sm_<arch> (no GPU needed): per kernel its name, the
     registers, spill bytes and shared memory it needs, and the PTX."""
     cfg = dataclasses.replace(cfg, target="cuda")
-    module = load(cfg)
     out = []
     dtype = TRITON_TYPES[cfg.dtype]
     mask_dtype = {"none": dtype, "key": "fp32", "additive": dtype, "boolean": "u8"}[cfg.mask]
-    for kernel, pointers, constexprs, warps, stages in module.aot_kernels(dtype, mask_dtype):
+    for kernel, pointers, launch in load(cfg).aot_kernels(dtype, mask_dtype):
+        constexprs = {k: v for k, v in launch.items() if k not in ("num_warps", "num_stages")}
+        warps, stages = launch["num_warps"], launch["num_stages"]
         # pointers 16-byte aligned, as Triton specialises them at run time for torch's allocations
         aligned = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in pointers}
         src = ASTSource(fn=kernel, signature=signature(kernel, pointers, constexprs), constexprs=constexprs,

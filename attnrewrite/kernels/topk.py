@@ -1,5 +1,4 @@
-"""Template: sparse attention, top-k mode — each query attends to its own k kept keys (read by
-generate.py, never imported).
+"""Template: sparse attention, top-k mode — each query attends to its own k kept keys.
 
 The selection (the k highest masked scores of each row) happens before the kernel, in PyTorch
 (dispatch.topk_indices); the kernel gathers only the kept keys: one program per (query row,
@@ -11,13 +10,16 @@ import torch
 import triton
 import triton.language as tl
 
-# --- template body ---
+from .common import LOG2E, _finite_floor, _tanh
 
 
 @triton.jit
 def attn_fwd(Q, K, V, Mask, O, Idx, sm_scale,
              sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
-             smb, smh, smm, smn, sib, sih, sim, H, Lq, Lk, KEPT, BLOCK_N: tl.constexpr):
+             smb, smh, smm, smn, sib, sih, sim, H, Lq, Lk, KEPT,
+             HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+             GROUP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+             BLOCK_N: tl.constexpr):
     row = tl.program_id(0)
     off_b = tl.program_id(1) // H
     off_h = tl.program_id(1) % H
@@ -44,11 +46,11 @@ def attn_fwd(Q, K, V, Mask, O, Idx, sm_scale,
             s = SOFTCAP * _tanh(raw / SOFTCAP)
         else:
             s = raw
-        if MASK == 1:
+        if MASK == "key":
             s = s + _finite_floor(tl.load(mask_base + j * smn, mask=live, other=0.0).to(tl.float32))
-        elif MASK == 2:
+        elif MASK == "additive":
             s = s + _finite_floor(tl.load(mask_base + row * smm + j * smn, mask=live, other=0.0).to(tl.float32))
-        elif MASK == 3:
+        elif MASK == "boolean":
             keep = tl.load(mask_base + row * smm + j * smn, mask=live, other=0)
             s = tl.where(keep != 0, s, float("-inf"))
         visible = live
@@ -71,7 +73,7 @@ def attn_fwd(Q, K, V, Mask, O, Idx, sm_scale,
 
 # ---------------------------------------------------------------- host side
 
-def forward(q, k, v, mask, scale, idx):
+def forward(cfg, q, k, v, mask, scale, idx):
     """(out, None): idx (B, H, Lq, kept) int32/int64, each row's kept key indices."""
     b, h, lq, _ = q.shape
     lk = k.shape[2]
@@ -80,13 +82,12 @@ def forward(q, k, v, mask, scale, idx):
     idx = idx.to(torch.int32).contiguous()
     attn_fwd[(lq, b * h)](
         q, kx, vx, mask[0], out, idx, scale, *q.stride()[:3], *kx.stride()[:3], *vx.stride()[:3],
-        *out.stride()[:3], *mask[1], *idx.stride()[:3], h, lq, lk, idx.shape[-1], BLOCK_N=FWD_BLOCK_N,
-        num_warps=4, num_stages=1)
+        *out.stride()[:3], *mask[1], *idx.stride()[:3], h, lq, lk, idx.shape[-1], **cfg.launch(attn_fwd))
     return out, None
 
 
-def aot_kernels(dtype, mask_dtype):
-    """(kernel, pointer types, constexprs, warps, stages) for an ahead-of-time compile."""
+def aot_kernels(cfg, dtype, mask_dtype):
+    """(kernel, pointer types, launch keywords) for an ahead-of-time compile."""
     ptr = "*" + dtype
     io = {"Q": ptr, "K": ptr, "V": ptr, "Mask": "*" + mask_dtype, "O": ptr, "Idx": "*i32"}
-    return [(attn_fwd, io, dict(BLOCK_N=FWD_BLOCK_N), 4, 1)]
+    return [(attn_fwd, io, cfg.launch(attn_fwd))]
