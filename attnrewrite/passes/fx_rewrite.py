@@ -22,7 +22,10 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, TensorArgument
 from torch.fx import Graph, GraphModule, Node
 
-from . import fx_detect as D
+from . import fx_graph as G
+from .fx_detect import FxSite
+from .fx_walk import Operand
+from .vocab import NoMatch
 
 aten = torch.ops.aten
 
@@ -57,13 +60,13 @@ class Emitter:
         if fixed is not None:                  # never int(dim): that would specialise the symbol
             return int(fixed)
         for ref in refs:
-            for i, d in enumerate(D.shape_of(ref) or []):
+            for i, d in enumerate(G.shape_of(ref) or []):
                 if isinstance(d, torch.SymInt) and str(d.node.expr) == str(dim.node.expr):
                     return self(aten.sym_size.int, ref, i)
-        raise D.NoMatch(f"cannot rebuild symbolic size {dim}")
+        raise NoMatch(f"cannot rebuild symbolic size {dim}")
 
     def reshape(self, x: Node, shape, refs) -> Node:
-        if D.same_shape(D.shape_of(x), list(shape)):
+        if G.same_shape(G.shape_of(x), list(shape)):
             return x
         if not x.meta["val"].is_contiguous():
             x = self(aten.clone.default, x, memory_format=torch.contiguous_format)
@@ -78,31 +81,31 @@ def _to4d(e: Emitter, x: Node, lead, refs) -> Node:
         for _ in range(2 - n):
             x = e(aten.unsqueeze.default, x, 0)
         return x
-    s = D.shape_of(x)
-    return e.reshape(x, [D.numel_of(lead[:-1]), lead[-1], *s[-2:]], refs)
+    s = G.shape_of(x)
+    return e.reshape(x, [G.numel_of(lead[:-1]), lead[-1], *s[-2:]], refs)
 
 
-def _conform(e: Emitter, op: D.Operand, lead, refs, kv: bool) -> Node:
+def _conform(e: Emitter, op: Operand, lead, refs, kv: bool) -> Node:
     """Operand → (B, H|Hkv, L, D) laid out on the canonical `lead`."""
     if kv and op.kv_root is not None and len(lead) == 2:
         return op.kv_root
     x = op.node if op.perm is None else e(aten.permute.default, op.node, op.perm)
-    s = D.shape_of(x)
+    s = G.shape_of(x)
     xl, last2 = s[:-2], s[-2:]
-    if not D.same_shape(xl, list(lead)):
-        if D.same_dim(D.numel_of(xl), D.numel_of(lead)):          # leading axes regrouped
+    if not G.same_shape(xl, list(lead)):
+        if G.same_dim(G.numel_of(xl), G.numel_of(lead)):          # leading axes regrouped
             x = e.reshape(x, [*lead, *last2], refs)
         else:                                               # broadcast (MQA key, batch 1, ...)
-            while len(D.shape_of(x)) < len(lead) + 2:
+            while len(G.shape_of(x)) < len(lead) + 2:
                 x = e(aten.unsqueeze.default, x, 0)
-            xl = D.shape_of(x)[:-2]
-            keep = kv and len(lead) == 2 and D.same_dim(xl[0], lead[0]) and D.same_dim(xl[1], 1)
-            if not keep and not D.same_shape(xl, list(lead)):
+            xl = G.shape_of(x)[:-2]
+            keep = kv and len(lead) == 2 and G.same_dim(xl[0], lead[0]) and G.same_dim(xl[1], 1)
+            if not keep and not G.same_shape(xl, list(lead)):
                 x = e(aten.expand.default, x, [e.size(d, refs) for d in [*lead, *last2]])
     return _to4d(e, x, lead, refs)
 
 
-def _bias(e: Emitter, fx: D.FxSite, dtype) -> Node | None:
+def _bias(e: Emitter, fx: FxSite, dtype) -> Node | None:
     """Replay the score chain's mask steps on no scores: the additive bias (or bool mask)."""
     if fx.mask is not None:
         return fx.mask
@@ -128,40 +131,40 @@ def _bias(e: Emitter, fx: D.FxSite, dtype) -> Node | None:
             shape_in, node = st.shape_in, st.node
             if node.target == aten.expand.default:
                 continue
-            if not D.same_shape(D.shape_of(b), shape_in):
+            if not G.same_shape(G.shape_of(b), shape_in):
                 b = e(aten.expand.default, b, [e.size(d, [node.args[0]]) for d in shape_in])
             if not b.meta["val"].is_contiguous():
                 b = e(aten.clone.default, b, memory_format=torch.contiguous_format)
-            b = e(D.IN_PLACE.get(node.target, node.target), b, *node.args[1:], **node.kwargs)   # s.unsqueeze_(1)
+            b = e(G.IN_PLACE.get(node.target, node.target), b, *node.args[1:], **node.kwargs)   # s.unsqueeze_(1)
     return b
 
 
 def _conform_mask(e: Emitter, m: Node, lead, refs) -> Node:
-    while len(D.shape_of(m)) < len(lead) + 2:
+    while len(G.shape_of(m)) < len(lead) + 2:
         m = e(aten.unsqueeze.default, m, 0)
     if len(lead) > 2:
-        s = D.shape_of(m)
+        s = G.shape_of(m)
         full = [*lead, *s[-2:]]
-        if not D.same_shape(s, full):
+        if not G.same_shape(s, full):
             m = e(aten.expand.default, m, [e.size(d, refs) for d in full])
     return _to4d(e, m, lead, refs)
 
 
-def emit_normal_form(e: Emitter, fx: D.FxSite) -> tuple[Node, Node, Node, Node | None]:
+def emit_normal_form(e: Emitter, fx: FxSite) -> tuple[Node, Node, Node, Node | None]:
     """Insert the nodes building the site's q4, k4, v4 and bias (graph-computed scales folded
     into q: softmax((t·q)·kᵀ) is softmax(t·(q·kᵀ)) for a scalar or a per-head tensor t)."""
     lead = list(fx.lead)
     refs = [fx.anchor, fx.anchor.args[0], fx.q.node, fx.k.node, fx.v.node, fx.out]
     q = _conform(e, fx.q, lead, refs, kv=False)
     k = _conform(e, fx.k, lead, refs, kv=True)
-    if D.same_shape(list(fx.pv_lead), lead):
+    if G.same_shape(list(fx.pv_lead), lead):
         v = _conform(e, fx.v, lead, refs, kv=True)
     else:
         v = _conform(e, fx.v, fx.pv_lead, refs, kv=False)
-        v = e.reshape(v, [*fx.pv_lead, *D.shape_of(v)[-2:]], refs) if len(fx.pv_lead) != 2 else v
-        v = _conform(e, D.Operand(v), lead, refs, kv=False)
+        v = e.reshape(v, [*fx.pv_lead, *G.shape_of(v)[-2:]], refs) if len(fx.pv_lead) != 2 else v
+        v = _conform(e, Operand(v), lead, refs, kv=False)
     for node, how in fx.scale_nodes:          # a per-head tensor is laid out as the scores: (B, H, 1, 1)
-        if not D.is_scalar(node):
+        if not G.is_scalar(node):
             node = _conform_mask(e, node, lead, refs)
             if node.meta["val"].dtype != q.meta["val"].dtype:
                 node = e(aten._to_copy.default, node, dtype=q.meta["val"].dtype)
@@ -170,14 +173,14 @@ def emit_normal_form(e: Emitter, fx: D.FxSite) -> tuple[Node, Node, Node, Node |
     for t in (k, v):
         dt = torch.promote_types(dt, t.meta["val"].dtype)
     q, k, v = [t if t.meta["val"].dtype == dt else e(aten._to_copy.default, t, dtype=dt) for t in (q, k, v)]
-    sdt = D.val_of(fx.anchor.args[0]).dtype if fx.anchor.target in D.SOFTMAX else dt
+    sdt = G.val_of(fx.anchor.args[0]).dtype if fx.anchor.target in G.SOFTMAX else dt
     mask = _bias(e, fx, sdt)
     if mask is not None:
         mask = _conform_mask(e, mask, lead, refs)
     return q, k, v, mask
 
 
-def emit_site(graph: Graph, fx: D.FxSite, variant, options: dict, site) -> dict:
+def emit_site(graph: Graph, fx: FxSite, variant, options: dict, site) -> dict:
     """Insert the normal form and the variant op for one site; returns the new nodes.
 
     With active dropout the op also gets `dropout_seed`, a random int64 drawn in the graph,
@@ -195,15 +198,15 @@ def emit_site(graph: Graph, fx: D.FxSite, variant, options: dict, site) -> dict:
         extra["out_map"] = list(options["out_map"])
     o4 = e(variant.op, *args, **extra)
     # back to the product's own layout
-    ov = D.val_of(fx.out)
+    ov = G.val_of(fx.out)
     plead = list(fx.pv_lead)
     o = o4
-    if len(lead) != 2 or not D.same_shape(plead, lead):
-        o = e.reshape(o, [*lead, *D.shape_of(o)[-2:]], refs) if len(lead) != 2 else o
-        o = e.reshape(o, [*plead, *D.shape_of(o)[-2:]], refs + [fx.out])
+    if len(lead) != 2 or not G.same_shape(plead, lead):
+        o = e.reshape(o, [*lead, *G.shape_of(o)[-2:]], refs) if len(lead) != 2 else o
+        o = e.reshape(o, [*plead, *G.shape_of(o)[-2:]], refs + [fx.out])
     if fx.out_perm is not None:
         o = e(aten.permute.default, o, fx.out_perm)
-    if not D.same_shape(D.shape_of(o), list(ov.shape)):
+    if not G.same_shape(G.shape_of(o), list(ov.shape)):
         o = e.reshape(o, list(ov.shape), refs + [fx.out])
     if o.meta["val"].dtype != ov.dtype:
         o = e(aten._to_copy.default, o, dtype=ov.dtype)
@@ -239,13 +242,13 @@ _ASSERTS = {aten._assert_tensor_metadata.default}
 
 def _may_alias(n: Node) -> bool:
     """`n`'s result may share memory with its first argument (a view, an in-place op, a no-op cast)."""
-    return D.aliases_self(n) or n.target in D.VIEWS | D.PERMUTES | D.NOOPS | D.CASTS
+    return G.aliases_self(n) or n.target in G.VIEWS | G.PERMUTES | G.NOOPS | G.CASTS
 
 
 def _unobserved(m, writer: Node) -> bool:
     """Nobody but `writer` can see a write into `m`.
 
-    `m` must be a fresh tensor (an op that never aliases its inputs, fx_detect.FRESH), or
+    `m` must be a fresh tensor (an op that never aliases its inputs, fx_graph.FRESH), or
     reach one through in-place steps and views, each read by the next (mm → mul_ →
     masked_fill_, the writer). Other readers may only read it before the write and make
     their own copy (`s.sum(-1)` before `s.masked_fill_`); one reading it after the write,
@@ -257,11 +260,11 @@ def _unobserved(m, writer: Node) -> bool:
         for u in m.users:
             if u is writer or (u.op == "call_function" and not u.users and not u.is_impure()):
                 continue      # the writer itself, or a dead reader (a view nobody reads)
-            if u.op != "call_function" or _may_alias(u) or not D.precedes(u, writer):
+            if u.op != "call_function" or _may_alias(u) or not G.precedes(u, writer):
                 return False
-        if m.target in D.FRESH:
+        if m.target in G.FRESH:
             return True
-        if not D.aliases_self(m):
+        if not G.aliases_self(m):
             return False
         writer, m = m, m.args[0]
     return False
@@ -279,7 +282,7 @@ def _removable(n: Node) -> bool:
         return True
     if n.target in _ASSERTS:
         return False
-    written = D.written(n)
+    written = G.written(n)
     return bool(written) and all(_unobserved(m, n) for m in written)
 
 
@@ -460,17 +463,17 @@ def probe_graph(gm: GraphModule, sites) -> tuple[GraphModule, dict]:
     return new, probes
 
 
-def _output_in_normal_form(e: Emitter, fx: D.FxSite, q4: Node, v4: Node) -> Node:
+def _output_in_normal_form(e: Emitter, fx: FxSite, q4: Node, v4: Node) -> Node:
     """The site's own output seen in the (B, H, Lq, Dv) layout: emit_site's mapping, undone."""
     lead, plead = list(fx.lead), list(fx.pv_lead)
     refs = [q4, v4, fx.out, fx.anchor, fx.q.node, fx.v.node]
-    tail = [D.shape_of(q4)[-2], D.shape_of(v4)[-1]]
+    tail = [G.shape_of(q4)[-2], G.shape_of(v4)[-1]]
     full = [*plead, *tail]
     o = fx.out
     if fx.out_perm is not None:
         o = e.reshape(o, [full[i] for i in fx.out_perm], refs)
         o = e(aten.permute.default, o, [fx.out_perm.index(i) for i in range(len(fx.out_perm))])
     o = e.reshape(o, full, refs)
-    if not D.same_shape(plead, lead):
+    if not G.same_shape(plead, lead):
         o = e.reshape(o, [*lead, *tail], refs)
     return _to4d(e, o, lead, refs)
