@@ -172,7 +172,72 @@ def _autograd():
         yield
 
 
-def define_attention_op(name: str, reference, extra_schema: str = "", fast: tuple = (), kernel=None):
+_REQUIRED = object()
+_CAST = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+@dataclass(frozen=True)
+class OpArg:
+    """One argument of a variant's op after the normal form, declared once: the op schema, the
+    argument tuple a rewrite emits and the reference's parameter all come from the variant's
+    ordered OpArgs.
+
+    `type` is the schema type ("int", "float", "str", "int[]", "float[]", "int[]?", …); the
+    value is `value(o)` when given, else option `key` (default: `name`) cast to `type`, o being
+    a site's options over the parameters' defaults; `default` (optional) is the schema default,
+    which lets programs saved before the argument existed load, and lets the dispatcher leave
+    the argument out when it equals it."""
+    name: str
+    type: str
+    key: str | None = None
+    value: Callable | None = None
+    default: object = _REQUIRED
+
+    @property
+    def option(self) -> str:
+        return self.key or self.name
+
+    def schema(self) -> str:
+        if self.default is _REQUIRED:
+            return f"{self.type} {self.name}"
+        return f"{self.type} {self.name}={_schema_literal(self.default)}"
+
+    def of(self, o: dict):
+        if self.value is not None:
+            return self.value(o)
+        x = o[self.option]
+        if self.type.endswith("[]"):
+            return [_CAST[self.type[:-2]](v) for v in x]
+        return _CAST[self.type.rstrip("?")](x)
+
+
+def _schema_literal(x) -> str:
+    if isinstance(x, str):
+        return f'"{x}"'
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_schema_literal(v) for v in x) + "]"
+    return "None" if x is None else repr(x)
+
+
+def op_schema(args) -> str:
+    """The schema text of a variant's OpArgs ("str mode, int k=64, …")."""
+    return ", ".join(a.schema() for a in args)
+
+
+def op_args_from(args, params: dict, hidden: dict | None = None) -> Callable:
+    """The variant's `op_args(site, options)`: each OpArg's value from the options, missing ones
+    (and None) taken from the params' defaults and from `hidden` (rewrite-time state the user
+    does not set, such as per-head budgets)."""
+    base = {**{k: p.default for k, p in params.items()}, **(hidden or {})}
+
+    def op_args(site, options: dict) -> tuple:
+        o = {**base, **{k: v for k, v in options.items() if v is not None}}
+        return tuple(a.of(o) for a in args)
+    op_args.__doc__ = f"The op's arguments after the normal form: ({', '.join(a.name for a in args)})."
+    return op_args
+
+
+def define_attention_op(name: str, reference, extra_schema: "str | tuple" = "", fast: tuple = (), kernel=None):
     """Register `attnrewrite::<name>` and `attnrewrite::<name>_backward`; return the forward op.
 
     Forward: (normal form, extra_schema, dropout_seed, out_map) -> out. Backward:
@@ -185,6 +250,8 @@ def define_attention_op(name: str, reference, extra_schema: str = "", fast: tupl
     `kernel` is the op's kernels.KernelPlan (which generated kernels cover which calls; None:
     none do), kept in KERNEL_PLANS[name].
     """
+    if not isinstance(extra_schema, str):                # the variant's OpArgs
+        extra_schema = op_schema(extra_schema)
     params = f", {extra_schema}" if extra_schema else ""
     _lib.define(f"{name}({NORMAL_FORM}{params}, {SEED}, {OUT_MAP}) -> Tensor")
     _lib.define(f"{name}_backward(Tensor grad, {NORMAL_FORM}{params}, {SEED}, {OUT_MAP}) "

@@ -17,7 +17,7 @@ from ..passes import onnx_graph
 from ..passes import onnx_rewrite as R
 from . import costing
 from .impl import Implementation, differentiable
-from .base import (BACKWARD_OPS, IMPLEMENTATIONS, Param, define_attention_op, expand_kv, kv_mismatch, masked_scores,
+from .base import (BACKWARD_OPS, IMPLEMENTATIONS, Param, define_attention_op, op_args_from, expand_kv, kv_mismatch, masked_scores,
                    safe_softmax, Variant)
 
 NAME = "exact"
@@ -79,7 +79,10 @@ def sdpa(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: f
 
 
 SDPA = Implementation("sdpa", sdpa_covers, sdpa, lower=sdpa)
-op = define_attention_op(OP_NAME, reference, fast=(SDPA,), kernel=EXACT_KERNEL)
+
+OP_ARGS = ()                 # no parameters after the normal form
+op_args = op_args_from(OP_ARGS, PARAMS)
+op = define_attention_op(OP_NAME, reference, OP_ARGS, fast=(SDPA,), kernel=EXACT_KERNEL)
 
 
 def attention(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float):
@@ -88,12 +91,9 @@ def attention(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
     args = (q, k, v, mask, scale, softcap, causal, dropout_p)
     run, _ = differentiable(IMPLEMENTATIONS[OP_NAME], args)
     return run(*args)
+
+
 backward_op = BACKWARD_OPS[OP_NAME]
-
-
-def op_args(site, options: dict) -> tuple:
-    """Variant parameters appended after the normal form (none for exact)."""
-    return ()
 
 
 def diagnostics(q, k, v, mask, scale, softcap, causal, options: dict) -> dict:

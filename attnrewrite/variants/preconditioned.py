@@ -44,7 +44,7 @@ import torch
 from ..kernels.dispatch import KernelPlan, gains
 from ..passes import onnx_rewrite as R
 from . import costing, exact
-from .base import (BACKWARD_OPS, MASK_REMOVED, Param, define_attention_op, expand_kv, masked_scores, safe_softmax, score_bias,
+from .base import (BACKWARD_OPS, MASK_REMOVED, OpArg, Param, define_attention_op, op_args_from, expand_kv, masked_scores, safe_softmax, score_bias,
                    Variant)
 
 NAME = "preconditioned"
@@ -115,7 +115,19 @@ def _kernel_template(params: tuple, causal: bool):
 
 
 KERNEL = KernelPlan(_kernel_template, lambda cfg, args, backward: (gains(args[9], args[0]),))   # args[9]: gain
-op = define_attention_op(OP_NAME, reference, "str mode, float[] gain", kernel=KERNEL)
+
+
+def _gains(o) -> list[float]:
+    """The per-head gains `prepare` calibrated (or the user's gain=G)."""
+    gain = o.get("gain")
+    if gain is None:
+        raise ValueError(f"{NAME}: no gain for this site (prepare() calibrates it, or pass gain=G)")
+    return [float(g) for g in gain] if isinstance(gain, (list, tuple)) else [float(gain)]
+
+
+OP_ARGS = (OpArg("mode", "str"), OpArg("gain", "float[]", value=_gains))   # after the normal form
+op_args = op_args_from(OP_ARGS, PARAMS)
+op = define_attention_op(OP_NAME, reference, OP_ARGS, kernel=KERNEL)
 backward_op = BACKWARD_OPS[OP_NAME]
 
 
@@ -144,15 +156,6 @@ def prepare(site, samples: list[dict], options: dict) -> dict:
 def needs_samples(site, options: dict) -> bool:
     """`prepare` calibrates the gain on captured values; a given gain needs only the head count."""
     return options.get("gain") is None or not isinstance(site.heads, int)
-
-
-def op_args(site, options: dict) -> tuple:
-    """(mode, gain list) appended after the normal form; `prepare` has filled in the gains."""
-    gain = options.get("gain")
-    if gain is None:
-        raise ValueError(f"{NAME}: no gain for this site (prepare() calibrates it, or pass gain=G)")
-    gain = [float(g) for g in gain] if isinstance(gain, (list, tuple)) else [float(gain)]
-    return options.get("mode", PARAMS["mode"].default), gain
 
 
 def _kappa(m: torch.Tensor) -> float | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import warnings
 
 import pytest
@@ -22,17 +23,13 @@ from attnrewrite.backend import compile_backend
 from attnrewrite.cli import main
 from attnrewrite.passes import onnx_rewrite
 from attnrewrite.variants import exact
-from attnrewrite.variants.base import Param, Variant, define_attention_op
+from attnrewrite.variants.base import OpArg, Param, Variant, define_attention_op, op_args_from
 
 BOUND = 1e-5
 
 
 def reference(q, k, v, mask, scale, softcap, causal, dropout_p, t):
     return exact.reference(q, k, v, mask, scale * t, softcap, causal, dropout_p)
-
-
-def op_args(site, options):
-    return (float(options["t"]),)
 
 
 def diagnostics(q, k, v, mask, scale, softcap, causal, options):
@@ -44,10 +41,11 @@ def onnx_lower(b, site, q, k, v, mask, options):
     return exact.onnx_lower(b, scaled, q, k, v, mask, {"onnx_attention": "auto"})
 
 
-VARIANT = Variant("temperature", "test_temperature_attention",
-                  {"t": Param(1.0, float, "multiplies the scores", minimum=0.0)},
-                  reference, define_attention_op("test_temperature_attention", reference, "float t"),
-                  op_args, diagnostics, onnx_lower=onnx_lower)
+PARAMS = {"t": Param(1.0, float, "multiplies the scores", minimum=0.0)}
+OP_ARGS = (OpArg("t", "float"),)            # the op's schema and arguments, from one declaration
+VARIANT = Variant("temperature", "test_temperature_attention", PARAMS, reference,
+                  define_attention_op("test_temperature_attention", reference, OP_ARGS),
+                  op_args_from(OP_ARGS, PARAMS), diagnostics, onnx_lower=onnx_lower)
 
 
 @pytest.fixture
@@ -112,3 +110,22 @@ def test_compile_backend(installed):
         want, got = m(x), torch.compile(m, backend=backend)(x)
     assert backend.sites_rewritten == 1 and backend.reports[0]["variant"] == "temperature"
     assert (got - want).norm() <= BOUND * want.norm()
+
+
+@pytest.mark.parametrize("variant", variants.BUILT_IN + (VARIANT,), ids=lambda v: v.name)
+def test_op_schema_and_arguments_come_from_one_declaration(variant):
+    """Each op's schema after the normal form lists its OpArgs in order, and op_args emits one value
+    per argument, of the declared type (the schema and the tuple cannot drift apart)."""
+    module = sys.modules[variant.reference.__module__]
+    declared = getattr(module, "OP_ARGS", None)
+    if declared is None:                            # a package's reference sits in a submodule
+        declared = sys.modules[module.__name__.rsplit(".", 1)[0]].OP_ARGS
+    schema = variant.op._schema.arguments
+    names = [a.name for a in schema[8:-2]]          # after (q, …, dropout_p), before (dropout_seed, out_map)
+    assert names == [a.name for a in declared]
+    options = {"gain": 1.0} if variant.name == "preconditioned" else {}
+    values = variant.op_args(None, options)
+    assert len(values) == len(declared)
+    kinds = {"int": int, "float": float, "str": str, "float[]": list, "int[]": list}
+    for a, x in zip(declared, values):
+        assert a.type.endswith("?") or isinstance(x, kinds[a.type]), (a, x)

@@ -70,7 +70,7 @@ from .convolve import (DENSE_MAX_N, FFT_BLOCKS, FFT_CHUNK, FFT_MIN_BLOCK, UNIT, 
                        _overlap_save, fft_block)
 from .onnx_lowering import ONNX_DFT_MIN_N, ONNX_DFT_OPSET, onnx_lower
 from .onnx_steps import ONNX_OFFSET_TABLE_N, _offset_table
-from .options import NAME, OP_NAME, PARAMS, StartsParam, op_args
+from .options import NAME, OP_ARGS, OP_NAME, PARAMS, StartsParam, op_args
 from .planning import auto_ladder, diagnostics, needs_samples, prepare
 from .selection import DIAG_BAND, SAMPLED_DIAGONALS, _start_columns, find_starts, search_starts
 
@@ -78,8 +78,7 @@ KERNEL = KernelPlan(lambda params, causal: ("conv_basis", ()), host=Host(_kernel
                     note="conv_basis: forward only — the start search and the FFT apply run in PyTorch between the "
                          "kernels (start columns; normalisation with the reliability test; exact rows); the "
                          "backward runs the reference")
-op = define_attention_op(OP_NAME, reference, "int k_basis, int[]? starts, float eps, str search=\"norm\", "
-                         "float delta=1e-09, int segment=1, str precision=\"auto\"", kernel=KERNEL)
+op = define_attention_op(OP_NAME, reference, OP_ARGS, kernel=KERNEL)
 backward_op = BACKWARD_OPS[OP_NAME]
 
 VARIANT = Variant("conv-basis", OP_NAME, PARAMS, reference, op, op_args, diagnostics,

@@ -1,7 +1,7 @@
 """conv-basis's options: the parameters users set and the op's argument order."""
 from __future__ import annotations
 
-from ..base import Param
+from ..base import OpArg, Param, op_args_from
 
 NAME = "conv_basis"
 OP_NAME = "conv_basis_attention"
@@ -36,10 +36,16 @@ PARAMS = {
 }
 
 
-def op_args(site, options: dict) -> tuple:
-    """(k, fixed starts or None, eps, search mode, delta, segment, precision) — the op's parameters."""
-    o = {key: p.default for key, p in PARAMS.items()} | {key: x for key, x in options.items() if x is not None}
-    starts = o["starts"]
-    fixed = None if isinstance(starts, str) else [int(x) for x in starts]
-    return (int(o["k"]), fixed, float(o["eps"]), starts if isinstance(starts, str) else "norm",
-            float(o["delta"]), int(o["segment"]), str(o["precision"]))
+def _fixed(o):
+    return None if isinstance(o["starts"], str) else [int(x) for x in o["starts"]]
+
+
+def _search(o):
+    return o["starts"] if isinstance(o["starts"], str) else "norm"
+
+
+# (k, fixed starts or None, eps, search mode, delta, segment, precision) — the op's parameters
+OP_ARGS = (OpArg("k_basis", "int", key="k"), OpArg("starts", "int[]?", value=_fixed), OpArg("eps", "float"),
+           OpArg("search", "str", value=_search, default="norm"), OpArg("delta", "float", default=1e-09),
+           OpArg("segment", "int", default=1), OpArg("precision", "str", default="auto"))
+op_args = op_args_from(OP_ARGS, PARAMS)

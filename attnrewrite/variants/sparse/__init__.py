@@ -64,7 +64,7 @@ from ..base import BACKWARD_OPS, Variant, define_attention_op
 from . import blocks, compute, onnx_lowering, options, planning, scores
 from .blocks import _block_plan, _block_stats, _n_keep, _select
 from .onnx_lowering import onnx_lower
-from .options import NAME, OP_NAME, PARAMS, inapplicable, _options
+from .options import NAME, OP_ARGS, OP_NAME, PARAMS, inapplicable, op_args, _options
 from .planning import auto_ladder, diagnostics, needs_samples, prepare, share_budget
 from .compute import FLEX_WINDOW, kept_blocks, reference
 
@@ -104,18 +104,8 @@ def _kernel_extra(cfg, args, backward: bool) -> tuple:
 
 
 KERNEL = KernelPlan(_kernel_template, _kernel_extra)
-op = define_attention_op(OP_NAME, reference, "str mode, int top_k, int window, int sinks, str band, "
-                                             "int block, float density, float mass, str select, "
-                                             "float[] head_density, int[] head_pattern=[], int last=64",
-                         fast=(FLEX_WINDOW,), kernel=KERNEL)
+op = define_attention_op(OP_NAME, reference, OP_ARGS, fast=(FLEX_WINDOW,), kernel=KERNEL)
 backward_op = BACKWARD_OPS[OP_NAME]
-
-
-def op_args(site, options: dict) -> tuple:
-    o = _options(options)
-    return (str(o["mode"]), int(o["k"]), int(o["window"]), int(o["sinks"]), str(o["band"]),
-            int(o["block"]), float(o["density"]), float(o["mass"]), str(o["select"]),
-            [float(x) for x in o["head_density"]], [int(x) for x in o["head_pattern"]], int(o["last"]))
 
 
 VARIANT = Variant("sparse", OP_NAME, PARAMS, reference, op, op_args, diagnostics,

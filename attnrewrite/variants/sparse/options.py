@@ -1,7 +1,7 @@
 """sparse's options: the parameters users set, the op's argument order, which options each mode reads."""
 from __future__ import annotations
 
-from ..base import Param
+from ..base import OpArg, Param, op_args_from
 
 NAME = "sparse"
 OP_NAME = "sparse_attention"
@@ -59,8 +59,13 @@ PARAMS = {
 }
 MODE_KEYS = {"topk": ("k",), "window": ("window", "sinks", "band"), "block": ("block", "density", "mass"),
              "heads": ("block", "density", "mass", "patterns", "last")}
-_ORDER = ("mode", "k", "window", "sinks", "band", "block", "density", "mass", "select",
-          "head_density", "head_pattern", "last")                                # op argument order
+OP_ARGS = (OpArg("mode", "str"), OpArg("top_k", "int", key="k"), OpArg("window", "int"), OpArg("sinks", "int"),
+           OpArg("band", "str"), OpArg("block", "int"), OpArg("density", "float"), OpArg("mass", "float"),
+           OpArg("select", "str"), OpArg("head_density", "float[]"), OpArg("head_pattern", "int[]", default=[]),
+           OpArg("last", "int", default=64))
+HIDDEN = {"head_density": (), "head_pattern": ()}      # rewrite-time state: per-head budgets and patterns
+_ORDER = tuple(a.option for a in OP_ARGS)               # the reference's parameters, as option keys
+op_args = op_args_from(OP_ARGS, PARAMS, HIDDEN)
 
 
 APPLIES = {"k": ("topk",), "window": ("window",), "sinks": ("window",), "band": ("window",),
