@@ -36,8 +36,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..site import MASK_FLOOR, AttentionSite
-from .onnx_detect import OnnxSite
 from .onnx_graph import Builder, Graph, constant, subgraph_inputs, subgraph_made, sweep
+from .onnx_walk import OnnxSite
 
 MIN_OPSET = 13           # Unsqueeze/Squeeze/Slice with axes as inputs
 

@@ -13,7 +13,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from attnrewrite import site
-from attnrewrite.passes import fx_detect, fx_graph, fx_walk, onnx_detect, onnx_graph, vocab
+from attnrewrite.passes import fx_detect, fx_graph, fx_walk, onnx_detect, onnx_graph, onnx_walk, vocab
 from attnrewrite.passes.vocab import (ADD, FILL, IGNORE, OTHER, PRODUCT, PRODUCT_DEPTH, SCALE, SOFTCAP,
                                       GraphKind, NoMatch, check_order, einsum_pv, einsum_qk, is_mask_fill,
                                       is_softcap, mask_kind, parse_einsum, rule_table)
@@ -22,13 +22,13 @@ from attnrewrite.passes.vocab import (ADD, FILL, IGNORE, OTHER, PRODUCT, PRODUCT
 # ----------------------------------------------------------------------------- one vocabulary
 def test_one_nomatch_and_one_mask_floor():
     assert fx_detect.NoMatch is onnx_detect.NoMatch is NoMatch
-    assert fx_walk.MASK_FLOOR == onnx_detect.MASK_FLOOR == vocab.MASK_FLOOR == site.MASK_FLOOR
+    assert fx_walk.MASK_FLOOR == onnx_walk.MASK_FLOOR == vocab.MASK_FLOOR == site.MASK_FLOOR
     with pytest.raises(onnx_detect.NoMatch):
         parse_einsum("ij,jk")                       # raised by the vocab, caught as either name
 
 
 def test_both_kinds_search_for_the_product_the_same_way():
-    for kind in (fx_walk.FxKind, onnx_detect.OnnxKind):
+    for kind in (fx_walk.FxKind, onnx_walk.OnnxKind):
         assert kind.reaches_product is GraphKind.reaches_product
         assert kind.walk_back is GraphKind.walk_back
         assert kind.follow_forward is GraphKind.follow_forward
@@ -215,7 +215,7 @@ def test_follow_forward_finds_the_one_product():
 # ----------------------------------------------------------------------------- the two rule tables
 def test_rule_tables_cover_the_score_chain_ops():
     aten = torch.ops.aten
-    assert set(onnx_detect.OnnxKind.rules) == {"Cast", "Identity", "Add", "Sub", "Mul", "Div", "Where", "Tanh"}
+    assert set(onnx_walk.OnnxKind.rules) == {"Cast", "Identity", "Add", "Sub", "Mul", "Div", "Where", "Tanh"}
     fx_ops = set(fx_walk.FxKind.rules)
     for op in (aten.mul.Tensor, aten.div_.Scalar, aten.add.Tensor, aten.sub.Tensor, aten.masked_fill.Scalar,
                aten.where.self, aten.tanh.default, aten._to_copy.default, aten.view.default):
@@ -224,7 +224,7 @@ def test_rule_tables_cover_the_score_chain_ops():
 
 
 def test_every_rule_shows_the_spelling_it_reads():
-    for kind in (fx_walk.FxKind, onnx_detect.OnnxKind):
+    for kind in (fx_walk.FxKind, onnx_walk.OnnxKind):
         for read in set(kind.rules.values()):
             assert read.__doc__ and "s = " in read.__doc__, read.__name__
 
@@ -268,12 +268,12 @@ def test_fx_and_onnx_read_the_same_steps_from_the_same_chain():
     sm = next(n for n in ep.graph.nodes if n.target in fx_graph.SOFTMAX)
     _, fx_steps = fx_walk.walk_scores(sm.args[0], {})
     g = onnx_graph.Graph(_onnx_chain())
-    _, onnx_steps = onnx_detect.OnnxKind(g).walk_back("s6")
+    _, onnx_steps = onnx_walk.OnnxKind(g).walk_back("s6")
     assert [st[0] for st in fx_steps] == [st[0] for st in onnx_steps] == [SCALE, SOFTCAP, ADD, FILL]
     assert fx_steps[1][1] == onnx_steps[1][1] == 30.0
 
-    os_ = onnx_detect.OnnxSite("decomposed", "sm", "", "")
-    _, factor = onnx_detect.walk_scores(g, "s6", os_)
+    os_ = onnx_walk.OnnxSite("decomposed", "sm", "", "")
+    _, factor = onnx_walk.walk_scores(g, "s6", os_)
     assert factor == 0.125 and os_.softcap == 30.0
     assert os_.biases == [("bias", 1.0)] and os_.keeps == [("keep", True)]
 
@@ -282,7 +282,7 @@ def test_fx_and_onnx_read_the_same_steps_from_the_same_chain():
 def test_onnx_where_fill_at_and_above_the_floor(fill, kept):
     g = onnx_graph.Graph(_onnx_chain(fill))
     if kept:
-        assert onnx_detect.OnnxKind(g).walk_back("s6")[1][-1][0] == FILL
+        assert onnx_walk.OnnxKind(g).walk_back("s6")[1][-1][0] == FILL
     else:
         with pytest.raises(NoMatch, match="not a mask value"):
-            onnx_detect.OnnxKind(g).walk_back("s6")
+            onnx_walk.OnnxKind(g).walk_back("s6")
