@@ -190,7 +190,7 @@ def listing(fe: FrontEnd, *, timings: dict | None = None) -> tuple[dict, list]:
     timings = dict(timings or {})
     sites, unmatched, captured = _detect(fe, timings)
     report = build_report(model=fe.name, fmt=fe.fmt, variant=None, options={}, inputs_kind=fe.inputs_kind,
-                          sites=sites, timings=timings, cost=costs(sites, "exact", {}, captured))
+                          sites=sites, timings=timings, cost=costs(sites, variants.BASELINE, {}, captured))
     return report, unmatched
 
 
@@ -214,11 +214,12 @@ def symbolic_sizes(sites, captured: dict) -> dict:
 
 
 def costs(sites, variant, planned: dict, captured: dict) -> dict:
-    """The report's cost block: per site before (exact) and after (the variant, where rewritten)."""
+    """The report's cost block: per site before (variants.BASELINE: the original graph's attention)
+    and after (the variant, where rewritten)."""
     sizes = symbolic_sizes(sites, captured)
     per_site, totals = {}, {"before": [], "after": []}
     for s in sites:
-        before = site_cost(s, "exact", {}, sizes)
+        before = site_cost(s, variants.BASELINE, {}, sizes)
         after = site_cost(s, variant, planned[s.id], sizes) if s.id in planned and s.status == "rewritten" \
             else before
         if before is None or after is None:

@@ -26,6 +26,7 @@ from .base import Variant
 
 ENTRY_POINTS = "attnrewrite.variants"
 BUILT_IN = (exact.VARIANT, preconditioned.VARIANT, conv_basis.VARIANT, sparse.VARIANT)
+BASELINE = exact.VARIANT     # what a site costs before any rewrite: the attention the graph computes
 _registry: dict[str, Variant] | None = None
 
 
