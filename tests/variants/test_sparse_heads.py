@@ -19,6 +19,7 @@ from attnrewrite.backend import compile_backend
 from attnrewrite.cli import main
 from attnrewrite.variants import sparse
 from attnrewrite.variants.sparse import heads
+from _models import SdpaAttention  # noqa: E402
 from test_onnx_speed_lowerings import BOUND, _check, _graph, _inputs, _rel, _run  # noqa: E402 - ORT against the reference
 
 F64 = torch.float64
@@ -165,21 +166,9 @@ def test_calibrated_budget_stays_within_density():
 
 # ---------------------------------------------------------------- front ends
 
-class Causal(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv = torch.nn.Linear(32, 96)
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, 4, 8).permute(2, 0, 3, 1, 4)
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return y.transpose(1, 2).reshape(b, n, 32)
-
-
 def causal_model():
     torch.manual_seed(0)
-    return Causal().eval(), torch.randn(1, 64, 32)
+    return SdpaAttention(heads=4, head_dim=8, causal=True).eval(), torch.randn(1, 64, 32)
 
 
 def test_cli_on_a_saved_program(tmp_path):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from attnrewrite.variants import VARIANTS, base, conv_basis, exact, impl, preconditioned, sparse
+from _models import SdpaAttention  # noqa: E402 - pytest puts tests/ on the path
 
 F64 = torch.float64
 L, D, SCALE, P = 8, 4, 0.6, 0.3
@@ -204,23 +205,11 @@ def test_opcheck(case):
 
 # ---------------------------------------------------------------- a saved, rewritten .pt2 trains, dropout included
 
-class _DropoutAttention(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.qkv = torch.nn.Linear(16, 48)
-
-    def forward(self, x):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.5 if self.training else 0.0)
-        return o.transpose(1, 2).reshape(b, n, 16)
-
-
 @pytest.mark.parametrize("variant,options", [("exact", {}), ("sparse", {"mode": "topk", "k": 3})])
 def test_saved_pt2_with_active_dropout_trains_and_replays_its_mask(tmp_path, variant, options):
     import attnrewrite
     torch.manual_seed(0)
-    m, x = _DropoutAttention().train(), torch.randn(2, 8, 16)
+    m, x = SdpaAttention(dropout=0.5).train(), torch.randn(2, 8, 16)
     ep = torch.export.export(m, (x,))
     res = attnrewrite.rewrite(ep, variant, **options)
     site = res.sites[0]
