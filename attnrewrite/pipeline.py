@@ -412,28 +412,11 @@ def rewrite(fe: FrontEnd, variant, options: dict | None = None, *, sites=None, c
     if calibration:
         for sid, weight in folded.items():
             calibration["sites"][sid]["folded_into"] = weight
-    for s in found:                                   # the one place statuses are set
-        if s.id in unselected:
-            s.status = "unselected"
-        elif s.id in kept:
-            s.status = "kept"
-            s.add_reason(kept[s.id])
-        elif s.id in planned:
-            s.status = "rewritten"
-            s.options = {k: v for k, v in planned[s.id].items() if k != "out_map"}
+    set_statuses(found, unselected, kept, planned)
     check_block, speed, kernel_calls = None, None, {}
     if check and found:
         t = time.perf_counter()
-        for i, s in enumerate(found):
-            progress("checking each site", i + 1, len(found))
-            if s.status == "rewritten" and captured.get(s.id):
-                sc = fe.scalars(s)
-                if sc["dropout_p"]:
-                    s.check = {"unchecked": "dropout active"}
-                else:
-                    s.check = site_check(mod, sc, planned[s.id], mod.op_args(s, s.options), captured[s.id])
-                    if calibration and s.id in calibration["sites"]:
-                        s.check["diagnostics"]["calibration"] = calibration["sites"][s.id]
+        check_sites(fe, found, mod, planned, captured, calibration, progress)
         tol = tolerance if tolerance is not None else default_tolerance(mod, found)
         with impl.counting() as impl_calls, kernels.counting() as kernel_calls:   # what served this rewrite's calls
             pairs = output_pairs(fe, program, inputs, reference, progress)
@@ -456,6 +439,35 @@ def rewrite(fe: FrontEnd, variant, options: dict | None = None, *, sites=None, c
     if calibration:
         report["calibration"] = {"sets": calibrate, "inputs": calibration["source"]}
     return Result(program=program, sites=found, report=report)
+
+
+def set_statuses(found, unselected, kept: dict, planned: dict) -> None:
+    """The one place statuses are set: unselected, kept (with the reason) or rewritten (with the
+    options it was rewritten with)."""
+    for s in found:
+        if s.id in unselected:
+            s.status = "unselected"
+        elif s.id in kept:
+            s.status = "kept"
+            s.add_reason(kept[s.id])
+        elif s.id in planned:
+            s.status = "rewritten"
+            s.options = {k: v for k, v in planned[s.id].items() if k != "out_map"}
+
+
+def check_sites(fe, found, mod, planned: dict, captured: dict, calibration, progress) -> None:
+    """Each rewritten site's own check on its captured values (s.check), with the variant's
+    diagnostics (and its calibration, if any); a site with active dropout is left unchecked."""
+    for i, s in enumerate(found):
+        progress("checking each site", i + 1, len(found))
+        if s.status == "rewritten" and captured.get(s.id):
+            sc = fe.scalars(s)
+            if sc["dropout_p"]:
+                s.check = {"unchecked": "dropout active"}
+            else:
+                s.check = site_check(mod, sc, planned[s.id], mod.op_args(s, s.options), captured[s.id])
+                if calibration and s.id in calibration["sites"]:
+                    s.check["diagnostics"]["calibration"] = calibration["sites"][s.id]
 
 
 def declined(report: dict, reason: str) -> dict:

@@ -303,6 +303,13 @@ def define_attention_op(name: str, reference, extra_schema: "str | tuple" = "", 
     torch.library.register_fake(f"{qualname}_backward", lib=_lib)(
         lambda grad, q, k, v, *args: (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)))
 
+    _register_autograd(qualname, bwd)
+    BACKWARD_OPS[name] = bwd
+    return fwd
+
+
+def _register_autograd(qualname: str, bwd) -> None:
+    """The forward op's autograd formula: save the normal form and the seed, call the backward op."""
     def setup_context(ctx, inputs, output):
         *args, seed, out_map = inputs
         ctx.rest, ctx.out_map = args[4:], out_map              # scale, softcap, causal, dropout_p, params
@@ -316,8 +323,6 @@ def define_attention_op(name: str, reference, extra_schema: "str | tuple" = "", 
                 None, *[None] * len(ctx.rest), None, None)
 
     torch.library.register_autograd(qualname, backward, setup_context=setup_context, lib=_lib)
-    BACKWARD_OPS[name] = bwd
-    return fwd
 
 
 def lowerings() -> dict:

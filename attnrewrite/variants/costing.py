@@ -339,11 +339,8 @@ def sparse_model(d, o):
         depth_alg = score_alg + 3 * L(max(omega, default=1)) + 4
         return _finish(d, t, depth, flops_alg, depth_alg, "sparse/window")
     causal = int(d.causal)
-    if mode == "heads":              # gathered blocks like select=pooled, at the heads' mean density,
-        hd = o.get("head_density") or ()       # plus the vertical-slash estimate from the last queries
-        vslash = sum(1 for x in o.get("head_pattern") or (1,) if int(x) == 1) / max(len(o.get("head_pattern") or (1,)), 1)
-        t.mm(G * vslash, min(o.get("last", 64), nq), D, nk)
-        return _pooled_model(d, {**o, "density": sum(hd) / len(hd) if hd else o["density"]}, t, score)
+    if mode == "heads":
+        return _heads_model(d, o, t, score)
     if o["select"] == "pooled":
         return _pooled_model(d, o, t, score)
     if mode == "topk":
@@ -408,6 +405,15 @@ def _pooled_keep(d: Dims, o: dict) -> list[int]:
             keep = max(keep, -(-o["k"] // b) + 1)
         out.append(min(max(keep, 1), max(n, 1)))
     return out
+
+
+def _heads_model(d: Dims, o: dict, t: _Tally, score: int) -> dict:
+    """sparse mode=heads: gathered blocks like select=pooled, at the heads' mean density, plus the
+    vertical-slash heads' estimate (the last queries' scores against every key)."""
+    hd, patterns = o.get("head_density") or (), o.get("head_pattern") or (1,)
+    vslash = sum(1 for x in patterns if int(x) == 1) / len(patterns)
+    t.mm(d.G * vslash, min(o.get("last", 64), d.Lq), d.D, d.Lk)
+    return _pooled_model(d, {**o, "density": sum(hd) / len(hd) if hd else o["density"]}, t, score)
 
 
 def _pooled_model(d: Dims, o: dict, t: _Tally, score: int) -> dict:
