@@ -60,9 +60,10 @@ from .vocab import NEAR_QUERY, NEAR_SCALE, NoMatch, default_scale, einsum_pv, ma
 MS = "com.microsoft"
 
 
-
 # ---------------------------------------------------------------- decomposed rule
 def match_decomposed(g: Graph, sm) -> OnnxSite:
+    """The decomposed chain around Softmax `sm`: its scores walked back to q·kᵀ, its
+    probabilities followed to P·V, the operands read from both products."""
     x = sm.input[0]
     r = g.rank(x)
     axis = attr(sm, "axis", -1 if g.opset >= 13 else 1)
@@ -75,34 +76,62 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
         pv_missing = ""
     except NoMatch as e:         # said after the operands are read: a learned query says more
         pv, px, others, pv_missing = None, None, None, str(e)
+    rank, fq, fk = _score_operands(g, prod, site)
+    _check_scores(g, prod, site, pv is not None, pv_missing)
+    rank = _heads_layout(g, prod, pv, px, site, rank)
+    site.rank = rank
+    site.scale = factor * fq * fk
+    _value_operand(g, pv, px, site, rank)
+    _unmerge_and_unrepeat(g, site)
+    site.out, site.out_node = pv.output[0], pv.name
+    used = [o for o in others if any(g.used(x) for x in o.output)]
+    if used:                    # e.g. returned weights: the dense probabilities stay, so the site does
+        site.keep = probs_read_elsewhere(o.op_type for o in used)
+    return site
+
+
+def _score_operands(g: Graph, prod, site: OnnxSite) -> tuple[int, float, float]:
+    """q and k of the q·kᵀ product into `site` (k untransposed, scalar scales peeled):
+    (rank, q's factor, k's factor)."""
     if prod.op_type == "Einsum":
         q, kt, rank = einsum_scores(g, prod, site)
         q, fq = peel_scale(g, q)
         k, fk = peel_scale(g, kt)
         site.q, site.k = q, k
-    else:
-        q, fq = peel_scale(g, prod.input[0])
-        kt, fk = peel_scale(g, prod.input[1])
-        if is_weight(g, kt):
-            raise NoMatch(f"{prod.name}: the key is a constant weight (a classifier or pooling softmax)",
-                          near=NEAR_QUERY)
-        rank = g.rank(q) or g.rank(prod.output[0])
-        if rank not in (3, 4) or (g.rank(kt) not in (None, rank)):
-            raise NoMatch(f"{prod.name}: q·kᵀ of rank {rank}, expected 3 or 4")
-        k, kperm = untranspose_key(g, kt, rank)
-        k, fk2 = peel_scale(g, k)                      # a scalar on k before its transpose
-        fk *= fk2
-        site.q, site.k, site.k_perm = q, k, kperm
+        return rank, fq, fk
+    q, fq = peel_scale(g, prod.input[0])
+    kt, fk = peel_scale(g, prod.input[1])
+    if is_weight(g, kt):
+        raise NoMatch(f"{prod.name}: the key is a constant weight (a classifier or pooling softmax)",
+                      near=NEAR_QUERY)
+    rank = g.rank(q) or g.rank(prod.output[0])
+    if rank not in (3, 4) or (g.rank(kt) not in (None, rank)):
+        raise NoMatch(f"{prod.name}: q·kᵀ of rank {rank}, expected 3 or 4")
+    k, kperm = untranspose_key(g, kt, rank)
+    k, fk2 = peel_scale(g, k)                      # a scalar on k before its transpose
+    fk *= fk2
+    site.q, site.k, site.k_perm = q, k, kperm
+    return rank, fq, fk
+
+
+def _check_scores(g: Graph, prod, site: OnnxSite, has_pv: bool, pv_missing: str) -> None:
+    """NoMatch for a classifier or pooling softmax (a constant key, or a constant query with
+    no P·V), a per-head scale computed from the scores, or no P·V product (`pv_missing`)."""
     if is_weight(g, site.k):
         raise NoMatch(f"{prod.name}: the key is a constant weight (a classifier or pooling softmax)", near=NEAR_QUERY)
-    if is_weight(g, site.q) and pv is None:
+    if is_weight(g, site.q) and not has_pv:
         raise NoMatch(f"{prod.name}: the query is a constant weight and the probabilities are not contracted "
                       f"with a value tensor ({pv_missing})", near=NEAR_QUERY)
     for t, _ in site.head_scales:
         if depends_on(g, t, prod.output[0]):
             raise NoMatch(f"{t} scales the scores by a value computed from them", near=NEAR_SCALE)
-    if pv is None:
+    if not has_pv:
         raise NoMatch(pv_missing)
+
+
+def _heads_layout(g: Graph, prod, pv, px: str, site: OnnxSite, rank: int) -> int:
+    """The roles computed with the heads merged into the first axis (`site.flat`) and the
+    head count that splits them; returns the rank of the normal form."""
     if site.flat_heads is not None:                    # (B·H, L, D) product, split scores
         if rank != 3:
             raise NoMatch(f"{prod.name}: a head split of scores of rank {rank}")
@@ -111,13 +140,17 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
     pv_rank = g.rank(px)
     if rank == 4 and pv_rank == 3:                     # probabilities merged back for a bmm with v
         if site.flat_heads is None:
-            sh = g.shape(x)
+            sh = g.shape(site.scores)
             if not sh or len(sh) != 4 or not isinstance(sh[1], int):
                 raise NoMatch(f"{pv.name}: probabilities merged into (B·H, Lq, Lk) with an unknown head count")
             site.flat_heads = sh[1]
         site.flat |= {"v", "out"}
-    site.rank = rank
-    site.scale = factor * fq * fk
+    return rank
+
+
+def _value_operand(g: Graph, pv, px: str, site: OnnxSite, rank: int) -> None:
+    """v of the P·V product into `site`: MatMul(p, v), Einsum, or v'·pᵀ (v and the output
+    transposed)."""
     transposed = pv.op_type == "MatMul" and pv.input[1] == px        # o' = v' · pᵀ
     if is_weight(g, pv.input[0] if transposed else pv.input[1]):
         raise NoMatch(f"{pv.name}: the values are a constant weight: the probabilities mix weights, "
@@ -139,6 +172,11 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
         want = 3 if "v" in site.flat else rank
         if g.rank(site.v) not in (None, want):
             raise NoMatch(f"{pv.name}: values of rank {g.rank(site.v)}, scores of rank {want}")
+
+
+def _unmerge_and_unrepeat(g: Graph, site: OnnxSite) -> None:
+    """q, k, v merged to (B·H, L, D) straight from (B, H, L, D) are read as those; k and v
+    before a repeat_kv."""
     for role in ("q", "k", "v"):                       # (B·H, L, D) straight from (B, H, L, D): use that
         four = unmerge_heads(g, getattr(site, role), site.flat_heads) if role in site.flat else None
         if four is not None and getattr(site, role + "_perm") is None:
@@ -148,11 +186,6 @@ def match_decomposed(g: Graph, sm) -> OnnxSite:
         site.k = peel_repeat_kv(g, site.k)
     if site.v_perm is None and "v" not in site.flat:
         site.v = peel_repeat_kv(g, site.v)
-    site.out, site.out_node = pv.output[0], pv.name
-    used = [o for o in others if any(g.used(x) for x in o.output)]
-    if used:                    # e.g. returned weights: the dense probabilities stay, so the site does
-        site.keep = probs_read_elsewhere(o.op_type for o in used)
-    return site
 
 
 # ---------------------------------------------------------------- fused ops
