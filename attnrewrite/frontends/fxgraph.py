@@ -8,7 +8,7 @@ from torch.fx import GraphModule
 from ..passes import fx_detect
 from ..passes.fx_rewrite import probe_graph, rewrite_graph
 from ..passes.vocab import probs_read_elsewhere
-from ..site import AttentionSite
+from ..site import AttentionSite, NormalForm
 from .base import FrontEnd
 
 
@@ -52,9 +52,8 @@ class FxFrontEnd(FrontEnd):
         return None
 
     def scalars(self, site: AttentionSite) -> dict:
-        fx = site.graph
-        return {"scale": float(fx.scale), "softcap": float(fx.softcap), "causal": bool(fx.causal),
-                "dropout_p": float(fx.dropout_p if fx.dropout_active else 0.0)}
+        form = NormalForm.of(site)
+        return {"scale": form.scale, "softcap": form.softcap, "causal": form.causal, "dropout_p": form.dropout_p}
 
     def capture(self, sites, inputs):
         if not sites:

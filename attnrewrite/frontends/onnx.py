@@ -30,6 +30,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..io import InputError, atomic_write, what_is
 from ..passes import onnx_detect, onnx_fold, onnx_graph, onnx_rewrite
+from ..site import NormalForm
 from .base import FrontEnd, Rewritten, default_scale
 
 EXTERNAL_MIN_BYTES = 1 << 20      # write weights to <out>.data once they pass 1 MiB
@@ -537,8 +538,9 @@ class OnnxFrontEnd(FrontEnd):
     def scalars(self, site):
         scale = onnx_rewrite.scalar_scale(site)
         scale = scale if scale is not None else default_scale(site)
-        return {"scale": float(scale) if scale is not None else 1.0, "softcap": float(site.softcap or 0.0),
-                "causal": bool(site.graph.causal), "dropout_p": 0.0}
+        form = NormalForm.of(site)
+        return {"scale": float(scale) if scale is not None else 1.0, "softcap": form.softcap,
+                "causal": form.causal, "dropout_p": form.dropout_p}
 
     def capture(self, sites, inputs):
         sites = [s for s in sites if not s.graph.keep]

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx import Graph, Node
 
-from ..site import AttentionSite, dim_value
+from ..site import AttentionSite, NormalForm, dim_value
 from .fx_graph import (CASTS, FUSED, NOOPS, PERMUTES, SOFTMAX, VIEWS, WHERES, aliases_self, aten, const_value,
                        depends_on, dtype_of, is_scalar, live, lowest_precision, module_path, numel_of,
                        path_between, path_dtypes, precedes, same_dim, same_shape, shape_of, val_of, written)
@@ -274,7 +274,9 @@ def _describe(fx: FxSite, idx: int, name: str) -> AttentionSite:
         batch=dim_value(batch), heads=dim_value(heads), kv_heads=dim_value(kv_heads),
         q_len=dim_value(lq), kv_len=dim_value(lk), head_dim=dim_value(qs[-1]), dtype=dtype, compute_dtype=compute,
         scale=_reported_scale(fx), softcap=fx.softcap or None,
-        causal=fx.causal, mask=mask, dropout=fx.dropout_p, graph=fx)
+        causal=fx.causal, mask=mask, dropout=fx.dropout_p, graph=fx,
+        form=NormalForm(float(fx.scale), float(fx.softcap or 0.0), bool(fx.causal),
+                        float(fx.dropout_p if fx.dropout_active else 0.0)))
     if fx.others:
         s.add_reason(probs_read_elsewhere(str(o.target) for o in fx.others))
     if fx.dropout_active:

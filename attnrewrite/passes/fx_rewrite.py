@@ -22,6 +22,7 @@ from torch.export import ExportedProgram
 from torch.export.graph_signature import ExportGraphSignature, TensorArgument
 from torch.fx import Graph, GraphModule, Node
 
+from ..site import NormalForm
 from . import fx_graph as G
 from .fx_detect import FxSite
 from .fx_walk import Operand
@@ -190,9 +191,9 @@ def emit_site(graph: Graph, fx: FxSite, variant, options: dict, site) -> dict:
     lead = list(fx.lead)
     refs = [fx.anchor, fx.anchor.args[0], fx.q.node, fx.k.node, fx.v.node, fx.out]
     q, k, v, mask = emit_normal_form(e, fx)
-    dropout = float(fx.dropout_p if fx.dropout_active else 0.0)
-    args = (q, k, v, mask, float(fx.scale), float(fx.softcap), bool(fx.causal), dropout,
-            *variant.op_args(site, options))
+    form = NormalForm.of(site)
+    dropout = form.dropout_p
+    args = (q, k, v, mask, form.scale, form.softcap, form.causal, dropout, *variant.op_args(site, options))
     extra = {"dropout_seed": e(aten.randint.low, 0, 1 << 62, [])} if dropout else {}
     if options.get("out_map"):                 # a calibrated per-head output map
         extra["out_map"] = list(options["out_map"])

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import onnx
 
-from ..site import AttentionSite
+from ..site import AttentionSite, NormalForm
 from .onnx_graph import Graph, attr, infer
 from .onnx_walk import (FLOAT_NAMES, OnnxSite, depends_on, einsum_equation, einsum_scores, follow_probs,
                         is_weight, peel_repeat_kv, peel_scale, same_dim, unmerge_heads, untranspose_key,
@@ -352,7 +352,8 @@ def describe(g: Graph, os_: OnnxSite, idx: int, node) -> AttentionSite:
                          q_len=lq, kv_len=lk, head_dim=d, dtype=dtype,
                          scale="per-head" if os_.head_scales else (None if scale is None else float(scale)),
                          softcap=os_.softcap or None, causal=os_.causal, mask=mask, dropout=0.0,
-                         graph=os_)
+                         graph=os_, form=NormalForm(os_.scale if os_.head_scales else scale,
+                                                    float(os_.softcap or 0.0), bool(os_.causal)))
     if os_.rank == 3 and os_.kind == "decomposed":
         site.add_reason("3-D product: batch and heads are merged in the first axis")
     if os_.keep:

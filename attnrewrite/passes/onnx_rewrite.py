@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from ..site import MASK_FLOOR, AttentionSite
+from ..site import MASK_FLOOR, AttentionSite, NormalForm
 from .onnx_graph import Builder, Graph, constant, subgraph_inputs, subgraph_made, sweep
 from .onnx_normal import Unsupported, finish, normal_form, unfinish
 
@@ -44,9 +44,9 @@ from .onnx_normal import Unsupported, finish, normal_form, unfinish
 # ---------------------------------------------------------------- scale
 
 def scalar_scale(site: AttentionSite) -> float | None:
-    """The site's scalar scale; for a "per-head" site the scalar part (its tensor goes to q in
-    `normal_form`)."""
-    return site.graph.scale if isinstance(site.scale, str) else site.scale
+    """The site's scalar scale (NormalForm.scale); for a "per-head" site the scalar part (its
+    tensor goes to q in `normal_form`)."""
+    return NormalForm.of(site).scale
 
 
 def resolve_scale(b: Builder, site: AttentionSite) -> float:
@@ -192,7 +192,7 @@ def lower_site(b: Builder, site: AttentionSite, variant, options: dict) -> str:
         raise Unsupported(f"no ONNX lowering for {variant.name} yet")
     q, k, v, mask = normal_form(b, site)
     # the flag the lowering must apply: causal masks found in the graph are already in `mask`
-    y = lower(b, replace(site, causal=site.graph.causal), q, k, v, mask, options)
+    y = lower(b, replace(site, causal=NormalForm.of(site).causal), q, k, v, mask, options)
     if options.get("out_map"):                 # a calibrated per-head Dv×Dv output map: y·X_h per head
         if not isinstance(site.heads, int):
             raise Unsupported("a calibrated output map needs a known head count")
