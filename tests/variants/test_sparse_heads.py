@@ -241,3 +241,23 @@ def test_compile_backend():
     assert backend.sites_rewritten == 1
     assert len(backend.reports[0]["sites"][0]["options"]["head_pattern"]) == 4
     assert (got - want).abs().max() <= 1e-5
+
+
+def test_heads_with_unlike_budgets_run_apart_and_agree_with_one_head_at_a_time():
+    """Per-head budgets put heads in groups (compute._head_groups); each head's output and gradients
+    are what the op gives that head alone."""
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 4, 70, 8, dtype=F64, requires_grad=True) for _ in range(3))
+    o = dict(block=8, density=0.3, last=6, head_pattern=[0, 1, 2, 1], head_density=[0.1, 0.6, 1.0, 0.3])
+    plan = heads.plan(q.detach(), k.detach(), None, True, sparse._options({"mode": "heads", **o}), 8 ** -0.5, 0.0)
+    assert len(sparse.compute._head_groups(plan, 4)) >= 3
+    out = run(q, k, v, None, True, **o)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    for h in range(4):
+        one = dict(o, head_pattern=[o["head_pattern"][h]], head_density=[o["head_density"][h]])
+        qs, ks, vs = (x[:, h:h + 1].detach().requires_grad_() for x in (q, k, v))
+        want = run(qs, ks, vs, None, True, **one)
+        torch.testing.assert_close(out[:, h:h + 1], want, atol=1e-12, rtol=0)
+        for a, b in zip(grads, torch.autograd.grad(want, (qs, ks, vs), g[:, h:h + 1])):
+            torch.testing.assert_close(a[:, h:h + 1], b, atol=1e-12, rtol=0)

@@ -71,11 +71,29 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
     lq, lk = qc.shape[-2], kx.shape[-2]
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     plan = selection_plan(qc, kx, mask, causal, o, scale, softcap) if lq and lk else None
-    chunks = _row_chunks(qc, kx, vx.shape[-1], o, causal, plan)
     if plan is not None and plan["pooled"]:    # queries, keys and values padded to whole blocks, once
-        qc, kx, vx = (F.pad(x, (0, 0, 0, -x.shape[-2] % block)) for x in (qc, kx, vx))
+        qp, kp, vp = (F.pad(x, (0, 0, 0, -x.shape[-2] % block)) for x in (qc, kx, vx))
+    else:
+        qp, kp, vp = qc, kx, vx
+    kw = dict(scale=scale, softcap=softcap, causal=causal, dropout_p=dropout_p, o=o, lq=lq, lk=lk, grad=grad)
+    groups = _head_groups(plan, qc.shape[1])
+    if groups is None:
+        out = _attend(qc, kx, vx, qp, kp, vp, mask, plan, **kw)
+    else:                                      # heads with unlike budgets, apart (then back in order)
+        parts = [_attend(*(x.index_select(1, hs) for x in (qc, kx, vx, qp, kp, vp)), _mask_heads(mask, hs, qc.shape[1]),
+                         _plan_heads(plan, hs, qc.shape[1]), **kw) for hs in groups]
+        order = torch.cat(groups).argsort().to(q.device)
+        out = None if any(p is None for p in parts) else torch.cat(parts, 1).index_select(1, order)
+    if out is None:
+        return q.new_zeros((*q.shape[:-1], v.shape[-1]))
+    return out.to(q.dtype)
+
+
+def _attend(qc, kx, vx, qp, kp, vp, mask, plan, *, scale, softcap, causal, dropout_p, o, lq, lk, grad):
+    """The op's rows chunk by chunk (checkpointed under autograd): (B, H, Lq, Dv), None without rows.
+    qp, kp, vp: qc, kx, vx padded to whole blocks for a pooled plan."""
     outs = []
-    for i0, i1 in chunks:
+    for i0, i1 in _row_chunks(qc, kx, vx.shape[-1], o, causal, plan):
         kw = dict(mask=mask, scale=scale, softcap=softcap, causal=causal, dropout_p=dropout_p, o=o, i0=i0, i1=i1)
         if plan is None:
             fn = functools.partial(_chunk_out, **kw)
@@ -83,12 +101,43 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
             idx, valid = _select(plan, o, i0, i1)
             fn = functools.partial(_pooled_out, **kw, lq=lq, lk=lk, idx=idx, valid=valid)
         else:                                  # exact ranking, per-head budgets
-            fn = functools.partial(_chunk_out, **kw, n_keep=_plan_rows(plan, i0, i1, block)["n_keep"])
+            fn = functools.partial(_chunk_out, **kw, n_keep=_plan_rows(plan, i0, i1, o["block"])["n_keep"])
+        args = (qp, kp, vp) if plan is not None and plan["pooled"] else (qc, kx, vx)
         # under autograd, recompute each chunk in backward instead of keeping its scores
-        outs.append(checkpoint(fn, qc, kx, vx, use_reentrant=False) if grad else fn(qc, kx, vx))
-    if not outs:
-        return q.new_zeros((*q.shape[:-1], v.shape[-1]))
-    return torch.cat(outs, 2).to(q.dtype)
+        outs.append(checkpoint(fn, *args, use_reentrant=False) if grad else fn(*args))
+    return torch.cat(outs, 2) if outs else None
+
+
+def _head_groups(plan, h: int):
+    """For a gathered-block plan whose heads keep unlike numbers of blocks (per-head budgets), the
+    heads in groups of alike budgets — the power of two at or above each head's largest — else
+    None. Every head of a chunk gathers as many blocks as the chunk's largest budget, so one group
+    would make a head keeping 3 % of the blocks pay for one keeping 25 %."""
+    if plan is None or not plan["pooled"] or plan["n_keep"].shape[1] != h or h == 1:
+        return None
+    most = plan["n_keep"].amax(dim=(0, 2, 3)).tolist()
+    if min(most) == max(most):
+        return None
+    buckets = {}
+    for i, x in enumerate(most):
+        buckets.setdefault(1 << (int(x) - 1).bit_length(), []).append(i)
+    if len(buckets) == 1:
+        return None
+    device = plan["n_keep"].device
+    return [torch.tensor(v, device=device) for _, v in sorted(buckets.items())]
+
+
+def _plan_heads(plan: dict, hs, h: int) -> dict:
+    """The plan's entries for heads hs (an entry broadcast over heads stays as it is)."""
+    return {k: (v.index_select(1, hs) if torch.is_tensor(v) and v.dim() == 4 and v.shape[1] == h else v)
+            for k, v in plan.items()}
+
+
+def _mask_heads(mask, hs, h: int):
+    """The mask's entries for heads hs (a broadcast head axis stays as it is)."""
+    if mask is None or mask.dim() < 3 or mask.shape[-3] != h:
+        return mask
+    return mask.index_select(mask.dim() - 3, hs)
 
 
 def kept_blocks(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float,
