@@ -54,10 +54,13 @@ SETTINGS = {
     "conv-basis 16": ("conv-basis", {"k": 16}),
     "conv-basis 64": ("conv-basis", {"k": 64}),
     "window auto, tol 0.05": ("sparse", {"mode": "window", "auto": True, "tolerance": 0.05}),
+    "heads 10%": ("sparse", {"mode": "heads", "density": 0.1}),
+    "heads 25%": ("sparse", {"mode": "heads", "density": 0.25}),
+    "heads 10% mass 0.95": ("sparse", {"mode": "heads", "density": 0.1, "mass": 0.95}),
 }
 DEFAULT_SETTINGS = ["exact", "window 256", "window 1024", "block 10% pooled", "block 25% pooled",
                     "block 10% exact", "block 10% global budget", "top-k 64", "conv-basis 16",
-                    "conv-basis 64", "window auto, tol 0.05"]
+                    "conv-basis 64", "window auto, tol 0.05", "heads 10%", "heads 25%", "heads 10% mass 0.95"]
 
 
 def windows(val: torch.Tensor, length: int, count: int) -> list[torch.Tensor]:
