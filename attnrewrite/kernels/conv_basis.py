@@ -1,6 +1,6 @@
 """Template: conv-basis attention's steps around the FFTs.
 
-The conv-basis op (variants/conv_basis.py) stays a PyTorch pipeline — the start search and the
+The conv-basis op (variants/conv_basis/) stays a PyTorch pipeline — the start search and the
 FFT apply H̃·[V·w | w] are torch code — and these kernels do the parts that touch q, k and v:
 
   cb_start_columns  the k start columns of the scores, col[i, t] = s[sᵢ + t, sᵢ] (scaled, soft-capped;
