@@ -205,10 +205,12 @@ class OpArg:
     def of(self, o: dict):
         if self.value is not None:
             return self.value(o)
-        x = o[self.option]
-        if self.type.endswith("[]"):
-            return [_CAST[self.type[:-2]](v) for v in x]
-        return _CAST[self.type.rstrip("?")](x)
+        x, kind = o[self.option], self.type.rstrip("?")
+        if x is None and kind != self.type:                      # an optional argument left out
+            return None
+        if kind.endswith("[]"):
+            return [_CAST[kind[:-2]](v) for v in x]
+        return _CAST[kind](x)
 
 
 def _schema_literal(x) -> str:

@@ -412,7 +412,7 @@ def _heads_model(d: Dims, o: dict, t: _Tally, score: int) -> dict:
     vertical-slash heads' estimate (the last queries' scores against every key)."""
     hd, patterns = o.get("head_density") or (), o.get("head_pattern") or (1,)
     vslash = sum(1 for x in patterns if int(x) == 1) / len(patterns)
-    t.mm(d.G * vslash, min(o.get("last", 64), d.Lq), d.D, d.Lk)
+    t.mm(d.G * vslash, min(o["last"], d.Lq), d.D, d.Lk)
     return _pooled_model(d, {**o, "density": sum(hd) / len(hd) if hd else o["density"]}, t, score)
 
 

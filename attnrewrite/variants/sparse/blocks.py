@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import heapq
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from ..base import compute_dtype, expand_kv
 from . import scores as S
 from .scores import NEG_INF, _apply_mask, _chunks, _dense_scores, _dropout, _mask_rows, _scores, _softmax
 
@@ -297,6 +299,31 @@ def block_masses(qc, kx, mask, causal: bool, scale: float, softcap: float, bs: i
         pm = F.pad(p, (0, nb * bs - n, 0, cq * bs - c)).view(b, h, cq, bs, nb, bs).sum((3, 5))
         parts.append(F.pad(pm, (0, nk - nb)))
     return torch.cat(parts, -2)
+
+
+class Sample(NamedTuple):
+    """One example input as calibration reads it: q and k in the compute dtype (k expanded to q's
+    heads), the call's mask and scalars, its block statistics and its dense block masses."""
+    qc: torch.Tensor
+    kx: torch.Tensor
+    mask: torch.Tensor | None
+    causal: bool
+    scale: float
+    softcap: float
+    count: torch.Tensor
+    bias: torch.Tensor | None
+    mass: torch.Tensor
+
+
+def sample_blocks(samples, bs: int):
+    """The captured calls `samples` as Samples with blocks of `bs` (call under torch.no_grad())."""
+    for smp in samples:
+        q, k, mask, causal = smp["q"], smp["k"], smp["mask"], bool(smp["causal"])
+        cdt = compute_dtype(q.dtype)
+        qc, kx = q.detach().to(cdt), expand_kv(q, k).detach().to(cdt)
+        count, bias = _block_stats(mask, causal, qc.shape[-2], kx.shape[-2], bs, q.device)
+        yield Sample(qc, kx, mask, causal, smp["scale"], smp["softcap"], count, bias,
+                     block_masses(qc, kx, mask, causal, smp["scale"], smp["softcap"], bs))
 
 
 def ranked_mass(mass, rank, count):

@@ -15,7 +15,7 @@ from . import heads
 from .blocks import _block_choice, _block_keep, _block_plan, _budget_chunks, _plan_rows, _pooled_out, _select
 from .options import MODE_KEYS, _ORDER
 from .scores import (NEG_INF, _apply_mask, _band, _chunks, _dense_scores, _dropout, _in_window, _mask_rows,
-                     _normalise, _scores, _softmax, _take, _window_keys)
+                     _normalise, _scores, _softmax, _take, _window_keys, heads_of)
 
 
 def selection_plan(qc, kx, mask, causal: bool, o: dict, scale: float, softcap: float) -> dict | None:
@@ -42,7 +42,6 @@ def _chunk_out(q, kx, vx, mask, scale, softcap, causal, dropout_p, o, i0, i1, n_
     p = _softmax(s)                            # block: qᵢ = pᵢ·1_Ω / mᵢ (selection not differentiated)
     kept = p * _block_keep(s.detach(), p.detach(), o["block"], o["density"], o["mass"], n_keep)
     return _dropout(_normalise(kept), dropout_p) @ vx[:, :, :s.shape[-1]]
-
 
 
 def _row_chunks(q, kx, vx_dim, o, causal, plan=None):
@@ -80,8 +79,10 @@ def reference(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout
     if groups is None:
         out = _attend(qc, kx, vx, qp, kp, vp, mask, plan, **kw)
     else:                                      # heads with unlike budgets, apart (then back in order)
-        parts = [_attend(*(x.index_select(1, hs) for x in (qc, kx, vx, qp, kp, vp)), _mask_heads(mask, hs, qc.shape[1]),
-                         _plan_heads(plan, hs, qc.shape[1]), **kw) for hs in groups]
+        h = qc.shape[1]
+        parts = [_attend(*(x.index_select(1, hs) for x in (qc, kx, vx, qp, kp, vp)), heads_of(mask, hs, h),
+                         {key: heads_of(x, hs, h) if torch.is_tensor(x) else x for key, x in plan.items()}, **kw)
+                 for hs in groups]
         order = torch.cat(groups).argsort().to(q.device)
         out = None if any(p is None for p in parts) else torch.cat(parts, 1).index_select(1, order)
     if out is None:
@@ -116,8 +117,6 @@ def _head_groups(plan, h: int):
     if plan is None or not plan["pooled"] or plan["n_keep"].shape[1] != h or h == 1:
         return None
     most = plan["n_keep"].amax(dim=(0, 2, 3)).tolist()
-    if min(most) == max(most):
-        return None
     buckets = {}
     for i, x in enumerate(most):
         buckets.setdefault(1 << (int(x) - 1).bit_length(), []).append(i)
@@ -125,19 +124,6 @@ def _head_groups(plan, h: int):
         return None
     device = plan["n_keep"].device
     return [torch.tensor(v, device=device) for _, v in sorted(buckets.items())]
-
-
-def _plan_heads(plan: dict, hs, h: int) -> dict:
-    """The plan's entries for heads hs (an entry broadcast over heads stays as it is)."""
-    return {k: (v.index_select(1, hs) if torch.is_tensor(v) and v.dim() == 4 and v.shape[1] == h else v)
-            for k, v in plan.items()}
-
-
-def _mask_heads(mask, hs, h: int):
-    """The mask's entries for heads hs (a broadcast head axis stays as it is)."""
-    if mask is None or mask.dim() < 3 or mask.shape[-3] != h:
-        return mask
-    return mask.index_select(mask.dim() - 3, hs)
 
 
 def kept_blocks(q, k, v, mask, scale: float, softcap: float, causal: bool, dropout_p: float,

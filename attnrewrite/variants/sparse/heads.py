@@ -35,12 +35,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..base import compute_dtype, expand_kv
 from . import scores as S
-from .blocks import (_block_means, _block_stats, _n_keep, _pooled_offset, block_masses, head_curves, ranked_mass,
+from .blocks import (_block_means, _block_stats, _n_keep, _pooled_offset, head_curves, ranked_mass, sample_blocks,
                      spread_budget)
 from .options import PATTERNS
-from .scores import NEG_INF, _dense_scores, _scores, _softmax
+from .scores import NEG_INF, _dense_scores, _scores, _softmax, heads_of
 
 SELF_SIMILAR = 0.5    # a block whose rows' mean cosine to their mean is below this is "not alike"
 FIRST = 1e4           # added to the rank of a block kept first (guarded), so guarded blocks still rank by logit
@@ -83,7 +82,8 @@ def vslash_rank(qc, kx, mask, causal: bool, scale: float, softcap: float, bs: in
     parts = []
     for h0 in range(0, h, group):
         h1 = min(h, h0 + group)
-        s = _dense_scores(qc[:, h0:h1], kx[:, h0:h1], _heads_of(mask, h0, h1), scale, softcap, causal, lq - nl, lq)
+        m = heads_of(mask, torch.arange(h0, h1, device=qc.device), h)
+        s = _dense_scores(qc[:, h0:h1], kx[:, h0:h1], m, scale, softcap, causal, lq - nl, lq)
         p = F.pad(_softmax(s.float()), (0, lk - s.shape[-1])) / nl          # (B, g, nl, Lk), per last query
         g = h1 - h0
         vert = F.pad(p.sum(-2), (0, nk * bs - lk)).view(b, g, nk, bs).sum(-1)            # (B, g, nk)
@@ -93,13 +93,6 @@ def vslash_rank(qc, kx, mask, causal: bool, scale: float, softcap: float, bs: in
         at = torch.where(inside, slash[..., corner.clamp(0, nd - 1)], 0.0)               # (B, g, nq, nk)
         parts.append(vert[:, :, None, :] + at)
     return torch.cat(parts, 1)
-
-
-def _heads_of(mask, h0: int, h1: int):
-    """The mask's rows for heads h0..h1 (a broadcast head axis stays as it is)."""
-    if mask is None or mask.dim() < 3 or mask.shape[-3] == 1:
-        return mask
-    return mask[..., h0:h1, :, :]
 
 
 def _alike(x, means, bs: int):
@@ -167,9 +160,8 @@ def plan(qc, kx, mask, causal: bool, o: dict, scale: float, softcap: float) -> d
         alike = torch.ones(b, h, nq, dtype=torch.bool, device=qc.device)
         for pattern in sorted(set(chosen)):
             hs = torch.tensor([i for i, x in enumerate(chosen) if x == pattern], device=qc.device)
-            sub = lambda t: t if t is None or t.dim() < 3 or t.shape[-3] == 1 else t.index_select(-3, hs)  # noqa: E731
-            zp, sp, ap = pattern_rank(pattern, qc.index_select(1, hs), kx.index_select(1, hs), sub(mask), causal,
-                                      scale, softcap, o, sub(count), None if bias is None else sub(bias))
+            zp, sp, ap = pattern_rank(pattern, qc.index_select(1, hs), kx.index_select(1, hs), heads_of(mask, hs, h),
+                                      causal, scale, softcap, o, heads_of(count, hs, h), heads_of(bias, hs, h))
             z[:, hs] = zp.float()
             if sp is not None:
                 share[:, hs], alike[:, hs] = sp.float(), ap
@@ -191,18 +183,12 @@ def calibrate(samples, o: dict) -> tuple[list[int], list[float]]:
     module's docstring): the pattern that keeps the most dense mass at `density`, then one
     budget spread over the heads by the mass their patterns keep."""
     allowed = [PATTERNS.index(p) for p in o["patterns"].split(",")]
-    bs = o["block"]
     seqs = {p: [] for p in allowed}
-    for smp in samples:
-        q, k, mask, causal = smp["q"], smp["k"], smp["mask"], bool(smp["causal"])
-        cdt = compute_dtype(q.dtype)
-        qc, kx = q.detach().to(cdt), expand_kv(q, k).detach().to(cdt)
-        with torch.no_grad():
-            count, bias = _block_stats(mask, causal, qc.shape[-2], kx.shape[-2], bs, q.device)
-            mass = block_masses(qc, kx, mask, causal, smp["scale"], smp["softcap"], bs)
+    with torch.no_grad():
+        for x in sample_blocks(samples, o["block"]):
             for p in allowed:
-                z, _, _ = pattern_rank(p, qc, kx, mask, causal, smp["scale"], smp["softcap"], o, count, bias)
-                seqs[p].append(ranked_mass(mass, z.double(), count))
+                z, _, _ = pattern_rank(p, x.qc, x.kx, x.mask, x.causal, x.scale, x.softcap, o, x.count, x.bias)
+                seqs[p].append(ranked_mass(x.mass, z.double(), x.count))
     curves = {p: head_curves(s) for p, s in seqs.items()}
     dens, _, _, visible = curves[allowed[0]]
     at = next((i for i, x in enumerate(dens) if x >= o["density"] - 1e-12), len(dens) - 1)   # ⌈d·n_I⌉ steps there
@@ -222,15 +208,5 @@ def pattern_names(head_pattern) -> list[str]:
     return [PATTERNS[int(x)] for x in head_pattern]
 
 
-def estimate_cost(lq: int, lk: int, d: int, o: dict) -> float:
-    """Multiply-adds per head of the run-time estimate, beside the gathered attention: the last
-    queries' scores (vslash) or the pooled logits (blocks), over the mean of the heads' patterns."""
-    bs, nl = o["block"], min(o["last"], lq)
-    nq, nk = -(-lq // bs), -(-lk // bs)
-    per = {WINDOW: 0.0, VSLASH: float(nl * lk * d + nl * lk), BLOCKS: float(nq * nk * d + (lq + lk) * d)}
-    chosen = [int(x) for x in o["head_pattern"]] or [VSLASH]
-    return sum(per[x] for x in chosen) / len(chosen) if chosen else 0.0
-
-
 __all__ = ["calibrate", "plan", "pattern_rank", "pattern_names", "window_rank", "vslash_rank", "blocks_rank",
-           "estimate_cost", "SELF_SIMILAR", "WINDOW", "VSLASH", "BLOCKS"]
+           "SELF_SIMILAR", "WINDOW", "VSLASH", "BLOCKS"]

@@ -7,8 +7,8 @@ import math
 import torch
 
 from ..base import compute_dtype, expand_kv, is_causal_mask
-from .blocks import (_block_keep, _block_means, _block_stats, _plan_rows, _pooled_offset, _select,
-                     block_masses, head_curves, ranked_mass, spread_budget)
+from .blocks import (_block_keep, _block_means, _plan_rows, _pooled_offset, _select, head_curves, ranked_mass,
+                     sample_blocks, spread_budget)
 from . import heads
 from .compute import selection_plan
 from .options import MODE_KEYS, _options
@@ -104,18 +104,13 @@ def _head_curves(samples, o: dict):
     dense mass; pooled: by the pooled logit)."""
     bs = o["block"]
     seqs = []
-    for smp in samples:
-        q, k, mask, causal = smp["q"], smp["k"], smp["mask"], bool(smp["causal"])
-        scale, softcap = smp["scale"], smp["softcap"]
-        cdt = compute_dtype(q.dtype)
-        qc, kx = q.detach().to(cdt), expand_kv(q, k).detach().to(cdt)
-        with torch.no_grad():
-            count, bias = _block_stats(mask, causal, qc.shape[-2], kx.shape[-2], bs, q.device)
-            mass = block_masses(qc, kx, mask, causal, scale, softcap, bs)
-            rank = mass
+    with torch.no_grad():
+        for x in sample_blocks(samples, bs):
+            rank = x.mass
             if o["select"] == "pooled":
-                rank = _scores(_block_means(qc, bs), _block_means(kx, bs), scale, softcap) + _pooled_offset(count, bias)
-            seqs.append(ranked_mass(mass, rank, count))
+                rank = _scores(_block_means(x.qc, bs), _block_means(x.kx, bs), x.scale, x.softcap) + \
+                    _pooled_offset(x.count, x.bias)
+            seqs.append(ranked_mass(x.mass, rank, x.count))
     return head_curves(seqs)
 
 

@@ -25,6 +25,14 @@ def _mask_rows(mask, i0: int, i1: int, lq: int):
     return mask[..., i0:i1, :]
 
 
+def heads_of(t, hs, h: int):
+    """t's entries for heads hs (an index tensor) of h, the head axis being t's third from last — a
+    mask, or a plan's (B, H, nq, ·) entry; None, and a head axis broadcast (size ≠ h), stay as they are."""
+    if t is None or t.dim() < 3 or t.shape[-3] != h:
+        return t
+    return t.index_select(t.dim() - 3, hs)
+
+
 def _apply_mask(s, m):
     """s + the bias m stands for: bool True = attend, float added."""
     if m is None:
