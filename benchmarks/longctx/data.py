@@ -15,8 +15,8 @@ only get the six value characters after `# ` right by looking back at the assign
 the assignment out of its attention span, the best it can do is guess (1/36 per character).
 Several pairs are assigned together and only one is recalled, so the model has to match the
 name as well. Training mixes the same kind of planted lines into a fraction of its sequences
-(train.py), since nothing in plain text teaches the task. The committed checkpoint did not
-learn it all the same: it scores chance at every distance (benchmarks/RESULTS.md).
+(train.py), since nothing in plain text teaches the task, and starts with pure copy rows
+(copy_rows) that teach the copying the recall is built on.
 """
 from __future__ import annotations
 
@@ -115,6 +115,43 @@ def plant(text: bytes, pairs: list[tuple[int, str]], recalls: list[tuple[int, in
             out += line
     out += text[prev:]
     return bytes(out), targets
+
+
+def copy_rows(rng: random.Random, batch: int, length: int) -> torch.Tensor:
+    """(batch, length) int64 rows of random characters (a-z0-9), each holding one string of
+    5-12 characters twice: near the start and at a random later place.
+
+    Training starts with these (train.py `--steps-copy`) because nothing but copying lowers
+    their loss: the model learns to find the earlier occurrence and continue it (an
+    induction head) in a few minutes, which plain text plus the planted lines did not teach
+    a model this size in an hour (benchmarks/RESULTS.md)."""
+    codes = [ord(c) for c in ALPHABET]
+    rows = []
+    for _ in range(batch):
+        n = rng.randint(5, 12)
+        piece = [rng.choice(codes) for _ in range(n)]
+        first = rng.randrange(0, length // 8 + 1)
+        second = rng.randrange(first + n, length - n + 1)
+        row = [rng.choice(codes) for _ in range(length)]
+        row[first:first + n] = piece
+        row[second:second + n] = piece
+        rows.append(row)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def plant_repeats(text: bytes, rng: random.Random, copies: tuple[int, int] = (2, 4),
+                  size: tuple[int, int] = (10, 60)) -> bytes:
+    """Insert one random string of `size` characters (a-z0-9), as a line of its own, at
+    `copies` random line starts of `text`. Training mixes these in (train.py `--repeat`): every
+    copy after the first can be predicted only by finding the earlier one, which is the copying
+    (induction) skill the recall probe needs, with far more characters to learn it from."""
+    line = ("".join(rng.choice(ALPHABET) for _ in range(rng.randint(*size))) + "\n").encode()
+    starts = sorted(_line_start(text, rng.randrange(len(text))) for _ in range(rng.randint(*copies)))
+    out, prev = bytearray(), 0
+    for at in starts:
+        out += text[prev:at] + line
+        prev = at
+    return bytes(out + text[prev:])
 
 
 def probe_set(val: torch.Tensor, distance: int, count: int, n_pairs: int = 4, seed: int = 0):

@@ -54,10 +54,20 @@ def _rotate(x, cos, sin, dims: int):
 class Block(nn.Module):
     """One pre-norm layer: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, d_model: int, n_heads: int, rope_dims: int, mlp_mult: int):
+    def __init__(self, d_model: int, n_heads: int, rope_dims: int, mlp_mult: int, conv: int = 0):
         super().__init__()
         self.n_heads, self.rope_dims = n_heads, rope_dims
         self.norm1 = nn.LayerNorm(d_model)
+        self.conv = None
+        if conv:
+            # a short causal depthwise convolution in front of q, k and v, started as "add the
+            # previous byte": a key then knows the bytes just before it, so one attention layer
+            # can find "the place after the last time these bytes occurred" (copying)
+            self.conv = nn.Conv1d(d_model, d_model, conv, groups=d_model, bias=False)
+            with torch.no_grad():
+                self.conv.weight.zero_()
+                if conv > 1:
+                    self.conv.weight[:, 0, conv - 2] = 1.0
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out = nn.Linear(d_model, d_model, bias=False)
         self.norm2 = nn.LayerNorm(d_model)
@@ -68,7 +78,11 @@ class Block(nn.Module):
     def forward(self, x, cos, sin):
         b, t, d = x.shape
         h = self.n_heads
-        q, k, v = self.qkv(self.norm1(x)).split(d, dim=-1)
+        z = self.norm1(x)
+        if self.conv is not None:
+            w = self.conv.kernel_size[0]
+            z = z + self.conv(F.pad(z.transpose(1, 2), (w - 1, 0))).transpose(1, 2)
+        q, k, v = self.qkv(z).split(d, dim=-1)
         q = q.view(b, t, h, d // h).transpose(1, 2)
         k = k.view(b, t, h, d // h).transpose(1, 2)
         v = v.view(b, t, h, d // h).transpose(1, 2)
@@ -88,12 +102,14 @@ class ByteLM(nn.Module):
     """Byte-level causal LM: (B, T) int64 byte values -> (B, T, 256) next-byte logits."""
 
     def __init__(self, vocab=256, n_layers=3, d_model=128, n_heads=4, rope_dims=16, mlp_mult=4,
-                 rope_base=10000.0):
+                 rope_base=10000.0, conv=0):
         super().__init__()
         self.config = dict(vocab=vocab, n_layers=n_layers, d_model=d_model, n_heads=n_heads,
                            rope_dims=rope_dims, mlp_mult=mlp_mult, rope_base=float(rope_base))
+        if conv:
+            self.config["conv"] = conv
         self.embed = nn.Embedding(vocab, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, n_heads, rope_dims, mlp_mult) for _ in range(n_layers))
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, rope_dims, mlp_mult, conv) for _ in range(n_layers))
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, vocab, bias=False)
         for name, p in self.named_parameters():
