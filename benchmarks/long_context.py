@@ -75,7 +75,7 @@ def probes(val: torch.Tensor, length: int, count: int, distance: int) -> list[tu
     """Recall probes cut to exactly `length` bytes ending at the value, which was assigned about
     `distance` bytes before it: (ids, value start, value)."""
     out = []
-    for ids, start, value, _ in D.probe_set(val, min(distance, length - 600), count):
+    for ids, start, value, _ in D.probe_set(val, max(64, min(distance, length - 600)), count):
         end = start + D.VALUE_LEN
         if end < length:                       # pad in front with earlier validation text
             ids = torch.cat([val[: length - end].long(), ids[:end]])
@@ -144,6 +144,9 @@ def run(args) -> list[dict]:
             q = quality(fn, wins, prbs)
             speed, base_ms, ms = ratio(fn, inductor, x, args.rounds)
             impls = sorted({s.get("impl", "?") for r in backend.reports for s in r["sites"]})
+            if any(v.startswith("kept: Inductor could not compile") for r in backend.reports
+                   for v in r.get("lowered", {}).values()):
+                impls.append("ran as ops: Inductor refused the FlexAttention form")
             statuses = [s["status"] for s in backend.reports[0]["sites"]]      # the first graph's sites
             row = {"length": length, "setting": name, "variant": variant, "options": opts, **q,
                    "x_inductor": speed, "inductor_ms": base_ms, "ms": ms, "compile_s": compile_s,
@@ -198,7 +201,7 @@ def main(argv=None):
     ap.add_argument("--windows", type=int, default=4, help="validation windows per length")
     ap.add_argument("--probes", type=int, default=48)
     ap.add_argument("--probe-distance", type=int, default=1000,
-                    help="bytes from the assigned value to the recalled one (at most L - 600)")
+                    help="bytes from the assigned value to the recalled one (at most L - 600, at least 64)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--plot", help="write the quality-against-speed plot here (PNG)")

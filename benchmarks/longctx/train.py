@@ -22,9 +22,9 @@ four `key_NN = "value"` lines at the first line start, then 1 to `--recalls` lin
 sees recall at every distance up to about the window length; a fraction `--repeat` of the other
 windows gets a random string repeated on two to four lines (data.plant_repeats).
 
-Everything random comes from `--seed` (window offsets, planting, initialisation), and one CPU
-thread is used, so the same arguments on the same machine and Python reproduce the same
-weights. `--minutes` is a safety stop: if the budget runs out, training stops where it is,
+Everything random comes from `--seed` (window offsets, planting, copy rows, initialisation),
+and one CPU thread is used, so the same arguments on the same machine and Python should give
+the same weights (the committed 26-minute run was done once, not repeated). `--minutes` is a safety stop: if the budget runs out, training stops where it is,
 saves, and says so (the schedule is then not finished and the weights differ from a full run).
 """
 from __future__ import annotations
